@@ -1,0 +1,6 @@
+"""Fixtures live in tests/support/, one module per real service; this file only loads them."""
+
+pytest_plugins = [
+    "tests.support.s3",
+    "tests.support.docker",
+]
