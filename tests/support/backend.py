@@ -1,0 +1,143 @@
+"""A real HTTP/1.1 app server on 127.0.0.1 for proxy tests, built on h11.
+
+Paths: ``/`` answers its name; ``/status/N`` answers N; ``/echo`` answers the request
+body; ``/chunked`` answers in chunks; ``/slow/S`` waits S seconds; ``/close`` answers
+with ``Connection: close``; ``/ws`` accepts an upgrade and then echoes raw bytes.
+Every answer carries ``X-Backend: NAME`` so tests can tell which server answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+import h11
+
+
+@dataclass
+class Backend:
+    """A running test backend; ``requests`` counts the requests it received."""
+
+    name: str
+    server: asyncio.Server | None = None
+    requests: int = 0
+    connections: int = 0
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def start(self) -> Backend:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        self.connections += 1
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                request, body = await _read_request(conn, reader)
+                if request is None:
+                    return
+                self.requests += 1
+                if not await self._answer(conn, writer, reader, request, body):
+                    return
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    return
+                conn.start_next_cycle()
+        except (ConnectionError, h11.RemoteProtocolError, asyncio.CancelledError):
+            pass
+        finally:
+            self.tasks.discard(task)
+            writer.close()
+
+    async def _answer(
+        self,
+        conn: h11.Connection,
+        writer: asyncio.StreamWriter,
+        reader: asyncio.StreamReader,
+        request: h11.Request,
+        body: bytes,
+    ) -> bool:
+        path = request.target.decode()
+        headers = [(b"x-backend", self.name.encode())]
+        if path == "/ws":
+            writer.write(
+                conn.send(
+                    h11.InformationalResponse(
+                        status_code=101,
+                        headers=[(b"upgrade", b"websocket"), (b"connection", b"upgrade")],
+                    )
+                )
+            )
+            writer.write(conn.trailing_data[0])  # bytes sent after the request: echo them
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            return False
+        status, payload = 200, self.name.encode()
+        if path.startswith("/status/"):
+            status = int(path.removeprefix("/status/"))
+        elif path == "/echo":
+            payload = body
+        elif path.startswith("/slow/"):
+            await asyncio.sleep(float(path.removeprefix("/slow/")))
+        elif path == "/close":
+            headers.append((b"connection", b"close"))
+        if path == "/chunked":
+            writer.write(conn.send(h11.Response(status_code=200, headers=headers)))
+            for part in (b"one ", b"two ", b"three"):
+                writer.write(conn.send(h11.Data(data=part)))
+                await writer.drain()
+        else:
+            if status not in (204, 304):
+                headers.append((b"content-length", str(len(payload)).encode()))
+            writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
+            if request.method != b"HEAD" and status not in (204, 304):
+                writer.write(conn.send(h11.Data(data=payload)))
+        writer.write(conn.send(h11.EndOfMessage()))
+        await writer.drain()
+        return True
+
+
+async def _read_request(
+    conn: h11.Connection, reader: asyncio.StreamReader
+) -> tuple[h11.Request | None, bytes]:
+    request = None
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await reader.read(65536))
+        elif isinstance(event, h11.Request):
+            request = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            return request, bytes(body)
+        else:
+            return None, b""
+
+
+@contextlib.asynccontextmanager
+async def running_backend(name: str):  # type: ignore[no-untyped-def]
+    """A started :class:`Backend`, stopped on exit."""
+    backend = await Backend(name).start()
+    try:
+        yield backend
+    finally:
+        await backend.stop()

@@ -1,0 +1,288 @@
+"""The proxy over real sockets: a real client socket, the forwarder, a real h11 backend."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import h11
+import pytest
+
+from wunderproxy.forwarder import ClientConnection
+from wunderproxy.launchconfig import md5_hex, parse_launch_config
+from wunderproxy.state import Container, ProxyState
+from tests.support.backend import Backend
+
+
+def make_container(backend: Backend, revision: str) -> Container:
+    raw = json.dumps({"Revision": revision, "HealthCheckPath": "/"}).encode()
+    return Container(
+        config=parse_launch_config(raw, md5_hex(raw)),
+        image=f"test/{revision}",
+        container_id=f"{revision}-container",
+        host="127.0.0.1",
+        port=backend.port,
+        started_at=datetime.now(UTC),
+    )
+
+
+class Proxy:
+    def __init__(self, state: ProxyState, server: asyncio.Server) -> None:
+        self.state = state
+        self.server = server
+        self.port: int = server.sockets[0].getsockname()[1]
+        self.clients: list[Client] = []
+
+    def serve(self, container: Container) -> None:
+        self.state.add(container)
+        self.state.switch_to(container)
+
+    async def connect(self) -> Client:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        client = Client(reader, writer)
+        self.clients.append(client)
+        return client
+
+
+class Client:
+    """A raw client socket plus an h11 parser for the answers."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.conn = h11.Connection(h11.CLIENT)
+
+    def send_raw(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def request(
+        self, method: str, target: str, body: bytes = b""
+    ) -> tuple[int, dict[str, str], bytes]:
+        headers = [("Host", "test")]
+        if body or method == "POST":
+            headers.append(("Content-Length", str(len(body))))
+        data = self.conn.send(h11.Request(method=method, target=target, headers=headers))
+        data += self.conn.send(h11.Data(data=body)) if body else b""
+        data += self.conn.send(h11.EndOfMessage())
+        self.writer.write(data)
+        return await self.response()
+
+    async def response(self) -> tuple[int, dict[str, str], bytes]:
+        status, headers, body = 0, {}, bytearray()
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(await asyncio.wait_for(self.reader.read(65536), 10))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+                headers = {k.decode(): v.decode() for k, v in event.headers}
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+                    self.conn.start_next_cycle()
+                return status, headers, bytes(body)
+            else:
+                raise AssertionError(f"unexpected {event!r}")
+
+    async def read_all(self) -> bytes:
+        return await asyncio.wait_for(self.reader.read(), 10)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[Proxy]:
+    state = ProxyState("testapp", "test")
+    connections: set[ClientConnection] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = ClientConnection(reader, writer, state, keepalive_timeout=30)
+        connections.add(connection)
+        await connection.serve()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    proxy = Proxy(state, server)
+    yield proxy
+    for client in proxy.clients:
+        client.close()
+    for connection in connections:
+        connection.abort()
+    await asyncio.sleep(0)
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.fixture
+async def blue() -> AsyncIterator[Backend]:
+    backend = await Backend("blue").start()
+    yield backend
+    await backend.stop()
+
+
+@pytest.fixture
+async def green() -> AsyncIterator[Backend]:
+    backend = await Backend("green").start()
+    yield backend
+    await backend.stop()
+
+
+async def test_answers_503_with_a_short_text_while_no_container_is_deployed(proxy: Proxy) -> None:
+    client = await proxy.connect()
+    status, headers, body = await client.request("GET", "/")
+    assert status == 503
+    assert headers["content-type"].startswith("text/plain")
+    assert b"no container" in body
+    # The connection stays usable: the next request gets an answer too.
+    status, _, _ = await client.request("POST", "/", b"x" * 1000)
+    assert status == 503
+    assert proxy.state.requests.by_status[503] == 2
+
+
+async def test_forwards_requests_and_counts_statuses(proxy: Proxy, blue: Backend) -> None:
+    proxy.serve(make_container(blue, "rev1"))
+    client = await proxy.connect()
+    assert (await client.request("GET", "/"))[2] == b"blue"
+    assert (await client.request("GET", "/status/404"))[0] == 404
+    assert (await client.request("POST", "/echo", b"hello" * 1000))[2] == b"hello" * 1000
+    assert proxy.state.requests.total == 3
+    assert dict(proxy.state.requests.by_status) == {200: 2, 404: 1}
+    assert blue.connections == 1, "keep-alive must reuse one upstream connection"
+
+
+async def test_head_204_304_and_chunked_answers_keep_the_connection_in_step(
+    proxy: Proxy, blue: Backend
+) -> None:
+    proxy.serve(make_container(blue, "rev1"))
+    client = await proxy.connect()
+    status, headers, body = await client.request("HEAD", "/")
+    assert (status, headers["content-length"], body) == (200, "4", b"")
+    assert (await client.request("GET", "/status/204"))[0] == 204
+    assert (await client.request("GET", "/status/304"))[0] == 304
+    assert (await client.request("GET", "/chunked"))[2] == b"one two three"
+    assert (await client.request("GET", "/"))[2] == b"blue"
+
+
+async def test_pipelined_requests_are_answered_in_order(proxy: Proxy, blue: Backend) -> None:
+    proxy.serve(make_container(blue, "rev1"))
+    client = await proxy.connect()
+    client.send_raw(
+        b"GET /slow/0.2 HTTP/1.1\r\nHost: t\r\n\r\n"
+        b"GET /status/201 HTTP/1.1\r\nHost: t\r\n\r\n"
+        b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\n"
+        b"GET /status/202 HTTP/1.1\r\nHost: t\r\n\r\n"
+    )
+    statuses = await read_pipelined_statuses(client, [b"GET", b"GET", b"HEAD", b"GET"])
+    assert statuses == [200, 201, 200, 202]
+
+
+async def read_pipelined_statuses(client: Client, methods: list[bytes]) -> list[int]:
+    """Parse answers to requests sent raw: one h11 client connection per answer."""
+    statuses, buffered = [], b""
+    for method in methods:
+        conn = h11.Connection(h11.CLIENT)
+        conn.send(h11.Request(method=method, target="/", headers=[("Host", "t")]))
+        conn.send(h11.EndOfMessage())
+        if buffered:  # b"" would mean end of stream to h11
+            conn.receive_data(buffered)
+        while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                conn.receive_data(await asyncio.wait_for(client.reader.read(65536), 10))
+            elif isinstance(event, h11.Response):
+                statuses.append(event.status_code)
+        buffered = conn.trailing_data[0]
+    return statuses
+
+
+async def test_each_request_goes_to_the_container_current_when_it_starts(
+    proxy: Proxy, blue: Backend, green: Backend
+) -> None:
+    proxy.serve(make_container(blue, "rev1"))
+    client = await proxy.connect()
+    slow = await proxy.connect()
+    assert (await client.request("GET", "/"))[2] == b"blue"
+    in_flight = asyncio.create_task(slow.request("GET", "/slow/0.5"))
+    await asyncio.sleep(0.1)
+    proxy.serve(make_container(green, "rev2"))
+    # The next request on the same keep-alive connection already reaches the new one...
+    assert (await client.request("GET", "/"))[2] == b"green"
+    # ...while the request in flight finishes on the old one.
+    status, headers, _ = await in_flight
+    assert (status, headers["x-backend"]) == (200, "blue")
+
+
+async def test_upgrade_switches_to_opaque_bytes_both_ways(proxy: Proxy, blue: Backend) -> None:
+    proxy.serve(make_container(blue, "rev1"))
+    client = await proxy.connect()
+    client.send_raw(
+        b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nearly"
+    )
+    received = b""
+    while b"early" not in received:
+        received += await asyncio.wait_for(client.reader.read(1024), 5)
+    assert received.startswith(b"HTTP/1.1 101 ")
+    client.send_raw(b"\x81\x05hello not http")
+    echoed = b""
+    while b"not http" not in echoed:
+        echoed += await asyncio.wait_for(client.reader.read(1024), 5)
+    assert echoed == b"\x81\x05hello not http"
+    assert proxy.state.requests.by_status[101] == 1
+
+
+async def test_non_http_bytes_get_400_and_close_while_others_are_served(
+    proxy: Proxy, blue: Backend
+) -> None:
+    proxy.serve(make_container(blue, "rev1"))
+    good = await proxy.connect()
+    bad = await proxy.connect()
+    bad.send_raw(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http at all\r\n\r\n")
+    answer = await bad.read_all()
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert (await good.request("GET", "/"))[2] == b"blue"
+    assert blue.requests == 1
+
+
+async def test_answers_502_when_the_container_is_unreachable(proxy: Proxy, blue: Backend) -> None:
+    container = make_container(blue, "rev1")
+    await blue.stop()
+    proxy.serve(container)
+    client = await proxy.connect()
+    status, _, body = await client.request("GET", "/")
+    assert status == 502
+    assert b"unreachable" in body
+    assert container.in_flight == 0
+
+
+async def test_a_container_closing_the_connection_after_its_answer_closes_the_client(
+    proxy: Proxy, blue: Backend
+) -> None:
+    proxy.serve(make_container(blue, "rev1"))
+    client = await proxy.connect()
+    status, headers, _ = await client.request("GET", "/close")
+    assert (status, headers["connection"]) == (200, "close")
+    assert await client.read_all() == b""
+    assert proxy.state.open_connections == 0 or await _eventually(
+        lambda: proxy.state.open_connections == 0
+    )
+
+
+async def test_connection_counters_follow_requests(proxy: Proxy, blue: Backend) -> None:
+    proxy.serve(make_container(blue, "rev1"))
+    client = await proxy.connect()
+    task = asyncio.create_task(client.request("GET", "/slow/0.3"))
+    assert await _eventually(lambda: proxy.state.active_connections == 1)
+    assert proxy.state.open_connections == 1
+    await task
+    assert proxy.state.active_connections == 0
+    client.close()
+    assert await _eventually(lambda: proxy.state.open_connections == 0)
+
+
+async def _eventually(condition, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+    return True

@@ -1,0 +1,5 @@
+"""``python -m wunderproxy`` is the ``wunderproxy`` command."""
+
+from wunderproxy.cli import main
+
+main()

@@ -1,0 +1,268 @@
+"""The ``wunderproxy`` command: ``run`` the proxy and manager, or talk to a running one.
+
+Options become a :class:`~wunderproxy.config.Config`; no logic lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from wunderproxy import __version__
+from wunderproxy import config as defaults
+from wunderproxy.client import ClientError, ManagerClient
+from wunderproxy.config import Address, Config, ConfigError, read_env_file
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="wunderproxy")
+def main() -> None:
+    """Zero-downtime front door for a Docker app: a proxy and a deploy manager.
+
+    `wunderproxy run` serves; `status`, `launch` and `switch` talk to a running one.
+    """
+
+
+@main.command()
+@click.argument("bucket")
+@click.argument("prefix")
+@click.argument("app")
+@click.option(
+    "--proxy",
+    envvar="WUNDERPROXY_PROXY",
+    default=defaults.DEFAULT_PROXY,
+    help="Where the proxy listens: HOST:PORT or unix:PATH.",
+)
+@click.option(
+    "--api",
+    envvar="WUNDERPROXY_API",
+    default=defaults.DEFAULT_API,
+    help="Where the manager API listens: HOST:PORT or unix:PATH.",
+)
+@click.option(
+    "--registry-port",
+    envvar="WUNDERPROXY_REGISTRY_PORT",
+    type=click.IntRange(1, 65535),
+    default=defaults.DEFAULT_REGISTRY_PORT,
+    help="Port of the local Docker registry; images are localhost:PORT/APP:REVISION.",
+)
+@click.option(
+    "--config-file",
+    envvar="WUNDERPROXY_CONFIG_FILE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="KEY=VALUE lines added to every container's environment.",
+)
+@click.option(
+    "--api-token",
+    envvar="WUNDERPROXY_API_TOKEN",
+    help="Bearer token required by /launch and /switch (else: loopback peers only).",
+)
+@click.option(
+    "--health-timeout",
+    envvar="WUNDERPROXY_HEALTH_TIMEOUT",
+    type=float,
+    default=defaults.DEFAULT_HEALTH_TIMEOUT,
+    help="Seconds a new container has to answer its health check.",
+)
+@click.option(
+    "--drain-timeout",
+    envvar="WUNDERPROXY_DRAIN_TIMEOUT",
+    type=float,
+    default=defaults.DEFAULT_DRAIN_TIMEOUT,
+    help="Seconds requests on a replaced container may run before it is stopped.",
+)
+@click.option(
+    "--stop-timeout",
+    envvar="WUNDERPROXY_STOP_TIMEOUT",
+    type=int,
+    default=defaults.DEFAULT_STOP_TIMEOUT,
+    help="Seconds Docker waits after SIGTERM before killing a drained container.",
+)
+@click.option(
+    "--keepalive-timeout",
+    envvar="WUNDERPROXY_KEEPALIVE_TIMEOUT",
+    type=float,
+    default=defaults.DEFAULT_KEEPALIVE_TIMEOUT,
+    help="Seconds an idle client keep-alive connection stays open.",
+)
+@click.option(
+    "--shutdown-timeout",
+    envvar="WUNDERPROXY_SHUTDOWN_TIMEOUT",
+    type=float,
+    default=defaults.DEFAULT_SHUTDOWN_TIMEOUT,
+    help="Seconds SIGTERM waits for requests in flight before exiting.",
+)
+@click.option(
+    "--log-level",
+    envvar="WUNDERPROXY_LOG_LEVEL",
+    default="info",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="Log verbosity.",
+)
+def run(
+    bucket: str,
+    prefix: str,
+    app: str,
+    proxy: str,
+    api: str,
+    registry_port: int,
+    config_file: Path | None,
+    api_token: str | None,
+    health_timeout: float,
+    drain_timeout: float,
+    stop_timeout: int,
+    keepalive_timeout: float,
+    shutdown_timeout: float,
+    log_level: str,
+) -> None:
+    """Serve APP: proxy to its current container and manage deploys.
+
+    BUCKET is an S3 bucket, or file://DIR for a local directory with the same layout;
+    PREFIX is the key prefix of the app's launch configs there.
+    """
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = Config(
+            bucket=bucket,
+            prefix=prefix.strip("/"),
+            app=app,
+            proxy=Address.parse(proxy, "--proxy"),
+            api=Address.parse(api, "--api"),
+            registry_port=registry_port,
+            env=read_env_file(config_file) if config_file is not None else (),
+            api_token=api_token or None,
+            health_timeout=health_timeout,
+            drain_timeout=drain_timeout,
+            stop_timeout=stop_timeout,
+            keepalive_timeout=keepalive_timeout,
+            shutdown_timeout=shutdown_timeout,
+        )
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    # Imported here so that the client commands start fast and need no Docker SDK.
+    from wunderproxy.engine import DockerEngine
+    from wunderproxy.server import Server
+    from wunderproxy.store import open_store
+
+    try:
+        store = open_store(config.bucket, config.prefix)
+    except ValueError as exc:
+        raise click.UsageError(f"BUCKET {bucket!r}: {exc}") from exc
+    try:
+        asyncio.run(Server(config, store, DockerEngine()).run())
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen: {exc}") from exc
+
+
+# -- client commands ---------------------------------------------------------------
+
+api_option = click.option(
+    "--api",
+    "api_url",
+    envvar="WUNDERPROXY_API_URL",
+    default=defaults.DEFAULT_API_URL,
+    help="URL of the manager API.",
+)
+token_option = click.option(
+    "--api-token", envvar="WUNDERPROXY_API_TOKEN", help="Bearer token for /launch and /switch."
+)
+
+
+@main.command()
+@api_option
+@click.option("--json", "as_json", is_flag=True, help="Print the /status JSON as it is.")
+def status(api_url: str, as_json: bool) -> None:
+    """Show what runs and how the proxy is doing."""
+    document = _call(lambda: ManagerClient(api_url).status())
+    if as_json:
+        click.echo(json.dumps(document, indent=2))
+        return
+    click.echo(_summary(document))
+
+
+@main.command()
+@click.argument("config_hash", metavar="HASH")
+@api_option
+@token_option
+def launch(config_hash: str, api_url: str, api_token: str | None) -> None:
+    """Start a container for HASH and wait until it is healthy."""
+    client = ManagerClient(api_url, api_token)
+    click.echo(f"launching {config_hash.strip()}: waiting until its health check answers", err=True)
+    done = threading.Event()
+    ticker = threading.Thread(target=_tick, args=(done,), daemon=True)
+    ticker.start()
+    try:
+        answer = _call(lambda: client.launch(config_hash))
+    finally:
+        done.set()
+        ticker.join()
+    click.echo(answer["message"])
+
+
+@main.command()
+@click.argument("config_hash", metavar="HASH")
+@api_option
+@token_option
+def switch(config_hash: str, api_url: str, api_token: str | None) -> None:
+    """Point the proxy at the container launched for HASH; drain the old one."""
+    answer = _call(lambda: ManagerClient(api_url, api_token).switch(config_hash))
+    click.echo(answer["message"])
+    if answer.get("warning"):
+        click.echo(f"warning: {answer['warning']}", err=True)
+
+
+def _call(request: Any) -> dict[str, Any]:
+    try:
+        result: dict[str, Any] = request()
+    except ClientError as exc:
+        raise click.ClickException(str(exc)) from exc
+    return result
+
+
+def _tick(done: threading.Event) -> None:
+    """Show that a long launch is still waiting: a dot every two seconds."""
+    dots = 0
+    while not done.wait(2.0):
+        click.echo(".", nl=False, err=True)
+        dots += 1
+    if dots:
+        click.echo("", err=True)
+
+
+def _summary(status: dict[str, Any]) -> str:
+    lines = [
+        f"app {status['app']}, wunderproxy {status['version']}, "
+        f"up {status['uptime_seconds']:.0f} s, docker {status['docker']['state']}"
+    ]
+    current = status.get("current")
+    if current:
+        lines.append(
+            f"serving revision {current['revision']} ({current['hash']}) from container "
+            f"{current['container_id'][:12]} on port {current['port']} since "
+            f"{current['started_at']}"
+        )
+    else:
+        lines.append("serving nothing: the proxy answers 503")
+    for c in status.get("containers", []):
+        lines.append(f"  {c['state']:<9} {c['revision']} {c['hash']} port {c['port']}")
+    requests = status["requests"]
+    codes = ", ".join(f"{code}: {n}" for code, n in requests["by_status"].items()) or "none"
+    lines.append(
+        f"requests: {requests['total']} total, {requests['since_switch']} since switch ({codes})"
+    )
+    conns = status["connections"]
+    lines.append(
+        f"connections: {conns['open']} open, {conns['active']} active, {conns['idle']} idle"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,301 @@
+"""Launch (load, pull, start, wait healthy) and switch (swap, drain, stop, tidy up).
+
+Docker and S3 calls block, so each runs in a small thread pool through
+:meth:`Controller._blocking`; the event loop keeps proxying meanwhile. Whatever fails,
+the container serving now is left alone: a failed launch only removes what it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import socket
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol, TypeVar
+
+from wunderproxy import store as stores
+from wunderproxy.config import Config
+from wunderproxy.engine import (
+    LABEL_APP,
+    LABEL_HASH,
+    LABEL_REVISION,
+    ContainerSpec,
+    StartedContainer,
+)
+from wunderproxy.errors import Conflict, NotFound, WunderproxyError
+from wunderproxy.health import wait_healthy
+from wunderproxy.launchconfig import LaunchConfig, parse_hash
+from wunderproxy.state import Container, ProxyState
+
+log = logging.getLogger("wunderproxy.manager")
+
+T = TypeVar("T")
+
+LOG_LINES_ON_FAILURE = 20
+
+
+class Engine(Protocol):
+    """What the controller needs of a container engine (see :mod:`wunderproxy.engine`)."""
+
+    def ensure_image(self, image: str) -> None: ...
+    def start(self, spec: ContainerSpec) -> StartedContainer: ...
+    def status(self, container_id: str) -> str: ...
+    def logs(self, container_id: str, tail: int = 20) -> str: ...
+    def remove(self, container_id: str, stop_timeout: int) -> None: ...
+    def remove_images(self, repository: str, keep: set[str]) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    """A healthy container for a hash; ``started`` is False when it already ran."""
+
+    container: Container
+    started: bool
+
+
+@dataclass(frozen=True)
+class SwitchResult:
+    """The container serving now; ``changed`` is False when it already served."""
+
+    container: Container
+    changed: bool
+    warning: str | None = None
+
+
+class Controller:
+    """Changes what runs: the only writer of :attr:`ProxyState.current`."""
+
+    def __init__(self, config: Config, state: ProxyState, store: stores.Store, engine: Engine):
+        self._config = config
+        self._state = state
+        self._store = store
+        self._engine = engine
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="wunderproxy-io")
+        self._launches: dict[str, asyncio.Task[LaunchResult]] = {}
+        self._drains: set[asyncio.Task[None]] = set()
+        self._record_lock = asyncio.Lock()
+        self._previous_image: str | None = None
+
+    # -- launch --------------------------------------------------------------------
+
+    async def launch(self, raw_hash: str) -> LaunchResult:
+        """Start a container for the launch config named by ``raw_hash`` and wait until healthy.
+
+        A launch of the same hash already under way is joined, not repeated.
+        """
+        config_hash = parse_hash(raw_hash)
+        running = self._state.find(config_hash, "launched", "serving")
+        if running is not None:
+            return LaunchResult(running, started=False)
+        task = self._launches.get(config_hash)
+        if task is None:
+            task = asyncio.create_task(self._launch(config_hash, None))
+            self._launches[config_hash] = task
+            task.add_done_callback(lambda _: self._launches.pop(config_hash, None))
+        # A client that hangs up does not cancel the launch: others may be waiting on it.
+        return await asyncio.shield(task)
+
+    async def _launch(self, config_hash: str, config: LaunchConfig | None) -> LaunchResult:
+        if config is None:
+            config = await self._blocking(stores.load_launch_config, self._store, config_hash)
+        image = config.image or f"{self._config.repository}:{config.revision}"
+        log.info("launching revision %s (%s) from %s", config.revision, config.hash, image)
+        await self._blocking(self._engine.ensure_image, image)
+        spec = ContainerSpec(
+            image=image,
+            app_port=config.app_port,
+            container_config=config.container_config,
+            host_config=config.host_config,
+            env=list(self._config.env),
+            labels={
+                LABEL_APP: self._config.app,
+                LABEL_REVISION: config.revision,
+                LABEL_HASH: config.hash,
+            },
+        )
+        started = await self._blocking(self._engine.start, spec)
+        for warning in started.warnings:
+            log.warning("%s", warning)
+        try:
+            await wait_healthy(
+                started.host,
+                started.port,
+                config.health_check_path,
+                self._config.health_timeout,
+                functools.partial(self._exit_report, started.id, config.revision),
+            )
+        except BaseException:
+            log.warning(
+                "revision %s failed to start; removing container %s",
+                config.revision,
+                started.id[:12],
+            )
+            await asyncio.shield(self._remove_quietly(started.id))
+            raise
+        container = Container(
+            config=config,
+            image=image,
+            container_id=started.id,
+            host=started.host,
+            port=started.port,
+            started_at=datetime.now(UTC),
+        )
+        self._state.add(container)
+        log.info(
+            "revision %s healthy in container %s on port %d",
+            config.revision,
+            started.id[:12],
+            started.port,
+        )
+        return LaunchResult(container, started=True)
+
+    async def _exit_report(self, container_id: str, revision: str) -> str | None:
+        """Why the container stopped while starting, with its last log lines; None if up."""
+        status = await self._blocking(self._engine.status, container_id)
+        if status in ("running", "created", "restarting"):
+            return None
+        logs = await self._blocking(self._engine.logs, container_id, LOG_LINES_ON_FAILURE)
+        tail = "\n".join(logs.strip().splitlines()[-LOG_LINES_ON_FAILURE:]) or "(no output)"
+        return (
+            f"container {container_id[:8]} of revision {revision} stopped while starting "
+            f"(status {status}); the container was removed. Its last log lines:\n{tail}"
+        )
+
+    # -- switch --------------------------------------------------------------------
+
+    async def switch(self, raw_hash: str, deployed_by: str) -> SwitchResult:
+        """Route new requests to the container launched for ``raw_hash``; drain the old one."""
+        config_hash = parse_hash(raw_hash)
+        current = self._state.current
+        if current is not None and current.hash == config_hash:
+            return SwitchResult(current, changed=False)
+        if config_hash in self._launches:
+            raise Conflict(
+                f"the launch of {config_hash} has not finished; switch once POST /launch "
+                "has answered 200"
+            )
+        container = self._state.find(config_hash, "launched")
+        if container is None:
+            raise NotFound(f"{config_hash} is not launched here; POST /launch it first")
+        previous = self._switch_to(container)
+        warning = await self._record(container, deployed_by)
+        del previous
+        return SwitchResult(container, changed=True, warning=warning)
+
+    def _switch_to(self, container: Container) -> Container | None:
+        previous = self._state.switch_to(container)
+        log.info(
+            "switched proxy to revision %s: container %s port %d",
+            container.revision,
+            container.container_id[:12],
+            container.port,
+        )
+        if previous is not None:
+            self._previous_image = previous.image
+            task = asyncio.create_task(self._drain(previous))
+            self._drains.add(task)
+            task.add_done_callback(self._drains.discard)
+        return previous
+
+    async def _record(self, container: Container, deployed_by: str) -> str | None:
+        """Write current.json and history.json; a failure is reported, not fatal."""
+        async with self._record_lock:
+            try:
+                await self._blocking(
+                    stores.record_deploy,
+                    self._store,
+                    container.config,
+                    deployed_by,
+                    datetime.now(UTC),
+                )
+            except WunderproxyError as exc:
+                log.error("switched, but could not record the deploy: %s", exc)
+                return f"could not record the deploy in the store: {exc}"
+        return None
+
+    async def _drain(self, container: Container) -> None:
+        """Wait for requests in flight on a replaced container, then stop and remove it."""
+        try:
+            async with asyncio.timeout(self._config.drain_timeout):
+                await container.wait_idle()
+        except TimeoutError:
+            log.warning(
+                "container %s still had %d requests in flight after %g s; stopping it anyway",
+                container.container_id[:12],
+                container.in_flight,
+                self._config.drain_timeout,
+            )
+        await self._remove_quietly(container.container_id)
+        self._state.forget(container)
+        log.info("drained and removed container %s", container.container_id[:12])
+        await self._remove_unused_images()
+
+    async def _remove_unused_images(self) -> None:
+        """Remove this app's images no container uses, but keep the previous for rollback."""
+        keep = {c.image for c in self._state.containers}
+        if self._previous_image is not None:
+            keep.add(self._previous_image)
+        try:
+            removed = await self._blocking(
+                self._engine.remove_images, self._config.repository, keep
+            )
+        except WunderproxyError as exc:
+            log.warning("could not remove unused images: %s", exc)
+            return
+        for image in removed:
+            log.info("removed unused image %s", image)
+
+    async def _remove_quietly(self, container_id: str) -> None:
+        try:
+            await self._blocking(self._engine.remove, container_id, self._config.stop_timeout)
+        except WunderproxyError as exc:
+            log.error("could not remove container %s: %s", container_id[:12], exc)
+
+    # -- start-up and shutdown -----------------------------------------------------
+
+    async def start(self) -> None:
+        """Launch and switch to ``current.json``; failures are logged, the proxy says 503."""
+        try:
+            config = await self._blocking(stores.load_current, self._store)
+            if config is None:
+                log.warning(
+                    "no %s in %s: nothing deployed yet, the proxy answers 503 until a switch",
+                    stores.CURRENT_KEY,
+                    self._store.description,
+                )
+                return
+            task = asyncio.create_task(self._launch(config.hash, config))
+            self._launches[config.hash] = task
+            try:
+                result = await task
+            finally:
+                self._launches.pop(config.hash, None)
+            if self._state.current is None:
+                self._switch_to(result.container)
+        except WunderproxyError as exc:
+            log.error("could not start current.json: %s", exc)
+
+    async def shutdown(self, grace: float) -> None:
+        """Finish drains under way (within ``grace`` seconds) and stop the thread pool."""
+        for task in list(self._launches.values()):
+            task.cancel()
+        pending = list(self._launches.values()) + list(self._drains)
+        if pending:
+            await asyncio.wait(pending, timeout=grace)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _blocking(self, function: Callable[..., T], *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(function, *args))
+
+
+def default_deployer() -> str:
+    """Who deployed, when the client does not say: this host."""
+    with contextlib.suppress(OSError):
+        return f"wunderproxy@{socket.gethostname()}"
+    return "wunderproxy"

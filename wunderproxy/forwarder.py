@@ -1,0 +1,330 @@
+"""One client connection of the proxy: route each request, splice its bytes, count it.
+
+The client's bytes are fed to the framing observer; at each request head the connection
+asks :class:`~wunderproxy.state.ProxyState` which container serves *now* and sends the
+request there, reusing the upstream connection while it is to the same container and
+kept alive. A pump task copies the container's answer back. Bytes are forwarded exactly
+as received; the proxy only writes bytes of its own when it answers by itself (400, 502,
+503), and then always before any byte of an upstream answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from wunderproxy import framing
+from wunderproxy.state import Container, ProxyState
+
+log = logging.getLogger("wunderproxy.proxy")
+
+READ_SIZE = 64 * 1024  # larger reads cost more in malloc than they save in calls
+
+_REASONS = {
+    400: "Bad Request",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+}
+
+
+def plain_response(status: int, message: str, close: bool) -> bytes:
+    """A short plain-text answer the proxy sends on its own."""
+    body = (message + "\n").encode()
+    head = (
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n" + ("Connection: close\r\n" if close else "") + "\r\n"
+    )
+    return head.encode() + body
+
+
+class _Upstream:
+    """An open connection to one container, and the task copying its answers back."""
+
+    def __init__(
+        self,
+        container: Container,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.container = container
+        self.reader = reader
+        self.writer = writer
+        self.pump: asyncio.Task[None] | None = None
+
+    def close(self) -> None:
+        if self.pump is not None and self.pump is not asyncio.current_task():
+            self.pump.cancel()
+        self.writer.close()
+
+
+class ClientConnection:
+    """Serves one accepted client connection until either side closes it."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        state: ProxyState,
+        keepalive_timeout: float,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._state = state
+        self._keepalive_timeout = keepalive_timeout
+        self._exchange = framing.Exchange()
+        self._upstream: _Upstream | None = None
+        # Per request: where it went, when it started, whether its answer has begun.
+        self._routed_to: Container | None = None
+        self._started_at = 0.0
+        self._answer_begun = False
+        self._answered = asyncio.Event()
+        self._answered.set()
+        self._request_received = False
+        self._body_target: _Upstream | None = None
+        self._closing = False
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Run until the connection ends; never raises for a client's or container's fault."""
+        state = self._state
+        state.open_connections += 1
+        try:
+            await self._serve_http()
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            log.debug("client connection ended: %s", exc)
+        finally:
+            self._finish_request()
+            if self._upstream is not None:
+                self._upstream.close()
+            self._writer.close()
+            state.open_connections -= 1
+
+    def abort(self) -> None:
+        """Close both sides now (shutdown deadline passed)."""
+        self._closing = True
+        if self._upstream is not None:
+            self._upstream.close()
+        self._writer.close()
+
+    def close_when_idle(self) -> None:
+        """Shutdown: close now if between requests, else right after the current answer."""
+        self._closing = True
+        if not self._exchange.request_in_progress:
+            self._writer.close()
+
+    # -- client to container -------------------------------------------------------
+
+    async def _serve_http(self) -> None:
+        exchange = self._exchange
+        while True:
+            if self._request_received and not self._answered.is_set():
+                # A whole request is in: read on only after its answer. Pipelined
+                # requests wait in the parser's buffer meanwhile.
+                await self._answered.wait()
+            if exchange.switched:
+                await self._splice_client_to_upstream()
+                return
+            if exchange.must_close or (self._closing and not exchange.request_in_progress):
+                return
+            try:
+                pieces = exchange.client_data(None)
+                data = b"-"
+                if not pieces:
+                    data = await self._read_client()
+                    pieces = exchange.client_data(data)
+            except framing.ClientProtocolError as exc:
+                await self._refuse(exc)
+                return
+            except TimeoutError:
+                return
+            await self._forward_client_pieces(pieces)
+            if not data:  # the client closed (or half-closed) its side
+                if self._request_received:
+                    await self._answered.wait()
+                return
+
+    async def _read_client(self) -> bytes:
+        """Read from the client; between requests, give up after the keep-alive timeout."""
+        if self._exchange.request_in_progress:
+            return await self._reader.read(READ_SIZE)
+        async with asyncio.timeout(self._keepalive_timeout):
+            return await self._reader.read(READ_SIZE)
+
+    async def _forward_client_pieces(self, pieces: list[framing.ClientPiece]) -> None:
+        """Send what the client sent to the container its request was routed to."""
+        for piece in pieces:
+            if isinstance(piece, framing.RequestStarted):
+                await self._start_request()
+            target = self._body_target
+            if target is not None and piece.data:
+                try:
+                    target.writer.write(piece.data)
+                    await target.writer.drain()
+                except ConnectionError:
+                    # The pump sees the same failure and answers for it.
+                    self._body_target = None
+            if isinstance(piece, framing.MessageEnded):
+                self._request_received = True
+                self._body_target = None
+
+    async def _start_request(self) -> None:
+        """Route the request that just started to the container serving now."""
+        state = self._state
+        state.request_started()
+        self._started_at = time.monotonic()
+        self._answer_begun = False
+        self._request_received = False
+        self._answered.clear()
+        state.active_connections += 1
+        container = state.current
+        if container is None:
+            await self._answer_locally(503, "no container is deployed yet", close=False)
+            return
+        upstream = self._upstream
+        fresh = not (
+            upstream is not None
+            and upstream.container is container
+            and self._exchange.upstream_reusable
+            and not upstream.reader.at_eof()
+        )
+        if fresh:
+            if upstream is not None:
+                upstream.close()
+                self._upstream = None
+            try:
+                reader, writer = await asyncio.open_connection(container.host, container.port)
+            except OSError as exc:
+                log.warning(
+                    "container %s at %s:%d unreachable: %s",
+                    container.container_id[:12],
+                    container.host,
+                    container.port,
+                    exc,
+                )
+                await self._answer_locally(502, "the app container is unreachable", close=False)
+                return
+            upstream = self._upstream = _Upstream(container, reader, writer)
+            upstream.pump = asyncio.create_task(self._pump(upstream))
+        assert upstream is not None
+        container.request_started()
+        self._routed_to = container
+        self._body_target = upstream
+        self._exchange.request_forwarded(fresh_upstream=fresh)
+
+    async def _answer_locally(self, status: int, message: str, close: bool) -> None:
+        self._state.response_started(status)
+        self._exchange.answered_locally(status, close)
+        self._writer.write(plain_response(status, message, close))
+        await self._writer.drain()
+        self._finish_request()
+
+    async def _refuse(self, error: framing.ClientProtocolError) -> None:
+        """Bad HTTP from the client: answer (unless an answer already began) and close."""
+        log.info("bad request from %s: %s", self._peer(), error)
+        if self._answer_begun:
+            return
+        status = error.status_hint if 400 <= error.status_hint < 500 else 400
+        self._state.response_started(status)
+        self._writer.write(plain_response(status, f"bad HTTP/1.1 request: {error}", close=True))
+        with contextlib.suppress(ConnectionError):
+            await self._writer.drain()
+
+    async def _splice_client_to_upstream(self) -> None:
+        upstream = self._upstream
+        assert upstream is not None
+        leftover = self._exchange.take_client_leftover()
+        if leftover:
+            upstream.writer.write(leftover)
+        while data := await self._reader.read(READ_SIZE):
+            upstream.writer.write(data)
+            await upstream.writer.drain()
+        with contextlib.suppress(OSError):
+            upstream.writer.write_eof()
+        if upstream.pump is not None:
+            await upstream.pump
+
+    # -- container to client -------------------------------------------------------
+
+    async def _pump(self, upstream: _Upstream) -> None:
+        """Copy one upstream connection's answers to the client until it closes."""
+        try:
+            await self._pump_http(upstream)
+        except (ConnectionError, OSError) as exc:
+            log.debug("upstream connection ended: %s", exc)
+            await self._upstream_failed(upstream, str(exc))
+        except framing.UpstreamProtocolError as exc:
+            log.warning("container %s sent bad HTTP: %s", upstream.container.container_id, exc)
+            await self._upstream_failed(upstream, str(exc))
+
+    async def _pump_http(self, upstream: _Upstream) -> None:
+        exchange, writer = self._exchange, self._writer
+        while True:
+            data = await upstream.reader.read(READ_SIZE)
+            for piece in exchange.upstream_data(data):
+                if isinstance(piece, framing.ResponseStarted | framing.ProtocolSwitched):
+                    self._answer_begun = True
+                    self._state.response_started(piece.status)
+                writer.write(piece.data)
+                if isinstance(piece, framing.MessageEnded):
+                    self._finish_request()
+            await writer.drain()
+            if exchange.switched:
+                await self._splice_upstream_to_client(upstream)
+                return
+            if not data:
+                await self._upstream_failed(upstream, "container closed the connection")
+                return
+
+    async def _splice_upstream_to_client(self, upstream: _Upstream) -> None:
+        self._finish_request()
+        while data := await upstream.reader.read(READ_SIZE):
+            self._writer.write(data)
+            await self._writer.drain()
+        self._writer.close()
+
+    async def _upstream_failed(self, upstream: _Upstream, reason: str) -> None:
+        """The container side ended; fail the request in flight on it, if any."""
+        if self._upstream is upstream:
+            self._upstream = None
+        upstream.writer.close()
+        if self._routed_to is None or self._answered.is_set():
+            return  # idle keep-alive connection closed by the container: nothing lost
+        if self._answer_begun:
+            # Part of an answer went out: the client can only learn of the failure by
+            # the connection closing.
+            self._finish_request()
+            self._writer.close()
+            return
+        log.warning("request to container %s failed: %s", upstream.container.container_id, reason)
+        self._state.response_started(502)
+        self._writer.write(plain_response(502, "the app container failed to answer", close=True))
+        self._finish_request()
+        with contextlib.suppress(ConnectionError):
+            await self._writer.drain()
+        self._writer.close()
+
+    # -- bookkeeping ---------------------------------------------------------------
+
+    def _finish_request(self) -> None:
+        """Close the books on the current request (idempotent)."""
+        if self._answered.is_set():
+            return
+        self._answered.set()
+        self._state.active_connections -= 1
+        self._state.request_finished(time.monotonic() - self._started_at)
+        if self._routed_to is not None:
+            self._routed_to.request_finished()
+            self._routed_to = None
+        if self._closing and not self._exchange.request_in_progress:
+            self._writer.close()
+
+    def _peer(self) -> str:
+        peer = self._writer.get_extra_info("peername")
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)

@@ -1,0 +1,284 @@
+"""The manager API: ``GET /status``, ``POST /launch``, ``POST /switch`` over h11.
+
+Every failure is a :class:`~wunderproxy.errors.WunderproxyError`; :func:`error_response`
+is the one place that turns it into a status code and a JSON body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+
+from wunderproxy.controller import Controller, LaunchResult, SwitchResult, default_deployer
+from wunderproxy.errors import (
+    BadRequest,
+    Forbidden,
+    MethodNotAllowed,
+    NotFound,
+    Unauthorized,
+    WunderproxyError,
+)
+from wunderproxy.state import Container, ProxyState
+
+log = logging.getLogger("wunderproxy.manager")
+
+MAX_BODY = 4096  # a hash and some whitespace; anything larger is a mistake
+IDLE_TIMEOUT = 60.0  # seconds an idle API connection is kept open
+
+_ROUTES: dict[str, tuple[str, ...]] = {
+    "/status": ("GET", "HEAD"),
+    "/launch": ("POST",),
+    "/switch": ("POST",),
+}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An answer: status, content type, body, extra headers."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def json_reply(status: int, document: Any, headers: tuple[tuple[str, str], ...] = ()) -> Reply:
+    """A JSON answer, indented so that a person reading it with curl can."""
+    return Reply(status, (json.dumps(document, indent=2) + "\n").encode(), headers=headers)
+
+
+def error_response(error: WunderproxyError) -> Reply:
+    """The one mapping from an error to what the API answers."""
+    headers: tuple[tuple[str, str], ...] = ()
+    if isinstance(error, MethodNotAllowed):
+        headers = (("Allow", ", ".join(error.allowed)),)
+    elif isinstance(error, Unauthorized):
+        headers = (("WWW-Authenticate", "Bearer"),)
+    return json_reply(error.status, {"error": str(error)}, headers)
+
+
+@dataclass(frozen=True)
+class ApiRequest:
+    """One request to the API, body included."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    peer: str | None
+
+    @property
+    def wants_json(self) -> bool:
+        return "application/json" in self.headers.get("accept", "")
+
+
+class Manager:
+    """Answers API requests; one instance serves every API connection."""
+
+    def __init__(self, controller: Controller, state: ProxyState, token: str | None) -> None:
+        self._controller = controller
+        self._state = state
+        self._token = token
+
+    async def handle(self, request: ApiRequest) -> Reply:
+        """Route one request; never raises for the client's or the host's faults."""
+        try:
+            return await self._route(request)
+        except WunderproxyError as exc:
+            if exc.status >= 500:
+                log.error("%s %s failed: %s", request.method, request.path, exc)
+            else:
+                log.info("%s %s refused (%d): %s", request.method, request.path, exc.status, exc)
+            return error_response(exc)
+
+    async def _route(self, request: ApiRequest) -> Reply:
+        allowed = _ROUTES.get(request.path)
+        if allowed is None:
+            raise NotFound(
+                f"no endpoint {request.path[:100]}; the API has GET /status, "
+                "POST /launch and POST /switch"
+            )
+        if request.method not in allowed:
+            raise MethodNotAllowed(
+                f"{request.path} takes {' or '.join(allowed)}, not {request.method}", allowed
+            )
+        if request.path == "/status":
+            return json_reply(200, self._state.snapshot())
+        self._authorize(request)
+        config_hash = _body_text(request.body)
+        if request.path == "/launch":
+            return _launch_reply(await self._controller.launch(config_hash), request.wants_json)
+        deployed_by = request.headers.get("x-deployed-by") or default_deployer()
+        result = await self._controller.switch(config_hash, deployed_by)
+        return _switch_reply(result, request.wants_json)
+
+    def _authorize(self, request: ApiRequest) -> None:
+        """SPEC "Who may change things": a bearer token, else loopback peers only."""
+        if self._token is not None:
+            offered = request.headers.get("authorization", "")
+            expected = f"Bearer {self._token}"
+            if not hmac.compare_digest(offered.encode(), expected.encode()):
+                raise Unauthorized(
+                    "missing or wrong API token: send 'Authorization: Bearer TOKEN' "
+                    "(the wunderproxy client reads WUNDERPROXY_API_TOKEN)"
+                )
+            return
+        if not _is_loopback(request.peer):
+            raise Forbidden(
+                f"{request.path} changes what runs and is only accepted from this host "
+                "when no --api-token is set; call it from the host or set --api-token"
+            )
+
+
+def _body_text(body: bytes) -> str:
+    try:
+        text = body.decode("ascii").strip()
+    except UnicodeDecodeError as exc:
+        raise BadRequest("the body must be a config hash (32 hex digits) in ASCII") from exc
+    if not text:
+        raise BadRequest("the body is empty; send the config hash (32 hex digits)")
+    return text
+
+
+def _is_loopback(peer: str | None) -> bool:
+    if peer is None:  # a Unix socket: only this host can reach it
+        return True
+    try:
+        return ipaddress.ip_address(peer).is_loopback
+    except ValueError:
+        return False
+
+
+def _facts(container: Container) -> dict[str, Any]:
+    return {
+        "container_id": container.container_id,
+        "revision": container.revision,
+        "hash": container.hash,
+        "port": container.port,
+        "image": container.image,
+    }
+
+
+def _launch_reply(result: LaunchResult, wants_json: bool) -> Reply:
+    c = result.container
+    message = (
+        f"started container {c.container_id[:8]} with revision {c.revision} "
+        f"listening on port {c.port}"
+    )
+    if not result.started:
+        message = (
+            f"container {c.container_id[:8]} with revision {c.revision} already runs "
+            f"healthy on port {c.port}"
+        )
+    if wants_json:
+        return json_reply(200, {"message": message, "started": result.started} | _facts(c))
+    return Reply(200, (message + "\n").encode(), "text/plain; charset=utf-8")
+
+
+def _switch_reply(result: SwitchResult, wants_json: bool) -> Reply:
+    c = result.container
+    message = f"switched proxy to port {c.port} of container {c.container_id[:8]}"
+    if not result.changed:
+        message = f"proxy already on port {c.port} of container {c.container_id[:8]}"
+    if wants_json:
+        extra = {"message": message, "changed": result.changed, "warning": result.warning}
+        return json_reply(200, extra | _facts(c))
+    if result.warning:
+        message += f" (warning: {result.warning})"
+    return Reply(200, (message + "\n").encode(), "text/plain; charset=utf-8")
+
+
+# -- the HTTP side: h11 over asyncio streams ------------------------------------------
+
+
+Handler = Callable[[ApiRequest], Awaitable[Reply]]
+
+
+async def serve_connection(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Handler
+) -> None:
+    """Serve API requests on one connection, keep-alive included."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+    peername = writer.get_extra_info("peername")
+    peer = peername[0] if isinstance(peername, tuple) else None
+    try:
+        while True:
+            try:
+                request = await _read_request(conn, reader, peer)
+            except h11.RemoteProtocolError as exc:
+                reply = json_reply(exc.error_status_hint, {"error": f"bad HTTP request: {exc}"})
+                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    _write_reply(conn, writer, reply, head_only=False)
+                    await writer.drain()
+                return
+            except BadRequest as exc:
+                _write_reply(conn, writer, error_response(exc), head_only=False)
+                await writer.drain()
+                return
+            if request is None:
+                return
+            reply = await handler(request)
+            _write_reply(conn, writer, reply, head_only=request.method == "HEAD")
+            await writer.drain()
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return
+            conn.start_next_cycle()
+    except (ConnectionError, TimeoutError):
+        pass
+    finally:
+        writer.close()
+
+
+async def _read_request(
+    conn: h11.Connection, reader: asyncio.StreamReader, peer: str | None
+) -> ApiRequest | None:
+    head: h11.Request | None = None
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            async with asyncio.timeout(IDLE_TIMEOUT):
+                conn.receive_data(await reader.read(65536))
+            continue
+        if isinstance(event, h11.Request):
+            head = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > MAX_BODY:
+                raise BadRequest(f"the body is larger than {MAX_BODY} bytes; send only the hash")
+        elif isinstance(event, h11.EndOfMessage) and head is not None:
+            return ApiRequest(
+                method=head.method.decode("ascii", "replace"),
+                path=head.target.decode("ascii", "replace").partition("?")[0],
+                headers={n.decode("latin-1"): v.decode("latin-1") for n, v in head.headers},
+                body=bytes(body),
+                peer=peer,
+            )
+        else:  # ConnectionClosed
+            return None
+
+
+def _write_reply(
+    conn: h11.Connection, writer: asyncio.StreamWriter, reply: Reply, head_only: bool
+) -> None:
+    headers = [
+        ("Content-Type", reply.content_type),
+        ("Content-Length", str(len(reply.body))),
+        ("Cache-Control", "no-store"),
+        *reply.headers,
+    ]
+    if conn.their_state is not h11.DONE:
+        headers.append(("Connection", "close"))
+    data = conn.send(h11.Response(status_code=reply.status, headers=headers))
+    if not head_only:
+        data += conn.send(h11.Data(data=reply.body))
+    data += conn.send(h11.EndOfMessage())
+    writer.write(data)

@@ -1,0 +1,181 @@
+"""The pure core: the containers wunderproxy runs, the one serving now, and the counters.
+
+Nothing here does I/O. The controller changes which container serves; the forwarder asks
+which one serves when a request starts and reports what happened to it; the manager reads
+:meth:`ProxyState.snapshot` for ``/status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from wunderproxy.launchconfig import LaunchConfig
+
+ContainerState = Literal["launched", "serving", "draining"]
+
+
+@dataclass(eq=False)
+class Container:
+    """One running container launched from a launch config."""
+
+    config: LaunchConfig
+    image: str
+    container_id: str
+    host: str
+    port: int
+    started_at: datetime
+    state: ContainerState = "launched"
+    in_flight: int = 0
+    _idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def __post_init__(self) -> None:
+        self._idle.set()
+
+    @property
+    def hash(self) -> str:
+        """The MD5 of the launch config this container was started from."""
+        return self.config.hash
+
+    @property
+    def revision(self) -> str:
+        """The app revision, from the launch config."""
+        return self.config.revision
+
+    def request_started(self) -> None:
+        """A request was routed here."""
+        self.in_flight += 1
+        self._idle.clear()
+
+    def request_finished(self) -> None:
+        """A request routed here was answered, failed or abandoned."""
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Wait until no request is in flight here (callers bound it with a timeout)."""
+        await self._idle.wait()
+
+    def describe(self) -> dict[str, Any]:
+        """The container as ``/status`` shows it."""
+        return {
+            "revision": self.revision,
+            "hash": self.hash,
+            "image": self.image,
+            "container_id": self.container_id,
+            "port": self.port,
+            "state": self.state,
+            "started_at": _rfc3339(self.started_at),
+            "in_flight": self.in_flight,
+        }
+
+
+@dataclass
+class RequestCounters:
+    """Requests and answers since start and since the last switch."""
+
+    total: int = 0
+    since_switch: int = 0
+    time_since_switch: float = 0.0
+    by_status: Counter[int] = field(default_factory=Counter)
+
+
+class ProxyState:
+    """Which container serves, which others run, and what the proxy has seen."""
+
+    def __init__(self, app: str, version: str) -> None:
+        self.app = app
+        self.version = version
+        self.current: Container | None = None
+        self.containers: list[Container] = []
+        self.requests = RequestCounters()
+        self.open_connections = 0
+        self.active_connections = 0
+        self.docker_error: str | None = None
+        self._started = time.monotonic()
+
+    # -- containers ----------------------------------------------------------------
+
+    def find(self, config_hash: str, *states: ContainerState) -> Container | None:
+        """The container launched for ``config_hash`` in one of ``states``, if any."""
+        for container in self.containers:
+            if container.hash == config_hash and container.state in states:
+                return container
+        return None
+
+    def add(self, container: Container) -> None:
+        """Record a container that was launched and answered its health check."""
+        self.containers.append(container)
+
+    def switch_to(self, container: Container) -> Container | None:
+        """Route new requests to ``container``; return the one replaced (now draining).
+
+        A single assignment, so every request sees either the old or the new container.
+        """
+        previous = self.current
+        container.state = "serving"
+        self.current = container
+        if previous is not None and previous is not container:
+            previous.state = "draining"
+        self.requests.since_switch = 0
+        self.requests.time_since_switch = 0.0
+        return previous if previous is not container else None
+
+    def forget(self, container: Container) -> None:
+        """The container was stopped and removed."""
+        if container in self.containers:
+            self.containers.remove(container)
+        if self.current is container:
+            self.current = None
+
+    # -- counters (called by the forwarder on every request) -------------------------
+
+    def request_started(self) -> None:
+        """A request head arrived."""
+        self.requests.total += 1
+        self.requests.since_switch += 1
+
+    def response_started(self, status: int) -> None:
+        """A response status was sent to a client (from a container or the proxy)."""
+        self.requests.by_status[status] += 1
+
+    def request_finished(self, seconds: float) -> None:
+        """A request was answered in ``seconds``."""
+        self.requests.time_since_switch += seconds
+
+    # -- /status ---------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The ``/status`` document of SPEC, including the original's capitalised keys."""
+        current = self.current
+        requests = self.requests
+        active = self.active_connections
+        idle = self.open_connections - active
+        return {
+            "app": self.app,
+            "version": self.version,
+            "uptime_seconds": round(time.monotonic() - self._started, 3),
+            "current": current.describe() if current is not None else None,
+            "containers": [c.describe() for c in self.containers],
+            "requests": {
+                "total": requests.total,
+                "since_switch": requests.since_switch,
+                "by_status": {str(code): n for code, n in sorted(requests.by_status.items())},
+            },
+            "connections": {"open": self.open_connections, "active": active, "idle": idle},
+            "docker": {"state": "ok" if self.docker_error is None else "error"}
+            | ({"error": self.docker_error} if self.docker_error else {}),
+            "Requests": requests.since_switch,
+            "TotalTime": round(requests.time_since_switch, 6),
+            "States": {"active": active, "idle": idle},
+            "DockerState": "Ok" if self.docker_error is None else "Error",
+        }
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,277 @@
+"""Where launch configs live: an S3 bucket, or a local directory with the same key layout.
+
+Keys under PREFIX (see SPEC "Store layout"): ``container.HASH.json`` for each config,
+``current.json`` (a byte copy of the config deployed now) and ``history.json`` (the last
+deploys, oldest first). Store methods block; async callers run them in a thread executor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import boto3
+import botocore.config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+from wunderproxy.errors import InvalidConfig, NotFound, UpstreamFailed
+from wunderproxy.launchconfig import LaunchConfig, md5_hex, parse_hash, parse_launch_config
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+CURRENT_KEY = "current.json"
+HISTORY_KEY = "history.json"
+HISTORY_LIMIT = 10
+"""Entries kept in history.json, as the original wunderproxy kept."""
+
+DEFAULT_S3_MAX_ATTEMPTS = 3
+DEFAULT_S3_CONNECT_TIMEOUT = 5.0  # seconds; an endpoint that does not answer by then is down
+DEFAULT_S3_READ_TIMEOUT = 30.0  # seconds; configs are small, so this only catches a hung server
+
+
+def config_key(hash_: str) -> str:
+    """Key of the launch config with this hash."""
+    return f"container.{hash_}.json"
+
+
+class Store(Protocol):
+    """A flat key-value store under one prefix. Methods block: run them in an executor."""
+
+    @property
+    def description(self) -> str:
+        """Where the keys live, for messages: ``s3://bucket/prefix`` or ``file:///dir/prefix``."""
+        ...
+
+    def get(self, key: str) -> bytes | None:
+        """Return the bytes under ``key`` (relative to the prefix), None when absent."""
+        ...
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key``, replacing what was there."""
+        ...
+
+
+class S3Store:
+    """Keys in an S3 bucket (or any S3-compatible server named by AWS_ENDPOINT_URL)."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        *,
+        max_attempts: int = DEFAULT_S3_MAX_ATTEMPTS,
+        connect_timeout: float = DEFAULT_S3_CONNECT_TIMEOUT,
+        read_timeout: float = DEFAULT_S3_READ_TIMEOUT,
+    ) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.description = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self._config = botocore.config.Config(
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+        )
+        self._client: S3Client | None = None
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> bytes | None:
+        """Return the object under ``key``, None when S3 says it does not exist."""
+        try:
+            client = self._connect()
+            response = client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return response["Body"].read()
+        except ClientError as error:
+            if _error_code(error) in {"NoSuchKey", "404"}:
+                return None
+            raise self._failed("get", key, error) from error
+        except BotoCoreError as error:
+            raise self._failed("get", key, error) from error
+
+    def put(self, key: str, data: bytes) -> None:
+        """Write ``data`` as the object under ``key``."""
+        try:
+            self._connect().put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        except (ClientError, BotoCoreError) as error:
+            raise self._failed("put", key, error) from error
+
+    def _connect(self) -> S3Client:
+        # One client for the store's life: clients are thread-safe, sessions are not, so the
+        # client is made once under a lock from a session of its own.
+        with self._lock:
+            if self._client is None:
+                self._client = boto3.session.Session().client("s3", config=self._config)
+            return self._client
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _failed(self, action: str, key: str, error: Exception) -> UpstreamFailed:
+        endpoint = self._client.meta.endpoint_url if self._client is not None else "unknown"
+        return UpstreamFailed(
+            f"S3 {action} s3://{self.bucket}/{self._key(key)} at {endpoint} failed: "
+            f"{_reason(error)}; {_hint(error, self.bucket)}"
+        )
+
+
+def _error_code(error: ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, ClientError):
+        details = error.response.get("Error", {})
+        return f"{details.get('Code', '?')}: {details.get('Message', str(error))}"
+    return str(error)
+
+
+def _hint(error: Exception, bucket: str) -> str:
+    """What the operator should check, given what went wrong."""
+    if isinstance(error, NoCredentialsError):
+        return (
+            "configure AWS credentials (AWS_PROFILE, AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or an instance profile)"
+        )
+    if isinstance(error, ClientError):
+        code = _error_code(error)
+        if code == "NoSuchBucket":
+            return f"create bucket {bucket} or fix the BUCKET argument"
+        if code in {"AccessDenied", "403"}:
+            # Without s3:ListBucket, S3 answers a missing key with AccessDenied, not 404.
+            return (
+                "grant the credentials s3:GetObject, s3:PutObject and s3:ListBucket "
+                f"on bucket {bucket}"
+            )
+    return f"check AWS_ENDPOINT_URL, the credentials and that bucket {bucket} exists"
+
+
+class FileStore:
+    """Keys as files in ``directory/prefix/``: the embedded store, no cloud account needed."""
+
+    def __init__(self, directory: str | os.PathLike[str], prefix: str) -> None:
+        self.prefix = prefix.strip("/")
+        self.root = Path(directory).absolute() / self.prefix
+        self.description = self.root.as_uri()
+
+    def get(self, key: str) -> bytes | None:
+        """Return the file's bytes, None when there is no such file."""
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise UpstreamFailed(
+                f"cannot read {path}: {error.strerror or error}; check that wunderproxy may read it"
+            ) from error
+
+    def put(self, key: str, data: bytes) -> None:
+        """Write the file atomically: readers see the old bytes or the new, never a mix."""
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # A temp file in the same directory, so that os.replace is a rename on one file
+            # system. mkstemp makes it private (0600): configs may carry secrets in Env.
+            fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as file:
+                    file.write(data)
+                    file.flush()
+                    os.fsync(file.fileno())
+                os.replace(temp, path)
+            except BaseException:
+                Path(temp).unlink(missing_ok=True)
+                raise
+        except OSError as error:
+            raise UpstreamFailed(
+                f"cannot write {path}: {error.strerror or error}; check that the directory "
+                "exists and wunderproxy may write to it"
+            ) from error
+
+    def _path(self, key: str) -> Path:
+        # Keys come from this module, but a stray "../" must never leave the store.
+        if not key or key.startswith("/") or ".." in Path(key).parts:
+            raise ValueError(f"store key {key!r} must be a relative path inside the store")
+        return self.root / key
+
+
+def open_store(bucket: str, prefix: str) -> Store:
+    """The store named on the command line: ``file://DIR`` is a directory, else an S3 bucket."""
+    if bucket.startswith("file://"):
+        directory = bucket.removeprefix("file://")
+        if not directory:
+            raise ValueError("file:// needs a directory, e.g. file:///var/lib/wunderproxy")
+        return FileStore(directory, prefix)
+    return S3Store(bucket, prefix)
+
+
+def load_launch_config(store: Store, hash_: str) -> LaunchConfig:
+    """Load and check ``container.HASH.json``; NotFound when absent, InvalidConfig when bad."""
+    hash_ = parse_hash(hash_)
+    key = config_key(hash_)
+    raw = store.get(key)
+    if raw is None:
+        raise NotFound(f"no {key} under {store.description}; upload it first")
+    return parse_launch_config(raw, hash_, source=f"{key} under {store.description}")
+
+
+def load_current(store: Store) -> LaunchConfig | None:
+    """The config deployed now (current.json), or None when nothing was deployed yet."""
+    raw = store.get(CURRENT_KEY)
+    if raw is None:
+        return None
+    # current.json is a copy, so its hash is that of its own bytes, not of its name.
+    return parse_launch_config(raw, md5_hex(raw), source=f"{CURRENT_KEY} under {store.description}")
+
+
+def read_history(store: Store) -> list[dict[str, str]]:
+    """The recorded deploys, oldest first; empty when history.json is absent."""
+    raw = store.get(HISTORY_KEY)
+    if raw is None:
+        return []
+    where = f"{HISTORY_KEY} under {store.description}"
+    try:
+        entries = json.loads(raw)
+    except (ValueError, RecursionError) as error:
+        raise InvalidConfig(
+            f"{where} is not valid JSON: {error}; fix or delete it (it only records deploys)"
+        ) from error
+    if not isinstance(entries, list) or not all(
+        isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())
+        for entry in entries
+    ):
+        raise InvalidConfig(
+            f"{where} must be a JSON array of objects with string values; fix or delete it "
+            "(it only records deploys)"
+        )
+    return entries
+
+
+def record_deploy(store: Store, config: LaunchConfig, deployed_by: str, now: datetime) -> None:
+    """Make ``config`` the current one and add it to the history.
+
+    current.json is written first: it is what a restarted host launches, while history.json
+    only informs. Several hosts switch the same hash, so a hash already last in the history is
+    not added again. ``now`` must be timezone-aware.
+    """
+    if now.tzinfo is None:
+        raise ValueError("record_deploy needs a timezone-aware time, e.g. datetime.now(UTC)")
+    store.put(CURRENT_KEY, config.raw)
+    history = read_history(store)
+    if history and history[-1].get("Hash") == config.hash:
+        return
+    history.append(
+        {
+            "Revision": config.revision,
+            "Hash": config.hash,
+            "DeployedAt": now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "DeployedBy": deployed_by,
+        }
+    )
+    text = json.dumps(history[-HISTORY_LIMIT:], indent=2) + "\n"
+    store.put(HISTORY_KEY, text.encode())
