@@ -1,0 +1,110 @@
+"""A tiny HTTP app image for tests: Debian's static busybox, built ``FROM scratch``.
+
+No image can be pulled from the internet on the test machines, so the app is busybox's
+``httpd`` serving ``/www`` on port 9292:
+
+- ``/health`` answers ``ok``; ``/index.html`` names the revision baked into the image.
+- ``/cgi-bin/revision`` answers ``revision=$REVISION`` and, if ``APP_GREETING`` is set,
+  `` greeting=$APP_GREETING`` (to see that ``--config-file`` entries reach the container).
+- ``/cgi-bin/slow?SECONDS`` sleeps (default 2, fractions allowed), then answers the revision.
+- ``/cgi-bin/echo`` reads ``CONTENT_LENGTH`` bytes of request body and answers
+  ``received=N revision=$REVISION``.
+
+What busybox httpd 1.35 does, checked by hand against a running container:
+
+- It hands the container's whole environment to CGI scripts, so ``REVISION`` from the launch
+  config's ``Env`` reaches them as is; nothing more is needed.
+- It serves one request per connection: static files come with ``Connection: close`` and a
+  ``Content-Length``; a second request on the same connection is never answered. CGI output is
+  sent after a bare ``HTTP/1.1 200 OK`` line with only the headers the script prints, so the
+  scripts print ``Content-Length`` and ``Connection: close`` themselves to make every response
+  well framed. It sends a CGI body even to ``HEAD``, so the scripts leave it out for ``HEAD``.
+- It does not decode a chunked request body: the script then sees no ``CONTENT_LENGTH``.
+- As PID 1 it ignores SIGTERM, so ``docker stop`` waits for the whole grace period and then
+  kills it (exit 137); with ``HostConfig: {"Init": true}`` it stops at once (exit 143).
+
+``REVISION`` is also baked into the image (``ENV``) as the image's own revision, so each
+revision is a distinct image, and a launch config's ``Env`` overrides it.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Mapping
+
+import docker
+
+from wunderproxy.engine import split_image_reference
+
+BUSYBOX = "/bin/busybox"
+APP_PORT = "9292/tcp"
+
+# Prints a well-framed CGI answer: body from $1, no body for HEAD (see the module docstring).
+_RESPOND = r"""respond() {
+  printf 'Content-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n\r\n' \
+    $((${#1} + 1))
+  [ "$REQUEST_METHOD" = HEAD ] || printf '%s\n' "$1"
+}
+"""
+
+CGI_SCRIPTS = {
+    "revision": 'respond "revision=$REVISION${APP_GREETING:+ greeting=$APP_GREETING}"\n',
+    "slow": 'sleep "${QUERY_STRING:-2}"\nrespond "revision=$REVISION"\n',
+    "echo": (
+        'received=$(head -c "${CONTENT_LENGTH:-0}" | wc -c)\n'
+        'respond "received=$received revision=$REVISION"\n'
+    ),
+}
+
+DOCKERFILE = """FROM scratch
+COPY bin /bin
+COPY www /www
+ENV REVISION={revision}
+EXPOSE 9292
+ENTRYPOINT ["/bin/busybox"]
+CMD ["httpd", "-f", "-p", "9292", "-h", "/www"]
+"""
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = mode
+    tar.addfile(info, io.BytesIO(data))
+
+
+def build_context(revision: str) -> io.BytesIO:
+    """The build context of the app image as an in-memory tar."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        _add(tar, "Dockerfile", DOCKERFILE.format(revision=revision).encode())
+        tar.add(BUSYBOX, arcname="bin/busybox")
+        link = tarfile.TarInfo("bin/sh")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "busybox"
+        tar.addfile(link)
+        _add(tar, "www/health", b"ok\n")
+        _add(tar, "www/index.html", f"<h1>testapp {revision}</h1>\n".encode())
+        for name, body in CGI_SCRIPTS.items():
+            _add(tar, f"www/cgi-bin/{name}", f"#!/bin/sh\n{_RESPOND}{body}".encode(), 0o755)
+    buffer.seek(0)
+    return buffer
+
+
+def build_app_image(
+    client: docker.DockerClient,
+    tag: str,
+    labels: Mapping[str, str],
+    revision: str | None = None,
+) -> None:
+    """Build the app image as ``tag``; its revision defaults to the tag's tag part."""
+    revision = revision or split_image_reference(tag)[1]
+    client.images.build(
+        fileobj=build_context(revision),
+        custom_context=True,
+        rm=True,
+        forcerm=True,
+        tag=tag,
+        labels=dict(labels),
+    )
