@@ -10,10 +10,11 @@ from datetime import UTC, datetime
 import h11
 import pytest
 
+from tests.support.backend import Backend
+from tests.support.waiting import eventually
 from wunderproxy.forwarder import ClientConnection
 from wunderproxy.launchconfig import md5_hex, parse_launch_config
 from wunderproxy.state import Container, ProxyState
-from tests.support.backend import Backend
 
 
 def make_container(backend: Backend, revision: str) -> Container:
@@ -264,25 +265,16 @@ async def test_a_container_closing_the_connection_after_its_answer_closes_the_cl
     status, headers, _ = await client.request("GET", "/close")
     assert (status, headers["connection"]) == (200, "close")
     assert await client.read_all() == b""
-    assert proxy.state.open_connections == 0 or await _eventually(
-        lambda: proxy.state.open_connections == 0
-    )
+    assert await eventually(lambda: proxy.state.open_connections == 0)
 
 
 async def test_connection_counters_follow_requests(proxy: Proxy, blue: Backend) -> None:
     proxy.serve(make_container(blue, "rev1"))
     client = await proxy.connect()
     task = asyncio.create_task(client.request("GET", "/slow/0.3"))
-    assert await _eventually(lambda: proxy.state.active_connections == 1)
+    assert await eventually(lambda: proxy.state.active_connections == 1)
     assert proxy.state.open_connections == 1
     await task
     assert proxy.state.active_connections == 0
     client.close()
-    assert await _eventually(lambda: proxy.state.open_connections == 0)
-
-
-async def _eventually(condition, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
-    return True
+    assert await eventually(lambda: proxy.state.open_connections == 0)

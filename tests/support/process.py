@@ -1,0 +1,168 @@
+"""wunderproxy itself as a subprocess, started through its CLI like an operator would."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.support.docker import free_port
+
+START_TIMEOUT = 15.0
+
+
+@dataclass
+class Answer:
+    """A whole HTTP answer."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def http_call(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 120.0,
+) -> Answer:
+    """One request to 127.0.0.1:port on a new connection."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request(method, path, body=body or None, headers=dict(headers or {}))
+        response = connection.getresponse()
+        return Answer(response.status, response.read(), dict(response.getheaders()))
+    finally:
+        connection.close()
+
+
+@dataclass
+class WunderproxyProcess:
+    """A running ``wunderproxy run``; its log is in ``log_path``."""
+
+    process: subprocess.Popen[bytes]
+    proxy_port: int
+    api_port: int
+    log_path: Path
+
+    def get(self, path: str, **kwargs: Any) -> Answer:
+        """A request through the proxy."""
+        return http_call(self.proxy_port, "GET", path, **kwargs)
+
+    def api(self, method: str, path: str, body: str = "", **kwargs: Any) -> Answer:
+        """A request to the manager API."""
+        return http_call(self.api_port, method, path, body.encode(), **kwargs)
+
+    def status(self) -> dict[str, Any]:
+        answer = self.api("GET", "/status")
+        assert answer.status == 200, answer.text
+        document: dict[str, Any] = answer.json()
+        return document
+
+    def launch(self, config_hash: str) -> Answer:
+        return self.api("POST", "/launch", config_hash)
+
+    def switch(self, config_hash: str) -> Answer:
+        return self.api("POST", "/switch", config_hash)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_until_serving(self, revision: str, timeout: float = 60.0) -> None:
+        """Wait until /status says ``revision`` serves."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            current = self.status()["current"]
+            if current is not None and current["revision"] == revision:
+                return
+            assert self.process.poll() is None, f"wunderproxy exited:\n{self.log()}"
+            time.sleep(0.1)
+        raise AssertionError(f"revision {revision} not serving after {timeout} s:\n{self.log()}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM by PID, wait, return the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+
+@contextmanager
+def wunderproxy(
+    tmp_path: Path,
+    bucket: str,
+    prefix: str,
+    app: str,
+    registry_port: int,
+    *extra: str,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[WunderproxyProcess]:
+    """Start ``python -m wunderproxy run`` on free loopback ports; stop it at the end."""
+    proxy_port, api_port = free_port(), free_port()
+    log_path = tmp_path / f"wunderproxy-{api_port}.log"
+    command = [
+        sys.executable,
+        "-m",
+        "wunderproxy",
+        "run",
+        bucket,
+        prefix,
+        app,
+        "--proxy",
+        f"127.0.0.1:{proxy_port}",
+        "--api",
+        f"127.0.0.1:{api_port}",
+        "--registry-port",
+        str(registry_port),
+        "--health-timeout",
+        "20",
+        "--stop-timeout",
+        "1",
+        *extra,
+    ]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+    running = WunderproxyProcess(process, proxy_port, api_port, log_path)
+    try:
+        _wait_for_api(running)
+        yield running
+    finally:
+        if process.poll() is None:
+            running.stop()
+
+
+def _wait_for_api(running: WunderproxyProcess) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if running.process.poll() is not None:
+            raise AssertionError(f"wunderproxy exited at start:\n{running.log()}")
+        try:
+            http_call(running.api_port, "GET", "/status", timeout=1)
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"wunderproxy API not up after {START_TIMEOUT} s:\n{running.log()}")

@@ -1,0 +1,239 @@
+"""Deploys end to end: wunderproxy through its CLI, the real Docker engine and registry,
+moto's S3 server over HTTP and the local-directory store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+
+from tests.support.configs import encode_config
+from tests.support.docker import AppImages, containers_of, forget_local_images
+from tests.support.process import WunderproxyProcess, wunderproxy
+from wunderproxy.engine import LABEL_REVISION
+from wunderproxy.store import FileStore, S3Store, Store, config_key
+
+pytestmark = pytest.mark.e2e
+
+PREFIX = "deploys/testapp"
+
+
+def app_config(images: AppImages, revision: str, **fields: Any) -> dict[str, Any]:
+    """A launch config for the busybox test app; Init lets it stop at once on SIGTERM."""
+    config: dict[str, Any] = {
+        "Revision": revision,
+        "ContainerConfig": {"Image": images.ref(revision), "Env": [f"REVISION={revision}"]},
+        "HostConfig": {"Init": True},
+        "HealthCheckPath": "/health",
+    }
+    config.update(fields)
+    return config
+
+
+def upload(store: Store, config: dict[str, Any], *, current: bool = False) -> str:
+    config_hash, raw = encode_config(config)
+    store.put(config_key(config_hash), raw)
+    if current:
+        store.put("current.json", raw)
+    return config_hash
+
+
+def revision_served(running: WunderproxyProcess) -> str:
+    answer = running.get("/cgi-bin/revision")
+    assert answer.status == 200, answer.text
+    return answer.text.strip()
+
+
+def wait_for_containers(
+    client: docker.DockerClient, app: str, revisions: set[str], timeout: float = 20.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = {c.labels[LABEL_REVISION] for c in containers_of(client, app)}
+        if found == revisions and len(containers_of(client, app)) == len(revisions):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"containers of {app}: {found}, expected {revisions}")
+
+
+def deploy_and_check(
+    store: Store,
+    bucket: str,
+    app: str,
+    images: AppImages,
+    client: docker.DockerClient,
+    tmp_path: Path,
+) -> None:
+    """current.json comes up at start; launch + switch moves traffic; the old one goes."""
+    upload(store, app_config(images, "rev1"), current=True)
+    forget_local_images(client, images)  # the launch must pull from the registry
+    with wunderproxy(tmp_path, bucket, PREFIX, app, images.registry_port) as running:
+        running.wait_until_serving("rev1")
+        assert revision_served(running) == "revision=rev1"
+
+        rev2 = upload(store, app_config(images, "rev2"))
+        launched = running.launch(f"  {rev2}\n")
+        assert launched.status == 200, launched.text
+        assert launched.text.startswith("started container ")
+        assert "with revision rev2 listening on port " in launched.text
+        assert revision_served(running) == "revision=rev1", "launch alone must not move traffic"
+
+        switched = running.switch(rev2)
+        assert switched.status == 200, switched.text
+        assert switched.text.startswith("switched proxy to port ")
+        assert revision_served(running) == "revision=rev2"
+        wait_for_containers(client, app, {"rev2"})
+
+        status = running.status()
+        assert status["current"]["revision"] == "rev2"
+        assert status["current"]["hash"] == rev2
+        assert status["requests"]["by_status"]["200"] >= 3
+        assert status["DockerState"] == "Ok"
+        assert store.get("current.json") == encode_config(app_config(images, "rev2"))[1]
+        history = json.loads(store.get("history.json") or b"[]")
+        assert history[-1]["Hash"] == rev2
+        assert history[-1]["Revision"] == "rev2"
+
+
+def test_s3_store_deploy_starts_current_then_launch_and_switch_move_traffic(
+    s3_bucket: str,
+    app_name: str,
+    app_images: AppImages,
+    docker_client: docker.DockerClient,
+    tmp_path: Path,
+) -> None:
+    store = S3Store(s3_bucket, PREFIX)
+    deploy_and_check(store, s3_bucket, app_name, app_images, docker_client, tmp_path)
+
+
+def test_file_store_deploy_works_the_same_without_any_cloud(
+    app_name: str,
+    app_images: AppImages,
+    docker_client: docker.DockerClient,
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "store"
+    store = FileStore(str(directory), PREFIX)
+    bucket = f"file://{directory}"
+    deploy_and_check(store, bucket, app_name, app_images, docker_client, tmp_path)
+
+
+def test_restarted_wunderproxy_serves_current_again_and_the_app_kept_running(
+    s3_bucket: str,
+    app_name: str,
+    app_images: AppImages,
+    docker_client: docker.DockerClient,
+    tmp_path: Path,
+) -> None:
+    store = S3Store(s3_bucket, PREFIX)
+    upload(store, app_config(app_images, "rev1"), current=True)
+    with wunderproxy(tmp_path, s3_bucket, PREFIX, app_name, app_images.registry_port) as first:
+        first.wait_until_serving("rev1")
+        assert first.stop() == 0
+        assert "the app container keeps running" in first.log()
+    running = [c for c in containers_of(docker_client, app_name) if c.status == "running"]
+    assert len(running) == 1, "SIGTERM must leave the app container running"
+    with wunderproxy(tmp_path, s3_bucket, PREFIX, app_name, app_images.registry_port) as second:
+        second.wait_until_serving("rev1")
+        assert revision_served(second) == "revision=rev1"
+
+
+def test_start_without_current_json_answers_503_until_a_deploy(
+    s3_bucket: str,
+    app_name: str,
+    app_images: AppImages,
+    tmp_path: Path,
+) -> None:
+    store = S3Store(s3_bucket, PREFIX)
+    with wunderproxy(tmp_path, s3_bucket, PREFIX, app_name, app_images.registry_port) as running:
+        answer = running.get("/")
+        assert answer.status == 503
+        assert running.status()["current"] is None
+        rev1 = upload(store, app_config(app_images, "rev1"))
+        assert running.launch(rev1).status == 200
+        assert running.switch(rev1).status == 200
+        assert revision_served(running) == "revision=rev1"
+
+
+def test_default_image_name_is_the_local_registry_repository_of_the_app(
+    s3_bucket: str,
+    app_name: str,
+    app_images: AppImages,
+    docker_client: docker.DockerClient,
+    tmp_path: Path,
+    test_labels: dict[str, str],
+) -> None:
+    from tests.support.apps import build_app_image
+
+    image = f"localhost:{app_images.registry_port}/{app_name}:v7"
+    build_app_image(docker_client, image, test_labels, revision="v7")
+    docker_client.images.push(f"localhost:{app_images.registry_port}/{app_name}", tag="v7")
+    docker_client.images.remove(image)
+    store = S3Store(s3_bucket, PREFIX)
+    config = {"Revision": "v7", "HealthCheckPath": "/health", "HostConfig": {"Init": True}}
+    upload(store, config, current=True)
+    with wunderproxy(tmp_path, s3_bucket, PREFIX, app_name, app_images.registry_port) as running:
+        running.wait_until_serving("v7")
+        assert revision_served(running) == "revision=v7"
+        assert running.status()["current"]["image"] == image
+
+
+def test_config_file_entries_reach_the_container_and_the_cli_client_deploys(
+    s3_bucket: str,
+    app_name: str,
+    app_images: AppImages,
+    tmp_path: Path,
+) -> None:
+    env_file = tmp_path / "app.env"
+    env_file.write_text("# greeting for the app\n\nAPP_GREETING=hello-from-env-file\n")
+    store = S3Store(s3_bucket, PREFIX)
+    rev1 = upload(store, app_config(app_images, "rev1"))
+    with wunderproxy(
+        tmp_path,
+        s3_bucket,
+        PREFIX,
+        app_name,
+        app_images.registry_port,
+        "--config-file",
+        str(env_file),
+    ) as running:
+        api = f"http://127.0.0.1:{running.api_port}"
+        launch = cli("launch", rev1, "--api", api)
+        assert launch.returncode == 0, launch.stderr
+        assert "waiting" in launch.stderr
+        assert "started container" in launch.stdout
+        switch = cli("switch", rev1, "--api", api)
+        assert switch.returncode == 0, switch.stderr
+        assert "switched proxy to port" in switch.stdout
+        assert revision_served(running) == "revision=rev1 greeting=hello-from-env-file"
+        status = cli("status", "--api", api)
+        assert "serving revision rev1" in status.stdout
+        failed = cli("launch", "0" * 32, "--api", api)
+        assert failed.returncode != 0
+        assert "404" in failed.stderr and "upload it first" in failed.stderr
+
+
+def test_config_file_with_a_malformed_line_stops_start_up_naming_file_and_line(
+    tmp_path: Path,
+) -> None:
+    env_file = tmp_path / "bad.env"
+    env_file.write_text("GOOD=1\nthis line is wrong\n")
+    result = cli("run", "file:///nonexistent", "p", "app", "--config-file", str(env_file))
+    assert result.returncode == 2
+    assert f"{env_file}:2:" in result.stderr
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "wunderproxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
