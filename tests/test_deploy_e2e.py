@@ -4,9 +4,11 @@ moto's S3 server over HTTP and the local-directory store."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +144,27 @@ def test_restarted_wunderproxy_serves_current_again_and_the_app_kept_running(
     with wunderproxy(tmp_path, s3_bucket, PREFIX, app_name, app_images.registry_port) as second:
         second.wait_until_serving("rev1")
         assert revision_served(second) == "revision=rev1"
+
+
+def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(
+    s3_bucket: str,
+    app_name: str,
+    app_images: AppImages,
+    tmp_path: Path,
+) -> None:
+    store = S3Store(s3_bucket, PREFIX)
+    upload(store, app_config(app_images, "rev1"), current=True)
+    with wunderproxy(tmp_path, s3_bucket, PREFIX, app_name, app_images.registry_port) as running:
+        running.wait_until_serving("rev1")
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(running.get, "/cgi-bin/slow?1.5")
+            time.sleep(0.5)
+            running.process.send_signal(signal.SIGTERM)
+            answer = slow.result(timeout=10)
+        assert (answer.status, answer.text.strip()) == (200, "revision=rev1")
+        assert running.process.wait(10) == 0
+        with pytest.raises(OSError):
+            running.get("/", timeout=2)
 
 
 def test_start_without_current_json_answers_503_until_a_deploy(
