@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
+
+from wunderproxy.streams import is_loopback
 
 # Where the proxy and the manager listen (SPEC "Command line").
 DEFAULT_PROXY = "0.0.0.0:80"
@@ -58,14 +59,7 @@ class Address:
     @property
     def is_loopback_only(self) -> bool:
         """True when only this host can connect (loopback address or Unix socket)."""
-        if self.path is not None:
-            return True
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host or "").is_loopback
-        except ValueError:
-            return False
+        return is_loopback(None if self.path is not None else self.host)
 
     def __str__(self) -> str:
         if self.path is not None:

@@ -89,16 +89,28 @@ class Controller:
         A launch of the same hash already under way is joined, not repeated.
         """
         config_hash = parse_hash(raw_hash)
-        running = self._state.find(config_hash, "launched", "serving")
-        if running is not None:
-            return LaunchResult(running, started=False)
+        known = self._state.find(config_hash, "launched", "serving")
+        if known is not None:
+            if await self._blocking(self._engine.status, known.container_id) == "running":
+                return LaunchResult(known, started=False)
+            log.warning(
+                "container %s of revision %s is no longer running; launching it again",
+                known.container_id[:12],
+                known.revision,
+            )
         task = self._launches.get(config_hash)
         if task is None:
             task = asyncio.create_task(self._launch(config_hash, None))
             self._launches[config_hash] = task
             task.add_done_callback(lambda _: self._launches.pop(config_hash, None))
         # A client that hangs up does not cancel the launch: others may be waiting on it.
-        return await asyncio.shield(task)
+        result = await asyncio.shield(task)
+        if known is not None and known.state == "serving":
+            self._switch_to(result.container)  # the serving one died: replace it at once
+        elif known is not None:
+            self._state.forget(known)
+            await self._remove_quietly(known.container_id)
+        return result
 
     async def _launch(self, config_hash: str, config: LaunchConfig | None) -> LaunchResult:
         if config is None:

@@ -17,6 +17,7 @@ import time
 
 from wunderproxy import framing
 from wunderproxy.state import Container, ProxyState
+from wunderproxy.streams import close_after_refusal
 
 log = logging.getLogger("wunderproxy.proxy")
 
@@ -233,8 +234,7 @@ class ClientConnection:
         status = error.status_hint if 400 <= error.status_hint < 500 else 400
         self._state.response_started(status)
         self._writer.write(plain_response(status, f"bad HTTP/1.1 request: {error}", close=True))
-        with contextlib.suppress(ConnectionError):
-            await self._writer.drain()
+        await close_after_refusal(self._reader, self._writer)
 
     async def _splice_client_to_upstream(self) -> None:
         upstream = self._upstream

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -27,6 +26,7 @@ from wunderproxy.errors import (
     WunderproxyError,
 )
 from wunderproxy.state import Container, ProxyState
+from wunderproxy.streams import close_after_refusal, is_loopback
 
 log = logging.getLogger("wunderproxy.manager")
 
@@ -131,7 +131,7 @@ class Manager:
                     "(the wunderproxy client reads WUNDERPROXY_API_TOKEN)"
                 )
             return
-        if not _is_loopback(request.peer):
+        if not is_loopback(request.peer):
             raise Forbidden(
                 f"{request.path} changes what runs and is only accepted from this host "
                 "when no --api-token is set; call it from the host or set --api-token"
@@ -146,15 +146,6 @@ def _body_text(body: bytes) -> str:
     if not text:
         raise BadRequest("the body is empty; send the config hash (32 hex digits)")
     return text
-
-
-def _is_loopback(peer: str | None) -> bool:
-    if peer is None:  # a Unix socket: only this host can reach it
-        return True
-    try:
-        return ipaddress.ip_address(peer).is_loopback
-    except ValueError:
-        return False
 
 
 def _facts(container: Container) -> dict[str, Any]:
@@ -217,11 +208,11 @@ async def serve_connection(
                 reply = json_reply(exc.error_status_hint, {"error": f"bad HTTP request: {exc}"})
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     _write_reply(conn, writer, reply, head_only=False)
-                    await writer.drain()
+                await close_after_refusal(reader, writer)
                 return
             except BadRequest as exc:
                 _write_reply(conn, writer, error_response(exc), head_only=False)
-                await writer.drain()
+                await close_after_refusal(reader, writer)
                 return
             if request is None:
                 return

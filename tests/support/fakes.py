@@ -1,0 +1,166 @@
+"""Fakes for the controller's seams: an in-memory store and a container engine.
+
+The engine starts no containers: every "container" it starts is the address of a real
+in-process :class:`~tests.support.backend.Backend`, so the real health check runs over a
+real socket against it. Both fakes record what was asked of them, and both can be told to
+fail the way the real ones do (raising :class:`~wunderproxy.errors.UpstreamFailed`).
+Their methods are called from the controller's thread pool, so they lock what they share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+
+from wunderproxy.engine import ContainerSpec, StartedContainer
+from wunderproxy.errors import UpstreamFailed
+
+
+class MemoryStore:
+    """A :class:`~wunderproxy.store.Store` in a dict; ``fail_puts`` makes every put fail."""
+
+    description = "memory://test/apps/myapp"
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.puts: list[str] = []
+        self.fail_puts: str | None = None
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            return self.objects.get(key)
+
+    def put(self, key: str, data: bytes) -> None:
+        with self._lock:
+            if self.fail_puts is not None:
+                raise UpstreamFailed(f"put {key} in {self.description} failed: {self.fail_puts}")
+            self.puts.append(key)
+            self.objects[key] = bytes(data)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call made to the fake engine."""
+
+    method: str
+    args: tuple[object, ...]
+
+
+class FakeEngine:
+    """The controller's ``Engine``: records calls and points every container at one address.
+
+    - ``fail_on(method, message)`` makes that method raise UpstreamFailed;
+    - ``exit_while_starting(logs)`` makes containers started from then on report
+      ``exited`` with ``logs`` (their health check must fail for this to be noticed);
+    - ``exit(container_id, logs)`` makes one container report ``exited`` from now on;
+    - ``hold_images()`` makes ``ensure_image`` block until ``release()``, so that a launch
+      stays pending; ``image_requested`` is set once a launch is blocked there.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.calls: list[Call] = []
+        self.specs: list[ContainerSpec] = []
+        self.failures: dict[str, str] = {}
+        self.exit_logs: str | None = None
+        self.image_requested = threading.Event()
+        self._gate: threading.Event | None = None
+        self._exited: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    # -- steering ------------------------------------------------------------------
+
+    def fail_on(self, method: str, message: str = "the engine is down") -> None:
+        self.failures[method] = message
+
+    def exit_while_starting(self, logs: str) -> None:
+        self.exit_logs = logs
+
+    def exit(self, container_id: str, logs: str) -> None:
+        """The container stopped on its own (crashed, OOM-killed) after it started."""
+        with self._lock:
+            self._exited[container_id] = logs
+
+    def hold_images(self) -> None:
+        self._gate = threading.Event()
+
+    def release(self) -> None:
+        if self._gate is not None:
+            self._gate.set()
+
+    # -- what was asked ------------------------------------------------------------
+
+    def called(self, method: str) -> list[tuple[object, ...]]:
+        """The arguments of every call of ``method``, in order."""
+        with self._lock:
+            return [call.args for call in self.calls if call.method == method]
+
+    @property
+    def started_ids(self) -> list[str]:
+        with self._lock:
+            return [self._id(n) for n in range(len(self.specs))]
+
+    @property
+    def removed_ids(self) -> list[str]:
+        return [str(args[0]) for args in self.called("remove")]
+
+    # -- the Engine protocol -------------------------------------------------------
+
+    def ensure_image(self, image: str) -> None:
+        self._record("ensure_image", image)
+        gate = self._gate
+        if gate is not None:
+            self.image_requested.set()
+            if not gate.wait(timeout=10):
+                raise UpstreamFailed("test gate was never released")
+        self._maybe_fail("ensure_image")
+
+    def start(self, spec: ContainerSpec) -> StartedContainer:
+        self._record("start", spec)
+        self._maybe_fail("start")
+        with self._lock:
+            container_id = self._id(len(self.specs))
+            self.specs.append(spec)
+            if self.exit_logs is not None:
+                self._exited[container_id] = self.exit_logs
+        return StartedContainer(id=container_id, host=self.host, port=self.port, image=spec.image)
+
+    def status(self, container_id: str) -> str:
+        self._record("status", container_id)
+        self._maybe_fail("status")
+        with self._lock:
+            return "exited" if container_id in self._exited else "running"
+
+    def logs(self, container_id: str, tail: int = 20) -> str:
+        self._record("logs", container_id, tail)
+        self._maybe_fail("logs")
+        with self._lock:
+            return self._exited.get(container_id, "")
+
+    def remove(self, container_id: str, stop_timeout: int) -> None:
+        self._record("remove", container_id, stop_timeout)
+        self._maybe_fail("remove")
+
+    def remove_images(self, repository: str, keep: set[str]) -> list[str]:
+        self._record("remove_images", repository, frozenset(keep))
+        self._maybe_fail("remove_images")
+        return []
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _record(self, method: str, *args: object) -> None:
+        with self._lock:
+            self.calls.append(Call(method, args))
+
+    def _maybe_fail(self, method: str) -> None:
+        message = self.failures.get(method)
+        if message is not None:
+            raise UpstreamFailed(f"Docker {method} failed: {message}")
+
+    @staticmethod
+    def _id(number: int) -> str:
+        """A Docker-like 64-hex-digit id whose first 8 digits differ between containers."""
+        return hashlib.sha256(f"container-{number}".encode()).hexdigest()

@@ -1,0 +1,1165 @@
+"""The manager API and the controller behind it, with fakes only at the seams.
+
+The store is in memory and the engine is a fake, but every "container" it starts is a real
+in-process HTTP server, so the real health check probes it over a real socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import socket
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+import pytest
+
+from tests.support.backend import Backend, running_backend
+from tests.support.configs import encode_config, example_config, upload_launch_config
+from tests.support.fakes import FakeEngine, MemoryStore
+from wunderproxy import manager as manager_module
+from wunderproxy.config import Address, Config
+from wunderproxy.controller import Controller
+from wunderproxy.manager import MAX_BODY, ApiRequest, Manager, Reply, serve_connection
+from wunderproxy.state import Container, ProxyState
+from wunderproxy.store import CURRENT_KEY, HISTORY_KEY, config_key
+
+APP = "myapp"
+VERSION = "0.1.0"
+TOKEN = "s3cret-token"
+UNKNOWN_HASH = "0123456789abcdef0123456789abcdef"
+
+LAUNCHED = re.compile(
+    r"started container (?P<id8>[0-9a-f]{8}) with revision (?P<rev>\S+) "
+    r"listening on port (?P<port>\d+)\n"
+)
+SWITCHED = re.compile(r"switched proxy to port (?P<port>\d+) of container (?P<id8>[0-9a-f]{8})")
+
+
+# -- fixtures ---------------------------------------------------------------------------
+
+
+def make_config(**overrides: Any) -> Config:
+    settings: dict[str, Any] = {
+        "bucket": "memory",
+        "prefix": "apps/myapp",
+        "app": APP,
+        "proxy": Address.parse("127.0.0.1:0", "--proxy"),
+        "api": Address.parse("127.0.0.1:0", "--api"),
+        "health_timeout": 0.5,
+        "drain_timeout": 5.0,
+        "stop_timeout": 3,
+    }
+    settings.update(overrides)
+    return Config(**settings)
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[Backend]:
+    async with running_backend("app") as started:
+        yield started
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    return MemoryStore()
+
+
+@pytest.fixture
+def engine(backend: Backend) -> Iterator[FakeEngine]:
+    fake = FakeEngine("127.0.0.1", backend.port)
+    yield fake
+    fake.release()  # never leave a pool thread blocked in ensure_image
+
+
+@pytest.fixture
+def state() -> ProxyState:
+    return ProxyState(APP, VERSION)
+
+
+@pytest.fixture
+async def controller(
+    state: ProxyState, store: MemoryStore, engine: FakeEngine
+) -> AsyncIterator[Controller]:
+    made = Controller(make_config(), state, store, engine)
+    yield made
+    engine.release()
+    await made.shutdown(grace=1.0)
+
+
+@pytest.fixture
+def manager(controller: Controller, state: ProxyState) -> Manager:
+    return Manager(controller, state, token=None)
+
+
+@pytest.fixture
+async def serving(manager: Manager, store: MemoryStore, state: ProxyState) -> Container:
+    """A container launched and switched to before the test: it must keep serving."""
+    config_hash = upload(store, "rev0")
+    assert (await post(manager, "/launch", config_hash)).status == 200
+    assert (await post(manager, "/switch", config_hash)).status == 200
+    current = state.current
+    assert current is not None
+    return current
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def upload(store: MemoryStore, revision: str, **fields: Any) -> str:
+    return upload_launch_config(store, example_config(Revision=revision, **fields))
+
+
+def request(
+    method: str,
+    path: str,
+    body: str | bytes = b"",
+    *,
+    peer: str | None = "127.0.0.1",
+    headers: dict[str, str] | None = None,
+) -> ApiRequest:
+    """An API request as serve_connection hands it over (header names in lower case)."""
+    data = body.encode() if isinstance(body, str) else body
+    return ApiRequest(method, path, headers or {}, data, peer)
+
+
+async def post(
+    manager: Manager,
+    path: str,
+    body: str | bytes,
+    *,
+    peer: str | None = "127.0.0.1",
+    headers: dict[str, str] | None = None,
+) -> Reply:
+    return await manager.handle(request("POST", path, body, peer=peer, headers=headers))
+
+
+def error_of(reply: Reply) -> str:
+    """The message of a JSON error answer; fails unless the answer is one."""
+    assert reply.content_type == "application/json"
+    document = json.loads(reply.body)
+    assert set(document) == {"error"}
+    message = document["error"]
+    assert isinstance(message, str)
+    assert message.strip()
+    return message
+
+
+def assert_still_serving(state: ProxyState, engine: FakeEngine, serving: Container) -> None:
+    assert state.current is serving
+    assert serving.state == "serving"
+    assert serving.container_id not in engine.removed_ids
+
+
+async def eventually(condition: Callable[[], bool], within: float = 5.0) -> None:
+    """Let the event loop run until ``condition()`` holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not condition():
+        assert loop.time() < deadline, f"condition not met within {within} s"
+        await asyncio.sleep(0.01)
+
+
+async def blocked_in_ensure_image(
+    engine: FakeEngine, coroutine: Coroutine[Any, Any, Reply]
+) -> asyncio.Task[Reply]:
+    """Run ``coroutine`` as a task; return once it waits in the held ``ensure_image``."""
+    task = asyncio.create_task(coroutine)
+    await eventually(engine.image_requested.is_set)
+    return task
+
+
+# -- /status ----------------------------------------------------------------------------
+
+
+async def test_status_answers_200_json_with_every_key_of_the_spec_example(
+    manager: Manager, serving: Container
+) -> None:
+    reply = await manager.handle(request("GET", "/status", peer="10.1.2.3"))
+    assert reply.status == 200
+    assert reply.content_type == "application/json"
+    status = json.loads(reply.body)
+    assert {
+        "app",
+        "version",
+        "uptime_seconds",
+        "current",
+        "containers",
+        "requests",
+        "connections",
+        "docker",
+        "Requests",
+        "TotalTime",
+        "States",
+        "DockerState",
+    } <= set(status)
+    assert (status["app"], status["version"]) == (APP, VERSION)
+    assert isinstance(status["uptime_seconds"], int | float)
+    current = status["current"]
+    assert {"revision", "hash", "image", "container_id", "port", "started_at"} <= set(current)
+    assert current["revision"] == "rev0"
+    assert current["container_id"] == serving.container_id
+    assert current["port"] == serving.port
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", current["started_at"])
+    [described] = status["containers"]
+    assert {"revision", "hash", "state", "port"} <= set(described)
+    assert described["state"] == "serving"
+    assert set(status["requests"]) >= {"total", "since_switch", "by_status"}
+    assert isinstance(status["requests"]["by_status"], dict)
+    assert set(status["connections"]) >= {"open", "active", "idle"}
+    assert status["docker"]["state"] == "ok"
+    assert isinstance(status["Requests"], int)
+    assert isinstance(status["TotalTime"], int | float)
+    assert set(status["States"]) >= {"active", "idle"}
+    assert status["DockerState"] == "Ok"
+
+
+async def test_status_with_nothing_deployed_shows_no_current_container(
+    manager: Manager,
+) -> None:
+    status = json.loads((await manager.handle(request("GET", "/status"))).body)
+    assert status["current"] is None
+    assert status["containers"] == []
+
+
+async def test_status_answers_head_too(manager: Manager) -> None:
+    reply = await manager.handle(request("HEAD", "/status"))
+    assert reply.status == 200
+
+
+async def test_status_shows_every_container_with_its_state_during_a_drain(
+    manager: Manager, store: MemoryStore, serving: Container
+) -> None:
+    serving.request_started()  # keeps it draining
+    new_hash = upload(store, "rev1")
+    assert (await post(manager, "/launch", new_hash)).status == 200
+    launched = json.loads((await manager.handle(request("GET", "/status"))).body)
+    assert [(c["revision"], c["state"]) for c in launched["containers"]] == [
+        ("rev0", "serving"),
+        ("rev1", "launched"),
+    ]
+    assert (await post(manager, "/switch", new_hash)).status == 200
+    switched = json.loads((await manager.handle(request("GET", "/status"))).body)
+    assert switched["current"]["revision"] == "rev1"
+    assert [(c["revision"], c["state"]) for c in switched["containers"]] == [
+        ("rev0", "draining"),
+        ("rev1", "serving"),
+    ]
+    serving.request_finished()
+
+
+# -- /launch ----------------------------------------------------------------------------
+
+
+async def test_launch_answers_the_container_revision_and_port_in_text(
+    manager: Manager, store: MemoryStore, engine: FakeEngine, state: ProxyState
+) -> None:
+    config_hash = upload(store, "rev1")
+    reply = await post(manager, "/launch", config_hash)
+    assert reply.status == 200, reply.body
+    assert reply.content_type.startswith("text/plain")
+    match = LAUNCHED.fullmatch(reply.body.decode())
+    assert match is not None, reply.body
+    [container_id] = engine.started_ids
+    assert match["id8"] == container_id[:8]
+    assert match["rev"] == "rev1"
+    assert int(match["port"]) == engine.port
+    [container] = state.containers
+    assert (container.hash, container.state) == (config_hash, "launched")
+    assert state.current is None, "a launch alone must not switch"
+
+
+async def test_launch_passes_the_config_and_labels_to_the_engine(
+    manager: Manager, store: MemoryStore, engine: FakeEngine
+) -> None:
+    config_hash = upload(store, "rev1")
+    assert (await post(manager, "/launch", config_hash)).status == 200
+    assert engine.called("ensure_image") == [("localhost:8080/myapp:2f1c9a7",)]
+    [spec] = engine.specs
+    assert spec.app_port == "9292/tcp"
+    assert spec.host_config == {"Memory": 536870912}
+    assert spec.labels == {
+        "wunderproxy.app": APP,
+        "wunderproxy.revision": "rev1",
+        "wunderproxy.hash": config_hash,
+    }
+
+
+async def test_launch_of_a_config_without_image_pulls_the_app_image_of_its_revision(
+    manager: Manager, store: MemoryStore, engine: FakeEngine
+) -> None:
+    config_hash = upload(store, "rev1", ContainerConfig={"Env": ["A=1"]})
+    assert (await post(manager, "/launch", config_hash)).status == 200
+    assert engine.called("ensure_image") == [("localhost:8080/myapp:rev1",)]
+    assert engine.specs[0].image == "localhost:8080/myapp:rev1"
+
+
+async def test_launch_with_accept_json_answers_the_same_facts_as_json(
+    manager: Manager, store: MemoryStore, engine: FakeEngine
+) -> None:
+    config_hash = upload(store, "rev1")
+    reply = await post(manager, "/launch", config_hash, headers={"accept": "application/json"})
+    assert reply.status == 200
+    assert reply.content_type == "application/json"
+    document = json.loads(reply.body)
+    [container_id] = engine.started_ids
+    assert document["container_id"] == container_id
+    assert document["revision"] == "rev1"
+    assert document["hash"] == config_hash
+    assert document["port"] == engine.port
+    assert document["started"] is True
+    assert LAUNCHED.fullmatch(document["message"] + "\n")
+
+
+async def test_launch_ignores_whitespace_around_the_hash(
+    manager: Manager, store: MemoryStore
+) -> None:
+    config_hash = upload(store, "rev1")
+    reply = await post(manager, "/launch", f"  \t{config_hash}\r\n\n")
+    assert reply.status == 200, reply.body
+
+
+async def test_launching_a_hash_already_running_is_a_no_op_answering_200(
+    manager: Manager, store: MemoryStore, engine: FakeEngine
+) -> None:
+    config_hash = upload(store, "rev1")
+    assert (await post(manager, "/launch", config_hash)).status == 200
+    again = await post(manager, "/launch", config_hash, headers={"accept": "application/json"})
+    assert again.status == 200
+    document = json.loads(again.body)
+    assert document["started"] is False
+    assert document["container_id"] == engine.started_ids[0]
+    assert len(engine.called("start")) == 1
+
+
+async def test_launching_a_hash_whose_container_died_starts_a_new_one(
+    manager: Manager, store: MemoryStore, engine: FakeEngine, state: ProxyState
+) -> None:
+    config_hash = upload(store, "rev1")
+    assert (await post(manager, "/launch", config_hash)).status == 200
+    dead = engine.started_ids[0]
+    engine.exit(dead, "Killed (OOM)")
+    again = await post(manager, "/launch", config_hash)
+    assert again.status == 200
+    assert again.body.startswith(b"started container")
+    assert len(engine.called("start")) == 2
+    assert [c.container_id for c in state.containers] == [engine.started_ids[1]]
+    assert dead in engine.removed_ids
+
+
+async def test_relaunching_the_serving_hash_after_its_container_died_switches_to_the_new_one(
+    manager: Manager, store: MemoryStore, engine: FakeEngine, state: ProxyState
+) -> None:
+    config_hash = upload(store, "rev1")
+    assert (await post(manager, "/launch", config_hash)).status == 200
+    assert (await post(manager, "/switch", config_hash)).status == 200
+    engine.exit(engine.started_ids[0], "Killed (OOM)")
+    assert (await post(manager, "/launch", config_hash)).status == 200
+    assert state.current is not None
+    assert state.current.container_id == engine.started_ids[1]
+
+
+async def test_launching_the_hash_serving_now_is_a_no_op_answering_200(
+    manager: Manager, engine: FakeEngine, serving: Container
+) -> None:
+    reply = await post(manager, "/launch", serving.hash)
+    assert reply.status == 200
+    assert serving.container_id[:8] in reply.body.decode()
+    assert len(engine.called("start")) == 1
+
+
+async def test_two_concurrent_launches_of_one_hash_start_exactly_one_container(
+    manager: Manager, store: MemoryStore, engine: FakeEngine, state: ProxyState
+) -> None:
+    config_hash = upload(store, "rev1")
+    first, second = await asyncio.gather(
+        post(manager, "/launch", config_hash), post(manager, "/launch", config_hash)
+    )
+    assert (first.status, second.status) == (200, 200)
+    assert len(engine.called("start")) == 1
+    [container_id] = engine.started_ids
+    assert container_id[:8] in first.body.decode()
+    assert container_id[:8] in second.body.decode()
+    assert len(state.containers) == 1
+
+
+@pytest.mark.parametrize(
+    "body", ["not-a-hash", UNKNOWN_HASH[:-1], UNKNOWN_HASH + "0", "g" * 32, f"{UNKNOWN_HASH} x"]
+)
+async def test_launch_of_a_malformed_hash_answers_400(
+    manager: Manager, engine: FakeEngine, body: str
+) -> None:
+    reply = await post(manager, "/launch", body)
+    assert reply.status == 400
+    assert "not a config hash" in error_of(reply)
+    assert engine.calls == []
+
+
+@pytest.mark.parametrize("body", [b"", b"   \r\n"])
+async def test_launch_with_an_empty_body_answers_400(
+    manager: Manager, engine: FakeEngine, body: bytes
+) -> None:
+    reply = await post(manager, "/launch", body)
+    assert reply.status == 400
+    assert "empty" in error_of(reply)
+    assert engine.calls == []
+
+
+async def test_launch_with_a_body_that_is_not_ascii_answers_400(manager: Manager) -> None:
+    reply = await post(manager, "/launch", "é".encode() * 16)
+    assert reply.status == 400
+    error_of(reply)
+
+
+async def test_launch_of_an_unknown_hash_answers_404_naming_the_key(
+    manager: Manager, engine: FakeEngine, serving: Container, state: ProxyState
+) -> None:
+    reply = await post(manager, "/launch", UNKNOWN_HASH)
+    assert reply.status == 404
+    assert config_key(UNKNOWN_HASH) in error_of(reply)
+    assert len(engine.called("start")) == 1  # only the serving one
+    assert_still_serving(state, engine, serving)
+
+
+async def test_launch_of_a_config_whose_bytes_do_not_match_its_hash_answers_422(
+    manager: Manager, store: MemoryStore, engine: FakeEngine, serving: Container, state: ProxyState
+) -> None:
+    real_hash, raw = encode_config(example_config(Revision="rev1"))
+    store.objects[config_key(UNKNOWN_HASH)] = raw
+    reply = await post(manager, "/launch", UNKNOWN_HASH)
+    assert reply.status == 422
+    message = error_of(reply)
+    assert real_hash in message
+    assert len(engine.called("start")) == 1
+    assert_still_serving(state, engine, serving)
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({k: v for k, v in example_config().items() if k != "Revision"}, "Revision"),
+        (
+            example_config(ContainerConfig={"Env": "RACK_ENV=production"}),
+            "ContainerConfig.Env",
+        ),
+        (example_config(HealthCheckPath=7), "HealthCheckPath"),
+    ],
+    ids=["missing-Revision", "Env-a-string", "HealthCheckPath-a-number"],
+)
+async def test_launch_of_an_invalid_config_answers_422_naming_the_field(
+    manager: Manager,
+    store: MemoryStore,
+    engine: FakeEngine,
+    serving: Container,
+    state: ProxyState,
+    config: dict[str, Any],
+    field: str,
+) -> None:
+    config_hash = upload_launch_config(store, config)
+    reply = await post(manager, "/launch", config_hash)
+    assert reply.status == 422
+    assert field in error_of(reply)
+    assert len(engine.called("start")) == 1
+    assert_still_serving(state, engine, serving)
+
+
+async def test_launch_answers_502_and_starts_nothing_when_the_image_cannot_be_pulled(
+    manager: Manager, store: MemoryStore, engine: FakeEngine, serving: Container, state: ProxyState
+) -> None:
+    engine.fail_on("ensure_image", "registry unreachable")
+    reply = await post(manager, "/launch", upload(store, "rev1"))
+    assert reply.status == 502
+    assert "registry unreachable" in error_of(reply)
+    assert len(engine.called("start")) == 1  # only the serving one
+    assert state.containers == [serving]
+    assert_still_serving(state, engine, serving)
+
+
+async def test_launch_answers_502_when_the_engine_cannot_start_the_container(
+    manager: Manager, store: MemoryStore, engine: FakeEngine, serving: Container, state: ProxyState
+) -> None:
+    engine.fail_on("start", "port already allocated")
+    reply = await post(manager, "/launch", upload(store, "rev1"))
+    assert reply.status == 502
+    assert "port already allocated" in error_of(reply)
+    assert state.containers == [serving]
+    assert_still_serving(state, engine, serving)
+
+
+async def test_a_container_that_exits_while_starting_answers_502_quoting_its_logs(
+    manager: Manager, store: MemoryStore, engine: FakeEngine, serving: Container, state: ProxyState
+) -> None:
+    engine.exit_while_starting("booting\nLoadError: cannot load such file -- pg\n")
+    config_hash = upload(store, "rev1", HealthCheckPath="/status/503")
+    reply = await post(manager, "/launch", config_hash)
+    assert reply.status == 502
+    message = error_of(reply)
+    assert "LoadError: cannot load such file -- pg" in message
+    assert "exited" in message
+    new_id = engine.started_ids[-1]
+    assert new_id[:8] in message
+    assert new_id in engine.removed_ids
+    assert state.containers == [serving]
+    assert_still_serving(state, engine, serving)
+
+
+async def test_a_container_never_healthy_answers_504_and_is_removed(
+    manager: Manager, store: MemoryStore, engine: FakeEngine, serving: Container, state: ProxyState
+) -> None:
+    config_hash = upload(store, "rev1", HealthCheckPath="/status/404")
+    reply = await post(manager, "/launch", config_hash)
+    assert reply.status == 504
+    message = error_of(reply)
+    assert "404" in message
+    new_id = engine.started_ids[-1]
+    assert engine.removed_ids == [new_id]
+    assert state.containers == [serving]
+    assert_still_serving(state, engine, serving)
+    # The failed hash can be launched again once fixed: nothing is left pending.
+    assert (await post(manager, "/switch", config_hash)).status == 404
+
+
+async def test_a_failure_to_remove_the_unhealthy_container_still_answers_504(
+    manager: Manager, store: MemoryStore, engine: FakeEngine, serving: Container, state: ProxyState
+) -> None:
+    engine.fail_on("remove", "daemon not responding")
+    reply = await post(manager, "/launch", upload(store, "rev1", HealthCheckPath="/status/404"))
+    assert reply.status == 504
+    assert engine.removed_ids == [engine.started_ids[-1]]
+    assert_still_serving(state, engine, serving)
+
+
+# -- /switch ----------------------------------------------------------------------------
+
+
+async def test_switch_to_a_hash_not_launched_answers_404(
+    manager: Manager, store: MemoryStore, serving: Container, engine: FakeEngine, state: ProxyState
+) -> None:
+    config_hash = upload(store, "rev1")
+    reply = await post(manager, "/switch", config_hash)
+    assert reply.status == 404
+    assert "POST /launch" in error_of(reply)
+    assert_still_serving(state, engine, serving)
+
+
+async def test_switch_while_the_launch_of_that_hash_is_pending_answers_409(
+    manager: Manager, store: MemoryStore, engine: FakeEngine, serving: Container, state: ProxyState
+) -> None:
+    config_hash = upload(store, "rev1")
+    engine.hold_images()
+    launch = await blocked_in_ensure_image(engine, post(manager, "/launch", config_hash))
+    reply = await post(manager, "/switch", config_hash)
+    assert reply.status == 409
+    assert "has not finished" in error_of(reply)
+    assert_still_serving(state, engine, serving)
+    engine.release()
+    assert (await launch).status == 200
+    assert (await post(manager, "/switch", config_hash)).status == 200
+
+
+async def test_switch_answers_the_port_and_container(
+    manager: Manager, store: MemoryStore, engine: FakeEngine, state: ProxyState
+) -> None:
+    config_hash = upload(store, "rev1")
+    assert (await post(manager, "/launch", config_hash)).status == 200
+    reply = await post(manager, "/switch", config_hash)
+    assert reply.status == 200, reply.body
+    assert reply.content_type.startswith("text/plain")
+    match = SWITCHED.fullmatch(reply.body.decode().strip())
+    assert match is not None, reply.body
+    [container_id] = engine.started_ids
+    assert match["id8"] == container_id[:8]
+    assert int(match["port"]) == engine.port
+    assert state.current is not None
+    assert state.current.container_id == container_id
+    assert state.current.state == "serving"
+
+
+async def test_switch_with_accept_json_answers_the_same_facts_as_json(
+    manager: Manager, store: MemoryStore, engine: FakeEngine
+) -> None:
+    config_hash = upload(store, "rev1")
+    assert (await post(manager, "/launch", config_hash)).status == 200
+    reply = await post(
+        manager, "/switch", f" {config_hash}\n", headers={"accept": "application/json"}
+    )
+    assert reply.status == 200
+    document = json.loads(reply.body)
+    assert document["container_id"] == engine.started_ids[0]
+    assert document["port"] == engine.port
+    assert document["hash"] == config_hash
+    assert document["revision"] == "rev1"
+    assert document["changed"] is True
+    assert document["warning"] is None
+    assert SWITCHED.fullmatch(document["message"])
+
+
+async def test_switching_to_the_serving_hash_is_a_no_op_answering_200(
+    manager: Manager, store: MemoryStore, engine: FakeEngine, serving: Container, state: ProxyState
+) -> None:
+    writes = list(store.puts)
+    reply = await post(manager, "/switch", serving.hash, headers={"accept": "application/json"})
+    assert reply.status == 200
+    assert json.loads(reply.body)["changed"] is False
+    assert store.puts == writes, "a no-op switch must not record another deploy"
+    assert engine.removed_ids == []
+    assert_still_serving(state, engine, serving)
+
+
+async def test_after_a_switch_the_old_container_is_removed_once_its_requests_finished(
+    manager: Manager, store: MemoryStore, engine: FakeEngine, serving: Container, state: ProxyState
+) -> None:
+    new_image = "localhost:8080/myapp:rev1"
+    new_hash = upload(store, "rev1", ContainerConfig={"Image": new_image})
+    assert (await post(manager, "/launch", new_hash)).status == 200
+    serving.request_started()
+    serving.request_started()
+    assert (await post(manager, "/switch", new_hash)).status == 200
+    assert serving.state == "draining"
+    await asyncio.sleep(0.1)
+    serving.request_finished()
+    await asyncio.sleep(0.1)
+    assert engine.removed_ids == [], "removed while requests were still in flight"
+    assert serving in state.containers
+    serving.request_finished()
+    await eventually(lambda: engine.removed_ids != [])
+    assert engine.called("remove") == [(serving.container_id, 3)]
+    await eventually(lambda: serving not in state.containers)
+    assert state.current is not None
+    assert state.current.hash == new_hash
+    await eventually(lambda: engine.called("remove_images") != [])
+    [(repository, keep)] = engine.called("remove_images")
+    assert repository == "localhost:8080/myapp"
+    assert isinstance(keep, frozenset)
+    assert keep == {new_image, serving.image}  # the previous image stays for a rollback
+
+
+async def test_switch_writes_current_json_as_a_byte_copy_and_a_history_entry(
+    manager: Manager, store: MemoryStore
+) -> None:
+    config_hash, raw = encode_config(example_config(Revision="rev1"))
+    store.objects[config_key(config_hash)] = raw
+    assert (await post(manager, "/launch", config_hash)).status == 200
+    reply = await post(manager, "/switch", config_hash, headers={"x-deployed-by": "ci@build-42"})
+    assert reply.status == 200
+    assert store.objects[CURRENT_KEY] == raw
+    [entry] = json.loads(store.objects[HISTORY_KEY])
+    assert entry["Revision"] == "rev1"
+    assert entry["Hash"] == config_hash
+    assert entry["DeployedBy"] == "ci@build-42"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", entry["DeployedAt"])
+
+
+async def test_switch_without_x_deployed_by_records_this_host_as_deployer(
+    manager: Manager, store: MemoryStore
+) -> None:
+    config_hash = upload(store, "rev1")
+    assert (await post(manager, "/launch", config_hash)).status == 200
+    assert (await post(manager, "/switch", config_hash)).status == 200
+    [entry] = json.loads(store.objects[HISTORY_KEY])
+    assert entry["DeployedBy"] == f"wunderproxy@{socket.gethostname()}"
+
+
+async def test_switch_still_answers_200_with_a_warning_when_the_store_cannot_be_written(
+    manager: Manager, store: MemoryStore, state: ProxyState
+) -> None:
+    config_hash = upload(store, "rev1")
+    assert (await post(manager, "/launch", config_hash)).status == 200
+    store.fail_puts = "disk full"
+    text = await post(manager, "/switch", config_hash)
+    assert text.status == 200
+    assert "warning" in text.body.decode()
+    assert "disk full" in text.body.decode()
+    assert state.current is not None
+    assert state.current.hash == config_hash
+    assert CURRENT_KEY not in store.objects
+
+
+async def test_switch_with_accept_json_reports_a_store_failure_as_a_warning(
+    manager: Manager, store: MemoryStore, state: ProxyState
+) -> None:
+    config_hash = upload(store, "rev1")
+    assert (await post(manager, "/launch", config_hash)).status == 200
+    store.fail_puts = "access denied"
+    reply = await post(manager, "/switch", config_hash, headers={"accept": "application/json"})
+    assert reply.status == 200
+    document = json.loads(reply.body)
+    assert document["changed"] is True
+    assert "access denied" in document["warning"]
+
+
+# -- who may change things ---------------------------------------------------------------
+
+
+@pytest.fixture
+def guarded(controller: Controller, state: ProxyState) -> Manager:
+    return Manager(controller, state, token=TOKEN)
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "", f"Bearer {TOKEN}x", "Bearer wrong", TOKEN, f"bearer {TOKEN}", f"Basic {TOKEN}"],
+)
+@pytest.mark.parametrize("path", ["/launch", "/switch"])
+async def test_with_a_token_a_missing_or_wrong_authorization_answers_401(
+    guarded: Manager, engine: FakeEngine, path: str, authorization: str | None
+) -> None:
+    headers = {} if authorization is None else {"authorization": authorization}
+    # Refused before the body is even looked at: an empty body would be a 400.
+    reply = await post(guarded, path, b"", headers=headers)
+    assert reply.status == 401
+    assert ("WWW-Authenticate", "Bearer") in reply.headers
+    assert "Authorization: Bearer" in error_of(reply)
+    assert engine.calls == []
+
+
+@pytest.mark.parametrize("peer", ["127.0.0.1", "10.1.2.3", None])
+async def test_with_a_token_the_right_authorization_is_accepted_from_any_peer(
+    guarded: Manager, store: MemoryStore, peer: str | None
+) -> None:
+    config_hash = upload(store, "rev1")
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    assert (await post(guarded, "/launch", config_hash, peer=peer, headers=headers)).status == 200
+    assert (await post(guarded, "/switch", config_hash, peer=peer, headers=headers)).status == 200
+
+
+async def test_with_a_token_status_needs_no_authorization(guarded: Manager) -> None:
+    reply = await guarded.handle(request("GET", "/status", peer="10.1.2.3"))
+    assert reply.status == 200
+
+
+@pytest.mark.parametrize("peer", ["10.1.2.3", "192.168.0.1", "2001:db8::1", "not-an-ip"])
+@pytest.mark.parametrize("path", ["/launch", "/switch"])
+async def test_without_a_token_a_remote_peer_may_not_launch_or_switch(
+    manager: Manager, store: MemoryStore, engine: FakeEngine, path: str, peer: str
+) -> None:
+    reply = await post(manager, path, upload(store, "rev1"), peer=peer)
+    assert reply.status == 403
+    assert "--api-token" in error_of(reply)
+    assert engine.calls == []
+
+
+async def test_without_a_token_a_remote_peer_may_read_the_status(manager: Manager) -> None:
+    reply = await manager.handle(request("GET", "/status", peer="10.1.2.3"))
+    assert reply.status == 200
+
+
+@pytest.mark.parametrize(
+    "peer", ["127.0.0.1", "127.8.9.10", "::1", None], ids=["v4", "v4-net", "v6", "unix"]
+)
+async def test_without_a_token_loopback_and_unix_socket_peers_may_launch_and_switch(
+    manager: Manager, store: MemoryStore, peer: str | None
+) -> None:
+    config_hash = upload(store, "rev1")
+    assert (await post(manager, "/launch", config_hash, peer=peer)).status == 200
+    assert (await post(manager, "/switch", config_hash, peer=peer)).status == 200
+
+
+async def test_without_a_token_an_ipv4_mapped_loopback_peer_may_launch(
+    manager: Manager, store: MemoryStore
+) -> None:
+    reply = await post(manager, "/launch", upload(store, "rev1"), peer="::ffff:127.0.0.1")
+    assert reply.status == 200, reply.body
+
+
+# -- routing ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/", "/statuz", "/status/", "/launch/abc", "/Switch"])
+async def test_an_unknown_path_answers_404_naming_the_endpoints(
+    manager: Manager, path: str
+) -> None:
+    reply = await manager.handle(request("GET", path))
+    assert reply.status == 404
+    message = error_of(reply)
+    for endpoint in ("GET /status", "POST /launch", "POST /switch"):
+        assert endpoint in message
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("POST", "/status", "GET, HEAD"),
+        ("DELETE", "/status", "GET, HEAD"),
+        ("GET", "/launch", "POST"),
+        ("PUT", "/launch", "POST"),
+        ("GET", "/switch", "POST"),
+        ("HEAD", "/switch", "POST"),
+    ],
+)
+async def test_a_wrong_method_answers_405_with_an_allow_header(
+    manager: Manager, engine: FakeEngine, method: str, path: str, allow: str
+) -> None:
+    reply = await manager.handle(request(method, path, UNKNOWN_HASH, peer="10.1.2.3"))
+    assert reply.status == 405
+    assert ("Allow", allow) in reply.headers
+    assert method in error_of(reply)
+    assert engine.calls == []
+
+
+async def test_a_long_unknown_path_is_cut_short_in_the_error(manager: Manager) -> None:
+    reply = await manager.handle(request("GET", "/" + "x" * 5000))
+    assert reply.status == 404
+    assert len(error_of(reply)) < 300
+
+
+# -- serve_connection over a real socket ---------------------------------------------------
+
+
+class ApiServer:
+    """The manager behind serve_connection on 127.0.0.1, counting the connections it got."""
+
+    def __init__(self, manager: Manager) -> None:
+        self.manager = manager
+        self.connections = 0
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.clients: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> ApiServer:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        self.connections += 1
+        try:
+            await serve_connection(reader, writer, self.manager.handle)
+        finally:
+            self.tasks.discard(task)
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.clients.append(writer)
+        return reader, writer
+
+    async def stop(self) -> None:
+        for writer in self.clients:
+            writer.close()
+        for writer in self.clients:
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=5)
+
+
+@pytest.fixture
+async def api(manager: Manager) -> AsyncIterator[ApiServer]:
+    server = await ApiServer(manager).start()
+    yield server
+    await server.stop()
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One HTTP answer as a client read it (header names in lower case)."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+async def exchange(
+    conn: h11.Connection,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    method: str,
+    target: str,
+    body: bytes = b"",
+    headers: list[tuple[str, str]] | None = None,
+) -> Answer:
+    """Send one request on a client connection and read its answer."""
+    sent = [("Host", "api"), *(headers or [])]
+    if method == "POST":
+        sent.append(("Content-Length", str(len(body))))
+    data = conn.send(h11.Request(method=method, target=target, headers=sent))
+    if body:
+        data += conn.send(h11.Data(data=body))
+    data += conn.send(h11.EndOfMessage())
+    writer.write(data)
+    return await read_answer(conn, reader)
+
+
+async def read_answer(conn: h11.Connection, reader: asyncio.StreamReader) -> Answer:
+    status, headers, body = 0, {}, bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await asyncio.wait_for(reader.read(65536), 10))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+            headers = {k.decode(): v.decode() for k, v in event.headers}
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                conn.start_next_cycle()
+            return Answer(status, headers, bytes(body))
+        else:
+            raise AssertionError(f"unexpected {event!r}")
+
+
+def parse_raw_answer(data: bytes) -> Answer:
+    """Parse one complete answer received on a connection that was then closed."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="GET", target="/", headers=[("Host", "api")]))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(data)
+    conn.receive_data(b"")
+    status, headers, body = 0, {}, bytearray()
+    while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+        if isinstance(event, h11.Response):
+            status = event.status_code
+            headers = {k.decode(): v.decode() for k, v in event.headers}
+        elif isinstance(event, h11.Data):
+            body += event.data
+        else:
+            raise AssertionError(f"unexpected {event!r}")
+    return Answer(status, headers, bytes(body))
+
+
+async def test_api_connection_keeps_alive_across_requests(
+    api: ApiServer, store: MemoryStore, engine: FakeEngine
+) -> None:
+    config_hash = upload(store, "rev1")
+    reader, writer = await api.connect()
+    conn = h11.Connection(h11.CLIENT)
+    status = await exchange(conn, reader, writer, "GET", "/status")
+    assert status.status == 200
+    assert status.headers["content-type"] == "application/json"
+    assert json.loads(status.body)["app"] == APP
+    launch = await exchange(conn, reader, writer, "POST", "/launch", config_hash.encode())
+    assert launch.status == 200, launch.body
+    assert LAUNCHED.fullmatch(launch.body.decode())
+    switch = await exchange(
+        conn,
+        reader,
+        writer,
+        "POST",
+        "/switch",
+        config_hash.encode(),
+        [("Accept", "application/json"), ("X-Deployed-By", "alice")],
+    )
+    assert switch.status == 200
+    assert json.loads(switch.body)["container_id"] == engine.started_ids[0]
+    assert json.loads(store.objects[HISTORY_KEY])[-1]["DeployedBy"] == "alice"
+    assert api.connections == 1
+
+
+async def test_api_answers_status_with_a_query_string_and_head(api: ApiServer) -> None:
+    reader, writer = await api.connect()
+    conn = h11.Connection(h11.CLIENT)
+    queried = await exchange(conn, reader, writer, "GET", "/status?x=1")
+    assert queried.status == 200
+    assert json.loads(queried.body)["app"] == APP
+    head = await exchange(conn, reader, writer, "HEAD", "/status")
+    assert head.status == 200
+    assert head.body == b""
+    assert int(head.headers["content-length"]) > 0
+    assert (await exchange(conn, reader, writer, "GET", "/status")).status == 200
+    assert api.connections == 1
+
+
+async def test_api_error_answers_carry_their_headers_on_the_wire(api: ApiServer) -> None:
+    reader, writer = await api.connect()
+    conn = h11.Connection(h11.CLIENT)
+    answer = await exchange(conn, reader, writer, "GET", "/launch")
+    assert answer.status == 405
+    assert answer.headers["allow"] == "POST"
+    assert json.loads(answer.body)["error"]
+    # An error answer does not end the connection.
+    assert (await exchange(conn, reader, writer, "GET", "/status")).status == 200
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"NOT HTTP AT ALL\r\n\r\n", b"GET /status HTTP/1.1\r\nno colon here\r\n\r\n"],
+    ids=["request-line", "header"],
+)
+async def test_api_answers_malformed_http_with_400_and_closes_the_connection(
+    api: ApiServer, garbage: bytes
+) -> None:
+    reader, writer = await api.connect()
+    writer.write(garbage)
+    data = await asyncio.wait_for(reader.read(), 10)  # read() returns at end of stream
+    answer = parse_raw_answer(data)
+    assert answer.status == 400
+    assert "bad HTTP request" in json.loads(answer.body)["error"]
+    assert answer.headers["connection"] == "close"
+
+
+async def test_api_refuses_a_body_larger_than_the_limit_and_closes_the_connection(
+    api: ApiServer, engine: FakeEngine
+) -> None:
+    reader, writer = await api.connect()
+    body = b"0" * (MAX_BODY + 1)
+    writer.write(
+        b"POST /launch HTTP/1.1\r\nHost: api\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    data = await asyncio.wait_for(reader.read(), 10)
+    answer = parse_raw_answer(data)
+    assert answer.status == 400
+    assert str(MAX_BODY) in json.loads(answer.body)["error"]
+    assert answer.headers["connection"] == "close"
+    assert engine.calls == []
+
+
+async def test_api_answers_pipelined_requests_in_order(api: ApiServer) -> None:
+    reader, writer = await api.connect()
+    writer.write(
+        b"GET /status HTTP/1.1\r\nHost: api\r\n\r\n"
+        b"GET /nowhere HTTP/1.1\r\nHost: api\r\n\r\n"
+        b"HEAD /status HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
+    )
+    data = await asyncio.wait_for(reader.read(), 10)
+    statuses = [int(s) for s in re.findall(rb"^HTTP/1\.1 (\d{3}) ", data, re.MULTILINE)]
+    assert statuses == [200, 404, 200]
+    assert api.connections == 1
+
+
+async def test_api_answers_431_to_a_request_head_growing_past_the_limit(
+    api: ApiServer,
+) -> None:
+    reader, writer = await api.connect()
+    # No blank line yet: the head is incomplete and larger than the server buffers.
+    writer.write(b"GET /status HTTP/1.1\r\nHost: api\r\nX-Big: " + b"a" * 20_000 + b"\r\n")
+    answer = parse_raw_answer(await asyncio.wait_for(reader.read(), 10))
+    assert answer.status == 431
+    assert json.loads(answer.body)["error"]
+
+
+async def test_api_closes_an_idle_connection_after_the_idle_timeout(
+    api: ApiServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(manager_module, "IDLE_TIMEOUT", 0.2)
+    reader, writer = await api.connect()
+    conn = h11.Connection(h11.CLIENT)
+    assert (await exchange(conn, reader, writer, "GET", "/status")).status == 200
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+
+
+async def test_api_refuses_a_megabyte_body_with_a_400_the_client_can_read(
+    api: ApiServer,
+) -> None:
+    reader, writer = await api.connect()
+    body = b"0" * 1_000_000
+    writer.write(
+        b"POST /launch HTTP/1.1\r\nHost: api\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    data = await asyncio.wait_for(reader.read(), 10)
+    assert parse_raw_answer(data).status == 400
+
+
+async def test_api_closes_when_the_client_hangs_up_between_requests(api: ApiServer) -> None:
+    reader, writer = await api.connect()
+    conn = h11.Connection(h11.CLIENT)
+    assert (await exchange(conn, reader, writer, "GET", "/status")).status == 200
+    writer.close()
+    await writer.wait_closed()
+    await eventually(lambda: not api.tasks)
+
+
+# -- Controller.start ---------------------------------------------------------------------
+
+
+async def test_start_launches_and_switches_to_current_json_without_writing_history(
+    controller: Controller, store: MemoryStore, engine: FakeEngine, state: ProxyState
+) -> None:
+    config_hash, raw = encode_config(example_config(Revision="rev7"))
+    store.objects[CURRENT_KEY] = raw
+    await controller.start()
+    assert state.current is not None
+    assert state.current.hash == config_hash
+    assert state.current.revision == "rev7"
+    assert state.current.state == "serving"
+    assert state.current.container_id == engine.started_ids[0]
+    assert store.puts == [], "start-up must not rewrite current.json or history.json"
+
+
+async def test_start_with_no_current_json_deploys_nothing(
+    controller: Controller, engine: FakeEngine, state: ProxyState
+) -> None:
+    await controller.start()
+    assert state.current is None
+    assert engine.calls == []
+
+
+async def test_start_logs_and_deploys_nothing_when_the_engine_fails(
+    controller: Controller,
+    store: MemoryStore,
+    engine: FakeEngine,
+    state: ProxyState,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store.objects[CURRENT_KEY] = encode_config(example_config(Revision="rev7"))[1]
+    engine.fail_on("ensure_image", "registry unreachable")
+    with caplog.at_level(logging.ERROR, logger="wunderproxy.manager"):
+        await controller.start()
+    assert state.current is None
+    assert state.containers == []
+    assert "registry unreachable" in caplog.text
+
+
+async def test_start_logs_and_deploys_nothing_when_current_json_is_invalid(
+    controller: Controller,
+    store: MemoryStore,
+    engine: FakeEngine,
+    state: ProxyState,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store.objects[CURRENT_KEY] = b'{"Revision": 42}'
+    with caplog.at_level(logging.ERROR, logger="wunderproxy.manager"):
+        await controller.start()
+    assert state.current is None
+    assert engine.calls == []
+    assert "Revision" in caplog.text
+
+
+async def test_start_removes_the_container_when_current_json_never_gets_healthy(
+    controller: Controller, store: MemoryStore, engine: FakeEngine, state: ProxyState
+) -> None:
+    store.objects[CURRENT_KEY] = encode_config(
+        example_config(Revision="rev7", HealthCheckPath="/status/404")
+    )[1]
+    await controller.start()
+    assert state.current is None
+    assert engine.removed_ids == engine.started_ids != []
+
+
+async def test_after_start_the_api_can_launch_and_switch_to_a_new_hash(
+    manager: Manager,
+    controller: Controller,
+    store: MemoryStore,
+    engine: FakeEngine,
+    state: ProxyState,
+) -> None:
+    store.objects[CURRENT_KEY] = encode_config(example_config(Revision="rev7"))[1]
+    await controller.start()
+    old = state.current
+    assert old is not None
+    new_hash = upload(store, "rev8")
+    assert (await post(manager, "/launch", new_hash)).status == 200
+    assert (await post(manager, "/switch", new_hash)).status == 200
+    await eventually(lambda: old.container_id in engine.removed_ids)
