@@ -41,7 +41,8 @@ def engine(docker_client: docker.DockerClient) -> DockerEngine:
 def images(
     app_images: AppImages, docker_client: docker.DockerClient, app_name: str
 ) -> Iterator[AppImages]:
-    """The test app; afterwards its containers and local copies are gone, so others pull."""
+    """The test app, in the registry only; afterwards its containers and copies are gone."""
+    forget_local_images(docker_client, app_images)  # earlier tests may have pulled it
     yield app_images
     for container in containers_of(docker_client, app_name):
         container.remove(force=True)
