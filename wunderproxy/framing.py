@@ -149,7 +149,10 @@ class Exchange:
     def client_data(self, data: bytes | None) -> list[ClientPiece]:
         """Feed bytes from the client (``None``: only parse what is buffered)."""
         pieces: list[ClientPiece] = []
-        if self._switched:
+        conn = self._client.conn
+        if self._switched or conn.their_state in _CLOSED_STATES:
+            # After a request that closes the connection, anything more is ignored
+            # (RFC 9112 section 9.6): the connection ends after this answer.
             return pieces
         if data is not None:
             self._client.receive(data)
@@ -159,6 +162,7 @@ class Exchange:
             except h11.RemoteProtocolError as exc:
                 raise ClientProtocolError(str(exc), exc.error_status_hint) from exc
             if isinstance(event, h11.Request):
+                _refuse_ambiguous_framing(event)
                 self._synthetic_request = _synthetic_request_for(event)
                 pieces.append(RequestStarted(event.method, event.target, raw))
             elif isinstance(event, h11.Data):
@@ -166,7 +170,11 @@ class Exchange:
             elif isinstance(event, h11.EndOfMessage):
                 pieces.append(MessageEnded(raw))
                 self._next_cycle_if_done()
+                if conn.their_state in _CLOSED_STATES:
+                    return pieces
             else:  # NEED_DATA, PAUSED (waiting for the answer), or ConnectionClosed.
+                if raw:  # chunk framing h11 consumed without an event
+                    pieces.append(Body(raw))
                 return pieces
 
     def request_forwarded(self, fresh_upstream: bool) -> None:
@@ -194,6 +202,10 @@ class Exchange:
         if self._switched:
             return pieces
         upstream = self._upstream
+        if data and upstream.conn.our_state is h11.IDLE:
+            # An answer nobody asked for (e.g. a 408 on an idle keep-alive connection):
+            # this connection is out of step and must not carry another request.
+            raise UpstreamProtocolError("the container sent data while no request was pending", 502)
         upstream.receive(data)
         while True:
             try:
@@ -219,6 +231,8 @@ class Exchange:
                 self._tell_client_response_ended(self._status, close)
                 self._next_cycle_if_done()
             else:  # NEED_DATA, PAUSED, or ConnectionClosed between responses.
+                if raw:  # chunk framing h11 consumed without an event
+                    pieces.append(Body(raw))
                 return pieces
 
     # -- state ---------------------------------------------------------------------
@@ -244,7 +258,9 @@ class Exchange:
     def request_in_progress(self) -> bool:
         """True between a request's head and the end of its answer."""
         conn = self._client.conn
-        return conn.their_state is not h11.IDLE or conn.our_state is not h11.IDLE
+        return conn.our_state in (h11.SEND_RESPONSE, h11.SEND_BODY) or (
+            conn.their_state is h11.SEND_BODY
+        )
 
     def take_client_leftover(self) -> bytes:
         """Client bytes received after the upgrade request; forward them upstream raw."""
@@ -263,6 +279,20 @@ class Exchange:
             client.start_next_cycle()
             if upstream.our_state is h11.DONE and upstream.their_state is h11.DONE:
                 upstream.start_next_cycle()
+
+
+def _refuse_ambiguous_framing(request: h11.Request) -> None:
+    """Refuse a request with both Content-Length and Transfer-Encoding.
+
+    RFC 9112 section 6.3: a proxy must not forward such a message as it is, since the
+    container might frame it by Content-Length where we framed it as chunked (request
+    smuggling). Bytes pass through untouched here, so the request is refused.
+    """
+    names = {name for name, _ in request.headers}
+    if b"content-length" in names and b"transfer-encoding" in names:
+        raise ClientProtocolError(
+            "both Content-Length and Transfer-Encoding are set; send only one", 400
+        )
 
 
 def _synthetic_request_for(request: h11.Request) -> h11.Request:
