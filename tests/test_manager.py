@@ -13,7 +13,6 @@ import logging
 import re
 import socket
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import h11
@@ -22,6 +21,7 @@ import pytest
 from tests.support.backend import Backend, running_backend
 from tests.support.configs import encode_config, example_config, upload_launch_config
 from tests.support.fakes import FakeEngine, MemoryStore
+from tests.support.wire import Answer, read_answer, send_request
 from wunderproxy import manager as manager_module
 from wunderproxy.config import Address, Config
 from wunderproxy.controller import Controller
@@ -868,15 +868,6 @@ async def api(manager: Manager) -> AsyncIterator[ApiServer]:
     await server.stop()
 
 
-@dataclass(frozen=True)
-class Answer:
-    """One HTTP answer as a client read it (header names in lower case)."""
-
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-
 async def exchange(
     conn: h11.Connection,
     reader: asyncio.StreamReader,
@@ -887,34 +878,8 @@ async def exchange(
     headers: list[tuple[str, str]] | None = None,
 ) -> Answer:
     """Send one request on a client connection and read its answer."""
-    sent = [("Host", "api"), *(headers or [])]
-    if method == "POST":
-        sent.append(("Content-Length", str(len(body))))
-    data = conn.send(h11.Request(method=method, target=target, headers=sent))
-    if body:
-        data += conn.send(h11.Data(data=body))
-    data += conn.send(h11.EndOfMessage())
-    writer.write(data)
+    send_request(conn, writer, method, target, body, headers)
     return await read_answer(conn, reader)
-
-
-async def read_answer(conn: h11.Connection, reader: asyncio.StreamReader) -> Answer:
-    status, headers, body = 0, {}, bytearray()
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(await asyncio.wait_for(reader.read(65536), 10))
-        elif isinstance(event, h11.Response):
-            status = event.status_code
-            headers = {k.decode(): v.decode() for k, v in event.headers}
-        elif isinstance(event, h11.Data):
-            body += event.data
-        elif isinstance(event, h11.EndOfMessage):
-            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-                conn.start_next_cycle()
-            return Answer(status, headers, bytes(body))
-        else:
-            raise AssertionError(f"unexpected {event!r}")
 
 
 def parse_raw_answer(data: bytes) -> Answer:

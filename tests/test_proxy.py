@@ -12,6 +12,7 @@ import pytest
 
 from tests.support.backend import Backend
 from tests.support.waiting import eventually
+from tests.support.wire import read_answer, send_request
 from wunderproxy.forwarder import ClientConnection
 from wunderproxy.launchconfig import md5_hex, parse_launch_config
 from wunderproxy.state import Container, ProxyState
@@ -61,32 +62,12 @@ class Client:
     async def request(
         self, method: str, target: str, body: bytes = b""
     ) -> tuple[int, dict[str, str], bytes]:
-        headers = [("Host", "test")]
-        if body or method == "POST":
-            headers.append(("Content-Length", str(len(body))))
-        data = self.conn.send(h11.Request(method=method, target=target, headers=headers))
-        data += self.conn.send(h11.Data(data=body)) if body else b""
-        data += self.conn.send(h11.EndOfMessage())
-        self.writer.write(data)
+        send_request(self.conn, self.writer, method, target, body)
         return await self.response()
 
     async def response(self) -> tuple[int, dict[str, str], bytes]:
-        status, headers, body = 0, {}, bytearray()
-        while True:
-            event = self.conn.next_event()
-            if event is h11.NEED_DATA:
-                self.conn.receive_data(await asyncio.wait_for(self.reader.read(65536), 10))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-                headers = {k.decode(): v.decode() for k, v in event.headers}
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
-                    self.conn.start_next_cycle()
-                return status, headers, bytes(body)
-            else:
-                raise AssertionError(f"unexpected {event!r}")
+        answer = await read_answer(self.conn, self.reader)
+        return answer.status, answer.headers, answer.body
 
     async def read_all(self) -> bytes:
         return await asyncio.wait_for(self.reader.read(), 10)
