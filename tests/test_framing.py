@@ -38,6 +38,7 @@ from wunderproxy.framing import (
     ProtocolSwitched,
     RequestStarted,
     UpstreamProtocolError,
+    with_connection_close,
 )
 
 UPGRADE = ("Connection: Upgrade", "Upgrade: websocket")
@@ -596,3 +597,25 @@ def test_no_request_is_in_progress_once_a_closing_answer_ended() -> None:
     round_trip(exchange, request("GET / HTTP/1.0"))
     assert exchange.must_close
     assert not exchange.request_in_progress
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nconnection: Keep-Alive, foo\r\nContent-Length: 2\r\n\r\n",
+    ],
+)
+def test_with_connection_close_makes_any_answer_head_the_connections_last(head: bytes) -> None:
+    rewritten = with_connection_close(head)
+    assert rewritten.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert rewritten.endswith(b"\r\n\r\n")
+    exchange = Exchange()
+    exchange.client_data(request("GET / HTTP/1.1"))
+    exchange.request_forwarded(fresh_upstream=True)
+    pieces = exchange.upstream_data(rewritten + b"ok")
+    assert [type(p).__name__ for p in pieces] == ["ResponseStarted", "Body", "MessageEnded"]
+    assert exchange.must_close
+    assert rewritten.lower().count(b"connection:") == 1
+    assert b"Content-Length: 2" in rewritten

@@ -12,7 +12,8 @@ import json
 import logging
 import re
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import h11
@@ -21,10 +22,12 @@ import pytest
 from tests.support.backend import Backend, running_backend
 from tests.support.configs import encode_config, example_config, upload_launch_config
 from tests.support.fakes import FakeEngine, MemoryStore
+from tests.support.waiting import eventually
 from tests.support.wire import Answer, read_answer, send_request
 from wunderproxy import manager as manager_module
 from wunderproxy.config import Address, Config
 from wunderproxy.controller import Controller
+from wunderproxy.engine import LABEL_APP, LABEL_HASH, ContainerRecord
 from wunderproxy.manager import MAX_BODY, ApiRequest, Manager, Reply, serve_connection
 from wunderproxy.state import Container, ProxyState
 from wunderproxy.store import CURRENT_KEY, HISTORY_KEY, config_key
@@ -154,15 +157,6 @@ def assert_still_serving(state: ProxyState, engine: FakeEngine, serving: Contain
     assert state.current is serving
     assert serving.state == "serving"
     assert serving.container_id not in engine.removed_ids
-
-
-async def eventually(condition: Callable[[], bool], within: float = 5.0) -> None:
-    """Let the event loop run until ``condition()`` holds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not condition():
-        assert loop.time() < deadline, f"condition not met within {within} s"
-        await asyncio.sleep(0.01)
 
 
 async def blocked_in_ensure_image(
@@ -1066,9 +1060,9 @@ async def test_start_launches_and_switches_to_current_json_without_writing_histo
 async def test_start_with_no_current_json_deploys_nothing(
     controller: Controller, engine: FakeEngine, state: ProxyState
 ) -> None:
-    await controller.start()
+    assert await controller.start() is True
     assert state.current is None
-    assert engine.calls == []
+    assert engine.called("start") == []
 
 
 async def test_start_logs_and_deploys_nothing_when_the_engine_fails(
@@ -1096,9 +1090,9 @@ async def test_start_logs_and_deploys_nothing_when_current_json_is_invalid(
 ) -> None:
     store.objects[CURRENT_KEY] = b'{"Revision": 42}'
     with caplog.at_level(logging.ERROR, logger="wunderproxy.manager"):
-        await controller.start()
+        assert await controller.start() is False, "not ready: no take-over from here"
     assert state.current is None
-    assert engine.calls == []
+    assert engine.called("start") == []
     assert "Revision" in caplog.text
 
 
@@ -1128,3 +1122,116 @@ async def test_after_start_the_api_can_launch_and_switch_to_a_new_hash(
     assert (await post(manager, "/launch", new_hash)).status == 200
     assert (await post(manager, "/switch", new_hash)).status == 200
     await eventually(lambda: old.container_id in engine.removed_ids)
+
+
+# -- restart: adoption and stale containers ------------------------------------------------
+
+
+def left_running(engine: FakeEngine, config_hash: str, status: str = "running") -> str:
+    """A container a previous wunderproxy left behind; returns its id."""
+    container_id = f"{len(engine.left_running):x}" * 64
+    engine.left_running.append(
+        ContainerRecord(
+            id=container_id[:64],
+            status=status,
+            labels={LABEL_APP: APP, LABEL_HASH: config_hash},
+            image="localhost:8080/myapp:old",
+            port=engine.port,
+        )
+    )
+    return container_id[:64]
+
+
+async def test_start_adopts_the_healthy_running_container_of_current_json(
+    controller: Controller, store: MemoryStore, engine: FakeEngine, state: ProxyState
+) -> None:
+    config_hash, raw = encode_config(example_config(Revision="rev7"))
+    store.objects[CURRENT_KEY] = raw
+    adopted = left_running(engine, config_hash)
+    assert await controller.start() is True
+    assert engine.called("start") == [], "no second container for the same hash"
+    assert state.current is not None
+    assert (state.current.container_id, state.current.state) == (adopted, "serving")
+    assert adopted not in engine.removed_ids
+
+
+async def test_start_launches_anew_when_the_container_left_running_is_unhealthy(
+    controller: Controller, store: MemoryStore, engine: FakeEngine, state: ProxyState
+) -> None:
+    config_hash, raw = encode_config(example_config(Revision="rev7", HealthCheckPath="/status/500"))
+    store.objects[CURRENT_KEY] = raw
+    sick = left_running(engine, config_hash)
+    await controller.start()
+    assert len(engine.called("start")) == 1
+    assert sick not in [c.container_id for c in state.containers]
+
+
+async def test_start_removes_stale_containers_stopped_ones_at_once_running_ones_later(
+    state: ProxyState, store: MemoryStore, engine: FakeEngine
+) -> None:
+    controller = Controller(make_config(drain_timeout=0.3), state, store, engine)
+    config_hash, raw = encode_config(example_config(Revision="rev7"))
+    store.objects[CURRENT_KEY] = raw
+    current = left_running(engine, config_hash)
+    exited = left_running(engine, "e" * 32, status="exited")
+    other = left_running(engine, "f" * 32)
+    await controller.start()
+    await eventually(lambda: exited in engine.removed_ids)
+    assert other not in engine.removed_ids, "a predecessor may still be draining it"
+    await eventually(lambda: other in engine.removed_ids, within=3)
+    assert current not in engine.removed_ids
+    await controller.shutdown(grace=1.0)
+
+
+# -- drains -----------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class FakeLink:
+    idle: bool
+    closed: bool = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_switching_back_to_a_draining_container_revives_it(
+    manager: Manager, store: MemoryStore, engine: FakeEngine, serving: Container, state: ProxyState
+) -> None:
+    new_hash = upload(store, "rev1")
+    assert (await post(manager, "/launch", new_hash)).status == 200
+    serving.request_started()  # a long request keeps it draining
+    assert (await post(manager, "/switch", new_hash)).status == 200
+    assert serving.state == "draining"
+    replaced = state.current
+    assert replaced is not None
+    assert (await post(manager, "/switch", serving.hash)).status == 200
+    assert state.current is serving
+    assert serving.state == "serving"
+    serving.request_finished()
+    await asyncio.sleep(0.1)
+    assert serving.container_id not in engine.removed_ids
+    await eventually(lambda: replaced.container_id in engine.removed_ids)
+
+
+async def test_drain_closes_idle_connections_at_once_and_cuts_upgraded_ones_at_the_deadline(
+    state: ProxyState, store: MemoryStore, engine: FakeEngine
+) -> None:
+    controller = Controller(make_config(drain_timeout=0.3), state, store, engine)
+    manager = Manager(controller, state, token=None)
+    first, second = upload(store, "rev0"), upload(store, "rev1")
+    for config_hash in (first, second):
+        assert (await post(manager, "/launch", config_hash)).status == 200
+    assert (await post(manager, "/switch", first)).status == 200
+    old = state.current
+    assert old is not None
+    idle, websocket = FakeLink(idle=True), FakeLink(idle=False)
+    old.links.update({idle, websocket})  # type: ignore[arg-type]
+    old.upgrade_started()
+    assert (await post(manager, "/switch", second)).status == 200
+    await asyncio.sleep(0.05)
+    assert idle.closed
+    assert not websocket.closed, "upgraded connections run on until the deadline"
+    await eventually(lambda: websocket.closed, within=2)
+    await eventually(lambda: old.container_id in engine.removed_ids)
+    await controller.shutdown(grace=1.0)

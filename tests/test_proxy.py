@@ -36,6 +36,7 @@ class Proxy:
         self.server = server
         self.port: int = server.sockets[0].getsockname()[1]
         self.clients: list[Client] = []
+        self.connections: set[ClientConnection] = set()
 
     def serve(self, container: Container) -> None:
         self.state.add(container)
@@ -88,6 +89,7 @@ async def proxy() -> AsyncIterator[Proxy]:
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     proxy = Proxy(state, server)
+    proxy.connections = connections
     yield proxy
     for client in proxy.clients:
         client.close()
@@ -212,6 +214,11 @@ async def test_upgrade_switches_to_opaque_bytes_both_ways(proxy: Proxy, blue: Ba
         echoed += await asyncio.wait_for(client.reader.read(1024), 5)
     assert echoed == b"\x81\x05hello not http"
     assert proxy.state.requests.by_status[101] == 1
+    container = proxy.state.current
+    assert container is not None
+    assert (container.in_flight, container.upgraded) == (0, 1), "an upgrade keeps it busy"
+    client.close()
+    assert await eventually(lambda: container.upgraded == 0)
 
 
 async def test_non_http_bytes_get_400_and_close_while_others_are_served(
@@ -259,3 +266,42 @@ async def test_connection_counters_follow_requests(proxy: Proxy, blue: Backend) 
     assert proxy.state.active_connections == 0
     client.close()
     assert await eventually(lambda: proxy.state.open_connections == 0)
+
+
+async def test_while_shutting_down_an_answer_says_connection_close_and_ends_the_connection(
+    proxy: Proxy, blue: Backend
+) -> None:
+    proxy.serve(make_container(blue, "rev1"))
+    client = await proxy.connect()
+    assert (await client.request("GET", "/"))[0] == 200
+    for connection in proxy.connections:
+        connection.close_when_idle(grace=5.0)
+    status, headers, body = await client.request("GET", "/")
+    assert (status, headers["connection"], body) == (200, "close", b"blue")
+    assert await client.read_all() == b""
+
+
+async def test_while_shutting_down_an_idle_connection_is_closed_after_the_grace(
+    proxy: Proxy, blue: Backend
+) -> None:
+    proxy.serve(make_container(blue, "rev1"))
+    client = await proxy.connect()
+    assert (await client.request("GET", "/"))[0] == 200
+    for connection in proxy.connections:
+        connection.close_when_idle(grace=0.2)
+    assert await client.read_all() == b""
+
+
+async def test_a_switch_closes_idle_keep_alive_connections_to_the_old_container(
+    proxy: Proxy, blue: Backend, green: Backend
+) -> None:
+    old = make_container(blue, "rev1")
+    proxy.serve(old)
+    client = await proxy.connect()
+    assert (await client.request("GET", "/"))[2] == b"blue"
+    assert len(old.links) == 1
+    proxy.serve(make_container(green, "rev2"))
+    assert old.close_links(idle_only=True) == 1
+    assert await eventually(lambda: not old.links)
+    # The client connection itself lives on and reaches the new container.
+    assert (await client.request("GET", "/"))[2] == b"green"

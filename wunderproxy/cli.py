@@ -100,6 +100,19 @@ def main() -> None:
     help="Seconds SIGTERM waits for requests in flight before exiting.",
 )
 @click.option(
+    "--pid-file",
+    envvar="WUNDERPROXY_PID_FILE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write this process's PID here once it serves.",
+)
+@click.option(
+    "--take-over",
+    envvar="WUNDERPROXY_TAKE_OVER",
+    is_flag=True,
+    help="Hitless restart: once serving, take all new connections and SIGTERM the "
+    "wunderproxy named in --pid-file.",
+)
+@click.option(
     "--log-level",
     envvar="WUNDERPROXY_LOG_LEVEL",
     default="info",
@@ -120,6 +133,8 @@ def run(
     stop_timeout: int,
     keepalive_timeout: float,
     shutdown_timeout: float,
+    pid_file: Path | None,
+    take_over: bool,
     log_level: str,
 ) -> None:
     """Serve APP: proxy to its current container and manage deploys.
@@ -150,6 +165,8 @@ def run(
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
+    if take_over and pid_file is None:
+        raise click.UsageError("--take-over needs --pid-file: it names the process to replace")
     # Imported here so that the client commands start fast and need no Docker SDK.
     from wunderproxy.engine import DockerEngine
     from wunderproxy.server import Server
@@ -160,7 +177,7 @@ def run(
     except ValueError as exc:
         raise click.UsageError(f"BUCKET {bucket!r}: {exc}") from exc
     try:
-        asyncio.run(Server(config, store, DockerEngine()).run())
+        asyncio.run(Server(config, store, DockerEngine(), pid_file, take_over).run())
     except OSError as exc:
         raise click.ClickException(f"cannot listen: {exc}") from exc
 

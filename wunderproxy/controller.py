@@ -24,11 +24,13 @@ from wunderproxy.engine import (
     LABEL_APP,
     LABEL_HASH,
     LABEL_REVISION,
+    PUBLISH_HOST_IP,
+    ContainerRecord,
     ContainerSpec,
     StartedContainer,
 )
 from wunderproxy.errors import Conflict, NotFound, WunderproxyError
-from wunderproxy.health import wait_healthy
+from wunderproxy.health import probe, wait_healthy
 from wunderproxy.launchconfig import LaunchConfig, parse_hash
 from wunderproxy.state import Container, ProxyState
 
@@ -37,6 +39,7 @@ log = logging.getLogger("wunderproxy.manager")
 T = TypeVar("T")
 
 LOG_LINES_ON_FAILURE = 20
+ADOPT_PROBE_TIMEOUT = 5.0  # seconds one health request of a container to adopt may take
 
 
 class Engine(Protocol):
@@ -48,6 +51,7 @@ class Engine(Protocol):
     def logs(self, container_id: str, tail: int = 20) -> str: ...
     def remove(self, container_id: str, stop_timeout: int) -> None: ...
     def remove_images(self, repository: str, keep: set[str]) -> list[str]: ...
+    def list_containers(self, labels: dict[str, str]) -> list[ContainerRecord]: ...
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,8 @@ class Controller:
         self._engine = engine
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="wunderproxy-io")
         self._launches: dict[str, asyncio.Task[LaunchResult]] = {}
-        self._drains: set[asyncio.Task[None]] = set()
+        self._drains: dict[Container, asyncio.Task[None]] = {}
+        self._stale_removals: set[asyncio.Task[None]] = set()
         self._record_lock = asyncio.Lock()
         self._previous_image: str | None = None
 
@@ -191,13 +196,28 @@ class Controller:
                 f"the launch of {config_hash} has not finished; switch once POST /launch "
                 "has answered 200"
             )
-        container = self._state.find(config_hash, "launched")
+        container = self._state.find(config_hash, "launched") or self._revivable(config_hash)
         if container is None:
             raise NotFound(f"{config_hash} is not launched here; POST /launch it first")
-        previous = self._switch_to(container)
+        self._switch_to(container)
         warning = await self._record(container, deployed_by)
-        del previous
         return SwitchResult(container, changed=True, warning=warning)
+
+    def _revivable(self, config_hash: str) -> Container | None:
+        """A container of ``config_hash`` still draining and not yet being stopped.
+
+        Switching back to it (a quick rollback) cancels its drain: it never stopped
+        answering, so it serves again at once.
+        """
+        container = self._state.find(config_hash, "draining")
+        if container is None:
+            return None
+        drain = self._drains.get(container)
+        if drain is None or container.stopping:
+            return None
+        drain.cancel()
+        log.info("switching back to container %s, which was draining", container.container_id[:12])
+        return container
 
     def _switch_to(self, container: Container) -> Container | None:
         previous = self._state.switch_to(container)
@@ -210,8 +230,8 @@ class Controller:
         if previous is not None:
             self._previous_image = previous.image
             task = asyncio.create_task(self._drain(previous))
-            self._drains.add(task)
-            task.add_done_callback(self._drains.discard)
+            self._drains[previous] = task
+            task.add_done_callback(lambda _: self._drains.pop(previous, None))
         return previous
 
     async def _record(self, container: Container, deployed_by: str) -> str | None:
@@ -231,17 +251,35 @@ class Controller:
         return None
 
     async def _drain(self, container: Container) -> None:
-        """Wait for requests in flight on a replaced container, then stop and remove it."""
+        """Stop a replaced container once nothing needs it any more.
+
+        It gets no new request (it is no longer current). Its keep-alive connections are
+        closed now if idle, else after their answer; requests in flight finish; upgraded
+        connections run on until the drain deadline, then are cut. Only then is the
+        container stopped (with Docker's grace period) and removed.
+        """
+        closed = container.close_links(idle_only=True)
+        log.info(
+            "draining container %s: %d requests in flight, %d upgraded, %d idle connections closed",
+            container.container_id[:12],
+            container.in_flight,
+            container.upgraded,
+            closed,
+        )
         try:
             async with asyncio.timeout(self._config.drain_timeout):
                 await container.wait_idle()
         except TimeoutError:
             log.warning(
-                "container %s still had %d requests in flight after %g s; stopping it anyway",
+                "container %s still had %d requests and %d upgraded connections after %g s; "
+                "cutting them",
                 container.container_id[:12],
                 container.in_flight,
+                container.upgraded,
                 self._config.drain_timeout,
             )
+        container.stopping = True
+        container.close_links(idle_only=False)
         await self._remove_quietly(container.container_id)
         self._state.forget(container)
         log.info("drained and removed container %s", container.container_id[:12])
@@ -270,33 +308,108 @@ class Controller:
 
     # -- start-up and shutdown -----------------------------------------------------
 
-    async def start(self) -> None:
-        """Launch and switch to ``current.json``; failures are logged, the proxy says 503."""
+    async def start(self) -> bool:
+        """Serve ``current.json``: adopt its running container, or launch it.
+
+        Returns True when the proxy is ready to take all traffic (serving current.json, or
+        nothing deployed yet); failures are logged and the proxy answers 503 meanwhile.
+        """
         try:
             config = await self._blocking(stores.load_current, self._store)
+            records = await self._blocking(
+                self._engine.list_containers, {LABEL_APP: self._config.app}
+            )
+            adopted = None
+            if config is not None:
+                adopted = await self._adopt(config, records)
+            self._remove_stale(
+                [r for r in records if adopted is None or r.id != adopted.container_id]
+            )
             if config is None:
                 log.warning(
                     "no %s in %s: nothing deployed yet, the proxy answers 503 until a switch",
                     stores.CURRENT_KEY,
                     self._store.description,
                 )
-                return
-            task = asyncio.create_task(self._launch(config.hash, config))
-            self._launches[config.hash] = task
-            try:
-                result = await task
-            finally:
-                self._launches.pop(config.hash, None)
+                return True
+            if adopted is None:
+                task = asyncio.create_task(self._launch(config.hash, config))
+                self._launches[config.hash] = task
+                try:
+                    result = await task
+                finally:
+                    self._launches.pop(config.hash, None)
+                adopted = result.container
             if self._state.current is None:
-                self._switch_to(result.container)
+                self._switch_to(adopted)
+            return True
         except WunderproxyError as exc:
             log.error("could not start current.json: %s", exc)
+            return False
+
+    async def _adopt(
+        self, config: LaunchConfig, records: list[ContainerRecord]
+    ) -> Container | None:
+        """Take over a healthy running container of ``config`` (left by a predecessor)."""
+        for record in records:
+            if record.labels.get(LABEL_HASH) != config.hash or record.status != "running":
+                continue
+            if record.port is None:
+                continue
+            try:
+                async with asyncio.timeout(ADOPT_PROBE_TIMEOUT):
+                    healthy = await probe(PUBLISH_HOST_IP, record.port, config.health_check_path)
+            except (OSError, TimeoutError):
+                healthy = 0
+            if healthy != 200:
+                log.warning("not adopting container %s: its health check failed", record.id[:12])
+                continue
+            container = Container(
+                config=config,
+                image=record.image,
+                container_id=record.id,
+                host=PUBLISH_HOST_IP,
+                port=record.port,
+                started_at=datetime.now(UTC),
+            )
+            self._state.add(container)
+            log.info(
+                "adopted running container %s of revision %s on port %d",
+                record.id[:12],
+                config.revision,
+                record.port,
+            )
+            return container
+        return None
+
+    def _remove_stale(self, records: list[ContainerRecord]) -> None:
+        """Remove this app's containers that are neither current nor launched here.
+
+        Stopped ones go at once. Running ones go after the drain timeout: a predecessor
+        being upgraded away may still be draining one of them.
+        """
+        for record in records:
+            delay = self._config.drain_timeout if record.status == "running" else 0.0
+            log.info(
+                "stale container %s (revision %s, %s): removing it in %g s",
+                record.id[:12],
+                record.labels.get(LABEL_REVISION, "?"),
+                record.status,
+                delay,
+            )
+            task = asyncio.create_task(self._remove_later(record.id, delay))
+            self._stale_removals.add(task)
+            task.add_done_callback(self._stale_removals.discard)
+
+    async def _remove_later(self, container_id: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        await self._remove_quietly(container_id)
 
     async def shutdown(self, grace: float) -> None:
         """Finish drains under way (within ``grace`` seconds) and stop the thread pool."""
-        for task in list(self._launches.values()):
+        for task in [*self._launches.values(), *self._stale_removals]:
             task.cancel()
-        pending = list(self._launches.values()) + list(self._drains)
+        pending = list(self._launches.values()) + list(self._drains.values())
         if pending:
             await asyncio.wait(pending, timeout=grace)
         self._executor.shutdown(wait=False, cancel_futures=True)

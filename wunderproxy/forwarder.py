@@ -45,23 +45,39 @@ def plain_response(status: int, message: str, close: bool) -> bytes:
 
 
 class _Upstream:
-    """An open connection to one container, and the task copying its answers back."""
+    """An open connection to one container, and the task copying its answers back.
+
+    It is a :class:`~wunderproxy.state.Link` of its container, so that a drain can close
+    it between requests, or cut it (with its upgraded client) at the drain deadline.
+    """
 
     def __init__(
         self,
         container: Container,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        client: asyncio.StreamWriter,
     ) -> None:
         self.container = container
         self.reader = reader
         self.writer = writer
+        self.client = client
         self.pump: asyncio.Task[None] | None = None
+        self.busy = False  # a request is in flight on it
+        self.upgraded = False
+        container.links.add(self)
+
+    @property
+    def idle(self) -> bool:
+        return not self.busy and not self.upgraded
 
     def close(self) -> None:
+        self.container.links.discard(self)
         if self.pump is not None and self.pump is not asyncio.current_task():
             self.pump.cancel()
         self.writer.close()
+        if self.upgraded:
+            self.client.close()  # an upgraded client has no other way to go on
 
 
 class ClientConnection:
@@ -114,10 +130,19 @@ class ClientConnection:
             self._upstream.close()
         self._writer.close()
 
-    def close_when_idle(self) -> None:
-        """Shutdown: close now if between requests, else right after the current answer."""
+    def close_when_idle(self, grace: float) -> None:
+        """Shutdown: close between requests, without losing one.
+
+        A busy connection closes after its answer, which tells the client
+        ``Connection: close``. An idle one is given ``grace`` seconds in which a request
+        the client may be sending right now is still served (and told the same).
+        """
         self._closing = True
-        if not self._exchange.request_in_progress:
+        if self._exchange.idle:
+            asyncio.get_running_loop().call_later(grace, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        if self._exchange.idle:
             self._writer.close()
 
     # -- client to container -------------------------------------------------------
@@ -188,6 +213,9 @@ class ClientConnection:
         if container is None:
             await self._answer_locally(503, "no container is deployed yet", close=False)
             return
+        # Counted before any await: a drain starting meanwhile must wait for this request.
+        container.request_started()
+        self._routed_to = container
         upstream = self._upstream
         fresh = not (
             upstream is not None
@@ -211,11 +239,10 @@ class ClientConnection:
                 )
                 await self._answer_locally(502, "the app container is unreachable", close=False)
                 return
-            upstream = self._upstream = _Upstream(container, reader, writer)
+            upstream = self._upstream = _Upstream(container, reader, writer, self._writer)
             upstream.pump = asyncio.create_task(self._pump(upstream))
         assert upstream is not None
-        container.request_started()
-        self._routed_to = container
+        upstream.busy = True
         self._body_target = upstream
         self._exchange.request_forwarded(fresh_upstream=fresh)
 
@@ -268,10 +295,18 @@ class ClientConnection:
         while True:
             data = await upstream.reader.read(READ_SIZE)
             for piece in exchange.upstream_data(data):
+                raw = piece.data
                 if isinstance(piece, framing.ResponseStarted | framing.ProtocolSwitched):
                     self._answer_begun = True
                     self._state.response_started(piece.status)
-                writer.write(piece.data)
+                if isinstance(piece, framing.ResponseStarted) and self._closing:
+                    # Shutting down: tell the client, so that it does not send its next
+                    # request on a connection we are about to close.
+                    raw = framing.with_connection_close(raw)
+                elif isinstance(piece, framing.ProtocolSwitched):
+                    upstream.upgraded = True
+                    upstream.container.upgrade_started()
+                writer.write(raw)
                 if isinstance(piece, framing.MessageEnded):
                     self._finish_request()
             await writer.drain()
@@ -284,15 +319,19 @@ class ClientConnection:
 
     async def _splice_upstream_to_client(self, upstream: _Upstream) -> None:
         self._finish_request()
-        while data := await upstream.reader.read(READ_SIZE):
-            self._writer.write(data)
-            await self._writer.drain()
-        self._writer.close()
+        try:
+            while data := await upstream.reader.read(READ_SIZE):
+                self._writer.write(data)
+                await self._writer.drain()
+        finally:
+            upstream.container.upgrade_finished()
+            self._writer.close()
 
     async def _upstream_failed(self, upstream: _Upstream, reason: str) -> None:
         """The container side ended; fail the request in flight on it, if any."""
         if self._upstream is upstream:
             self._upstream = None
+        upstream.container.links.discard(upstream)
         upstream.writer.close()
         if self._routed_to is None or self._answered.is_set():
             return  # idle keep-alive connection closed by the container: nothing lost
@@ -319,9 +358,16 @@ class ClientConnection:
         self._answered.set()
         self._state.active_connections -= 1
         self._state.request_finished(time.monotonic() - self._started_at)
-        if self._routed_to is not None:
-            self._routed_to.request_finished()
-            self._routed_to = None
+        container, self._routed_to = self._routed_to, None
+        upstream = self._upstream
+        if upstream is not None:
+            upstream.busy = False
+            if container is not None and container.state == "draining" and upstream.idle:
+                # The container is being drained: it gets no further request from here.
+                upstream.close()
+                self._upstream = None
+        if container is not None:
+            container.request_finished()
         if self._closing and not self._exchange.request_in_progress:
             self._writer.close()
 

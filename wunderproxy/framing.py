@@ -126,6 +126,10 @@ class _Parser:
     def leftover(self) -> bytes:
         return bytes(self._unconsumed)
 
+    @property
+    def has_unconsumed(self) -> bool:
+        return bool(self._unconsumed)
+
 
 class Exchange:
     """Framing state of one client connection and the upstream connection serving it.
@@ -262,6 +266,11 @@ class Exchange:
             conn.their_state is h11.SEND_BODY
         )
 
+    @property
+    def idle(self) -> bool:
+        """True between requests with no byte of the next one received yet."""
+        return not self.request_in_progress and not self._client.has_unconsumed
+
     def take_client_leftover(self) -> bytes:
         """Client bytes received after the upgrade request; forward them upstream raw."""
         return self._client.leftover()
@@ -303,3 +312,15 @@ def _synthetic_request_for(request: h11.Request) -> h11.Request:
         # h11 never keeps an HTTP/1.0 connection alive; the container side must agree.
         headers.append((b"connection", b"close"))
     return h11.Request(method=request.method, target=request.target, headers=headers)
+
+
+def with_connection_close(head: bytes) -> bytes:
+    """A response head that says ``Connection: close``, whatever it said before.
+
+    The one change the proxy makes to bytes it forwards, and only while shutting down:
+    a keep-alive client must learn that this answer is the connection's last, or it may
+    send its next request into a connection that is being closed.
+    """
+    lines = head.split(b"\r\n")
+    kept = [line for line in lines[1:-2] if line.split(b":", 1)[0].strip().lower() != b"connection"]
+    return b"\r\n".join([lines[0], *kept, b"Connection: close", b"", b""])

@@ -1,4 +1,4 @@
-"""Start-up and graceful shutdown of one wunderproxy process."""
+"""Start-up, hitless take-over, and graceful shutdown of one wunderproxy process."""
 
 from __future__ import annotations
 
@@ -6,44 +6,43 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
-from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from wunderproxy import __version__, manager
 from wunderproxy.config import Address, Config
 from wunderproxy.controller import Controller, Engine
 from wunderproxy.forwarder import ClientConnection
+from wunderproxy.listeners import ACCEPT_LINGER, PidFile, listen, take_new_connections
 from wunderproxy.state import ProxyState
 from wunderproxy.store import Store
 
 log = logging.getLogger("wunderproxy")
 
-ConnectionHandler = Callable[
-    [asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]
-]
-
-
-async def listen(address: Address, handler: ConnectionHandler) -> asyncio.Server:
-    """Listen on a TCP address or a Unix socket path."""
-    if address.path is not None:
-        return await asyncio.start_unix_server(handler, path=address.path)
-    # Bind the socket ourselves: SO_REUSEADDR lets a restart bind while old connections
-    # linger in TIME_WAIT.
-    sock = socket.socket(socket.AF_INET6 if ":" in (address.host or "") else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((address.host or "0.0.0.0", address.port or 0))
-    return await asyncio.start_server(handler, sock=sock, backlog=1024)
+# Seconds an idle keep-alive connection may still bring one request once shutdown began
+# (served with "Connection: close"): closing it at once could cut a request in flight
+# on the wire.
+IDLE_CLOSE_GRACE = 1.0
 
 
 class Server:
     """The proxy and the manager of one app, sharing one event loop."""
 
-    def __init__(self, config: Config, store: Store, engine: Engine) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        engine: Engine,
+        pid_file: Path | None = None,
+        take_over: bool = False,
+    ) -> None:
         self.config = config
         self.state = ProxyState(config.app, __version__)
         self.controller = Controller(config, self.state, store, engine)
         self.manager = manager.Manager(self.controller, self.state, config.api_token)
+        self._pid_file = PidFile(pid_file) if pid_file is not None else None
+        self._take_over = take_over
+        self._stopping = False
         self._connections: set[ClientConnection] = set()
         self._proxy_tasks: set[asyncio.Task[Any]] = set()
         self._api_tasks: set[asyncio.Task[Any]] = set()
@@ -69,20 +68,43 @@ class Server:
                 "to every peer but this host; set --api-token to deploy from elsewhere",
                 self.config.api,
             )
-        startup = asyncio.create_task(self.controller.start())
-        await stop.wait()
-        log.info("shutting down: no new connections, finishing requests in flight")
-        startup.cancel()
-        await self._shutdown(proxy, api)
+        startup = asyncio.create_task(self._start(proxy, api))
+        try:
+            await stop.wait()
+            log.info("shutting down: finishing requests in flight, then exiting")
+            startup.cancel()
+            await self._shutdown(proxy, api)
+        finally:
+            if self._pid_file is not None:
+                self._pid_file.remove()
+
+    async def _start(self, proxy: asyncio.Server, api: asyncio.Server) -> None:
+        """Serve current.json; once ready, take all new connections and the PID file."""
+        ready = await self.controller.start()
+        if not ready:
+            if self._take_over:
+                log.error("not taking over: this process is not ready to serve")
+            return
+        if self._take_over:
+            take_new_connections(proxy)
+            take_new_connections(api)
+            if self._pid_file is not None:
+                self._pid_file.stop_predecessor()
+        if self._pid_file is not None:
+            self._pid_file.write()
 
     async def _shutdown(self, proxy: asyncio.Server, api: asyncio.Server) -> None:
         timeout = self.config.shutdown_timeout
-        proxy.close()
-        api.close()
+        self._stopping = True
         for task in self._api_tasks:
             task.cancel()  # an API request cut short is safe: launches clean up after themselves
         for connection in list(self._connections):
-            connection.close_when_idle()
+            connection.close_when_idle(IDLE_CLOSE_GRACE)
+        # Accept a moment longer: connections the kernel queued for this listener before a
+        # successor took the port are served rather than reset.
+        await asyncio.sleep(ACCEPT_LINGER)
+        proxy.close()
+        api.close()
         if self._proxy_tasks:
             _, pending = await asyncio.wait(list(self._proxy_tasks), timeout=timeout)
             if pending:
@@ -97,6 +119,8 @@ class Server:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         connection = ClientConnection(reader, writer, self.state, self.config.keepalive_timeout)
+        if self._stopping:
+            connection.close_when_idle(IDLE_CLOSE_GRACE)
         self._connections.add(connection)
         _track(self._proxy_tasks)
         try:
@@ -105,8 +129,14 @@ class Server:
             self._connections.discard(connection)
 
     async def _serve_api(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._stopping:
+            writer.close()
+            return
         _track(self._api_tasks)
-        await manager.serve_connection(reader, writer, self.manager.handle)
+        # Shutdown cancels API connections. The task ends normally then: asyncio 3.11
+        # logs a cancelled connection task as an unhandled error.
+        with contextlib.suppress(asyncio.CancelledError):
+            await manager.serve_connection(reader, writer, self.manager.handle)
 
 
 def _track(tasks: set[asyncio.Task[Any]]) -> None:

@@ -12,11 +12,22 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from wunderproxy.launchconfig import LaunchConfig
 
 ContainerState = Literal["launched", "serving", "draining"]
+
+
+class Link(Protocol):
+    """An open proxy connection to a container, as a drain sees it."""
+
+    @property
+    def idle(self) -> bool:
+        """True between requests: closing it now loses nothing."""
+
+    def close(self) -> None:
+        """Close it now (and the client connection too, if it was upgraded)."""
 
 
 @dataclass(eq=False)
@@ -31,6 +42,9 @@ class Container:
     started_at: datetime
     state: ContainerState = "launched"
     in_flight: int = 0
+    upgraded: int = 0
+    stopping: bool = False
+    links: set[Link] = field(default_factory=set, repr=False)
     _idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def __post_init__(self) -> None:
@@ -54,12 +68,32 @@ class Container:
     def request_finished(self) -> None:
         """A request routed here was answered, failed or abandoned."""
         self.in_flight -= 1
-        if self.in_flight == 0:
-            self._idle.set()
+        self._set_idle_if_so()
+
+    def upgrade_started(self) -> None:
+        """A connection here left HTTP (WebSocket): it keeps the container busy."""
+        self.upgraded += 1
+        self._idle.clear()
+
+    def upgrade_finished(self) -> None:
+        """An upgraded connection here ended."""
+        self.upgraded -= 1
+        self._set_idle_if_so()
 
     async def wait_idle(self) -> None:
-        """Wait until no request is in flight here (callers bound it with a timeout)."""
+        """Wait until no request nor upgraded connection is in flight here."""
         await self._idle.wait()
+
+    def close_links(self, *, idle_only: bool) -> int:
+        """Close the proxy's connections here (only those between requests, if asked)."""
+        chosen = [link for link in self.links if link.idle or not idle_only]
+        for link in chosen:
+            link.close()
+        return len(chosen)
+
+    def _set_idle_if_so(self) -> None:
+        if self.in_flight == 0 and self.upgraded == 0:
+            self._idle.set()
 
     def describe(self) -> dict[str, Any]:
         """The container as ``/status`` shows it."""
@@ -72,6 +106,7 @@ class Container:
             "state": self.state,
             "started_at": _rfc3339(self.started_at),
             "in_flight": self.in_flight,
+            "upgraded": self.upgraded,
         }
 
 

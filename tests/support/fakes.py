@@ -13,7 +13,7 @@ import hashlib
 import threading
 from dataclasses import dataclass
 
-from wunderproxy.engine import ContainerSpec, StartedContainer
+from wunderproxy.engine import ContainerRecord, ContainerSpec, StartedContainer
 from wunderproxy.errors import UpstreamFailed
 
 
@@ -69,6 +69,7 @@ class FakeEngine:
         self.image_requested = threading.Event()
         self._gate: threading.Event | None = None
         self._exited: dict[str, str] = {}
+        self.left_running: list[ContainerRecord] = []  # found at start-up, as after a restart
         self._lock = threading.Lock()
 
     # -- steering ------------------------------------------------------------------
@@ -143,6 +144,29 @@ class FakeEngine:
     def remove(self, container_id: str, stop_timeout: int) -> None:
         self._record("remove", container_id, stop_timeout)
         self._maybe_fail("remove")
+
+    def list_containers(self, labels: dict[str, str]) -> list[ContainerRecord]:
+        """Started containers not removed since, plus any ``left_running`` before."""
+        self._record("list_containers", dict(labels))
+        self._maybe_fail("list_containers")
+        removed = set(self.removed_ids)
+        with self._lock:
+            started = [
+                ContainerRecord(
+                    id=self._id(n),
+                    status="exited" if self._id(n) in self._exited else "running",
+                    labels=spec.labels,
+                    image=spec.image,
+                    port=self.port,
+                )
+                for n, spec in enumerate(self.specs)
+            ]
+            records = [*self.left_running, *started]
+        return [
+            r
+            for r in records
+            if r.id not in removed and all(r.labels.get(k) == v for k, v in labels.items())
+        ]
 
     def remove_images(self, repository: str, keep: set[str]) -> list[str]:
         self._record("remove_images", repository, frozenset(keep))

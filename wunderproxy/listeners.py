@@ -1,0 +1,115 @@
+"""Listening sockets that a new wunderproxy process can share with the old one.
+
+A hitless restart runs two processes on the same addresses for a moment. Both listen with
+``SO_REUSEPORT``; the kernel then spreads new connections over both. When the old process
+closes its listener, connections still waiting in its accept queue are reset (this kernel
+does not migrate them: ``net.ipv4.tcp_migrate_req`` is 0). So the new process, once it
+serves, steers every *new* connection to its own socket with a one-instruction classic BPF
+program on the port's reuseport group; the old one keeps accepting what is already queued
+for a moment (:data:`ACCEPT_LINGER`), then closes. Nothing is reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import socket
+import struct
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from wunderproxy.config import Address
+
+log = logging.getLogger("wunderproxy")
+
+# Seconds a stopping process goes on accepting: handshakes that the kernel queued for it
+# before a successor took the port over complete and are served, not reset.
+ACCEPT_LINGER = 1.0
+
+# linux/socket.h (asm-generic): attach a classic BPF program to a reuseport group.
+SO_ATTACH_REUSEPORT_CBPF = 51
+_BPF_RET_K = 0x06  # BPF_RET | BPF_K: return the constant k
+
+ConnectionHandler = Callable[
+    [asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]
+]
+
+
+async def listen(address: Address, handler: ConnectionHandler) -> asyncio.Server:
+    """Listen on a TCP address (shareable with a successor) or a Unix socket path."""
+    if address.path is not None:
+        return await asyncio.start_unix_server(handler, path=address.path)
+    family = socket.AF_INET6 if ":" in (address.host or "") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((address.host or "0.0.0.0", address.port or 0))
+    return await asyncio.start_server(handler, sock=sock, backlog=1024)
+
+
+def take_new_connections(server: asyncio.Server) -> None:
+    """Steer every new connection on this port to this process's listener.
+
+    Sockets join a reuseport group in the order they start listening, and a closing one
+    is replaced by the last: the newest of two overlapping processes is index 1. With a
+    single listener left, index 1 does not exist and the kernel falls back to it anyway.
+    """
+    program = ctypes.create_string_buffer(struct.pack("HBBI", _BPF_RET_K, 0, 0, 1))
+    fprog = struct.pack("@HP", 1, ctypes.addressof(program))  # struct sock_fprog
+    for sock in server.sockets:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+            except OSError as exc:
+                log.warning("cannot steer new connections to this process: %s", exc)
+
+
+class PidFile:
+    """The PID file of ``--pid-file``; with ``--take-over``, the predecessor named in it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.predecessor = self._running_wunderproxy()
+
+    def write(self) -> None:
+        """Record this process (atomically: a reader never sees half a PID)."""
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        temporary.write_text(f"{os.getpid()}\n")
+        temporary.replace(self.path)
+
+    def remove(self) -> None:
+        """Remove the file if it still names this process."""
+        if self._read() == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+    def stop_predecessor(self) -> None:
+        """SIGTERM the wunderproxy the file named when this process started."""
+        pid = self.predecessor
+        if pid is None or pid == os.getpid():
+            return
+        log.info("taking over from wunderproxy PID %d: sending it SIGTERM", pid)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            log.info("wunderproxy PID %d had already exited", pid)
+
+    def _read(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _running_wunderproxy(self) -> int | None:
+        """The PID in the file, if that process runs and is a wunderproxy (not a reused PID)."""
+        pid = self._read()
+        if pid is None:
+            return None
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        return pid if b"wunderproxy" in command else None
