@@ -169,7 +169,7 @@ def run(
         raise click.UsageError("--take-over needs --pid-file: it names the process to replace")
     # Imported here so that the client commands start fast and need no Docker SDK.
     from wunderproxy.engine import DockerEngine
-    from wunderproxy.server import Server
+    from wunderproxy.server import Server, TakeOverFailed
     from wunderproxy.store import open_store
 
     try:
@@ -180,6 +180,8 @@ def run(
         asyncio.run(Server(config, store, DockerEngine(), pid_file, take_over).run())
     except OSError as exc:
         raise click.ClickException(f"cannot listen: {exc}") from exc
+    except TakeOverFailed as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 # -- client commands ---------------------------------------------------------------

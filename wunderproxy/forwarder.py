@@ -157,7 +157,7 @@ class ClientConnection:
             if exchange.switched:
                 await self._splice_client_to_upstream()
                 return
-            if exchange.must_close or (self._closing and not exchange.request_in_progress):
+            if exchange.must_close:
                 return
             try:
                 pieces = exchange.client_data(None)

@@ -25,6 +25,10 @@ log = logging.getLogger("wunderproxy")
 IDLE_CLOSE_GRACE = 1.0
 
 
+class TakeOverFailed(Exception):
+    """``--take-over`` could not get ready; the predecessor keeps serving."""
+
+
 class Server:
     """The proxy and the manager of one app, sharing one event loop."""
 
@@ -53,6 +57,14 @@ class Server:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        startup: asyncio.Task[bool] | None = None
+        # With --take-over, listen only once serving: from its first connection on, this
+        # process must answer as well as the one it replaces.
+        if self._take_over and not await self.controller.start():
+            raise TakeOverFailed(
+                "not taking over: this process could not serve current.json (see the "
+                "log above); the running wunderproxy was left alone"
+            )
         proxy = await listen(self.config.proxy, self._serve_client)
         api = await listen(self.config.api, self._serve_api)
         log.info(
@@ -68,30 +80,24 @@ class Server:
                 "to every peer but this host; set --api-token to deploy from elsewhere",
                 self.config.api,
             )
-        startup = asyncio.create_task(self._start(proxy, api))
-        try:
-            await stop.wait()
-            log.info("shutting down: finishing requests in flight, then exiting")
-            startup.cancel()
-            await self._shutdown(proxy, api)
-        finally:
-            if self._pid_file is not None:
-                self._pid_file.remove()
-
-    async def _start(self, proxy: asyncio.Server, api: asyncio.Server) -> None:
-        """Serve current.json; once ready, take all new connections and the PID file."""
-        ready = await self.controller.start()
-        if not ready:
-            if self._take_over:
-                log.error("not taking over: this process is not ready to serve")
-            return
         if self._take_over:
             take_new_connections(proxy)
             take_new_connections(api)
             if self._pid_file is not None:
                 self._pid_file.stop_predecessor()
+        else:
+            startup = asyncio.create_task(self.controller.start())
         if self._pid_file is not None:
             self._pid_file.write()
+        try:
+            await stop.wait()
+            log.info("shutting down: finishing requests in flight, then exiting")
+            if startup is not None:
+                startup.cancel()
+            await self._shutdown(proxy, api)
+        finally:
+            if self._pid_file is not None:
+                self._pid_file.remove()
 
     async def _shutdown(self, proxy: asyncio.Server, api: asyncio.Server) -> None:
         timeout = self.config.shutdown_timeout

@@ -6,7 +6,9 @@ No image can be pulled from the internet on the test machines, so the app is bus
 - ``/health`` answers ``ok``; ``/index.html`` names the revision baked into the image.
 - ``/cgi-bin/revision`` answers ``revision=$REVISION`` and, if ``APP_GREETING`` is set,
   `` greeting=$APP_GREETING`` (to see that ``--config-file`` entries reach the container).
-- ``/cgi-bin/slow?SECONDS`` sleeps (default 2, fractions allowed), then answers the revision.
+- ``/cgi-bin/whoami`` answers ``revision=$REVISION container=$HOSTNAME`` (the container's
+  short id, which Docker sets as its host name).
+- ``/cgi-bin/slow?SECONDS`` sleeps (default 2, fractions allowed), then answers like whoami.
 - ``/cgi-bin/echo`` reads ``CONTENT_LENGTH`` bytes of request body and answers
   ``received=N revision=$REVISION``.
 
@@ -50,7 +52,8 @@ _RESPOND = r"""respond() {
 
 CGI_SCRIPTS = {
     "revision": 'respond "revision=$REVISION${APP_GREETING:+ greeting=$APP_GREETING}"\n',
-    "slow": 'sleep "${QUERY_STRING:-2}"\nrespond "revision=$REVISION"\n',
+    "whoami": 'respond "revision=$REVISION container=$HOSTNAME"\n',
+    "slow": 'sleep "${QUERY_STRING:-2}"\nrespond "revision=$REVISION container=$HOSTNAME"\n',
     "echo": (
         'received=$(head -c "${CONTENT_LENGTH:-0}" | wc -c)\n'
         'respond "received=$received revision=$REVISION"\n'

@@ -118,10 +118,15 @@ def wunderproxy(
     registry_port: int,
     *extra: str,
     env: Mapping[str, str] | None = None,
+    ports: tuple[int, int] | None = None,
 ) -> Iterator[WunderproxyProcess]:
-    """Start ``python -m wunderproxy run`` on free loopback ports; stop it at the end."""
-    proxy_port, api_port = free_port(), free_port()
-    log_path = tmp_path / f"wunderproxy-{api_port}.log"
+    """Start ``python -m wunderproxy run``; stop it at the end.
+
+    It listens on ``ports`` (proxy, API) if given, e.g. to take over from another
+    process, else on free loopback ports.
+    """
+    proxy_port, api_port = ports or (free_port(), free_port())
+    log_path = tmp_path / f"wunderproxy-{api_port}-{time.monotonic_ns()}.log"
     command = [
         sys.executable,
         "-m",
