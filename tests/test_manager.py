@@ -1235,3 +1235,42 @@ async def test_drain_closes_idle_connections_at_once_and_cuts_upgraded_ones_at_t
     await eventually(lambda: websocket.closed, within=2)
     await eventually(lambda: old.container_id in engine.removed_ids)
     await controller.shutdown(grace=1.0)
+
+
+# -- contention -------------------------------------------------------------------------
+
+
+async def test_two_racing_switches_both_answer_and_the_last_one_wins(
+    manager: Manager, store: MemoryStore, serving: Container, state: ProxyState
+) -> None:
+    one, two = upload(store, "rev1"), upload(store, "rev2")
+    for config_hash in (one, two):
+        assert (await post(manager, "/launch", config_hash)).status == 200
+    first, second = await asyncio.gather(
+        post(manager, "/switch", one), post(manager, "/switch", two)
+    )
+    assert (first.status, second.status) == (200, 200)
+    assert state.current is not None
+    assert state.current.hash == two
+    states = {c.hash: c.state for c in state.containers}
+    assert states[two] == "serving"
+    assert [c.state for c in state.containers].count("serving") == 1
+    assert json.loads(store.objects[HISTORY_KEY])[-1]["Hash"] == two, "records in order"
+
+
+async def test_a_launch_during_a_drain_starts_its_container_and_the_drain_goes_on(
+    manager: Manager, store: MemoryStore, engine: FakeEngine, serving: Container, state: ProxyState
+) -> None:
+    new_hash = upload(store, "rev1")
+    assert (await post(manager, "/launch", new_hash)).status == 200
+    serving.request_started()  # keeps the old one draining
+    assert (await post(manager, "/switch", new_hash)).status == 200
+    third = upload(store, "rev2")
+    assert (await post(manager, "/launch", third)).status == 200
+    assert {c.hash: c.state for c in state.containers} == {
+        serving.hash: "draining",
+        new_hash: "serving",
+        third: "launched",
+    }
+    serving.request_finished()
+    await eventually(lambda: serving.container_id in engine.removed_ids)

@@ -305,3 +305,24 @@ async def test_a_switch_closes_idle_keep_alive_connections_to_the_old_container(
     assert await eventually(lambda: not old.links)
     # The client connection itself lives on and reaches the new container.
     assert (await client.request("GET", "/"))[2] == b"green"
+
+
+async def test_a_get_on_a_kept_alive_connection_the_container_just_closed_is_sent_again(
+    proxy: Proxy, blue: Backend
+) -> None:
+    proxy.serve(make_container(blue, "rev1"))
+    client = await proxy.connect()
+    assert (await client.request("GET", "/then-drop"))[0] == 200
+    status, _, body = await client.request("GET", "/")
+    assert (status, body, blue.dropped) == (200, b"blue", 1)
+    assert blue.connections == 2
+
+
+async def test_a_post_on_a_kept_alive_connection_the_container_just_closed_is_not_sent_again(
+    proxy: Proxy, blue: Backend
+) -> None:
+    proxy.serve(make_container(blue, "rev1"))
+    client = await proxy.connect()
+    assert (await client.request("GET", "/then-drop"))[0] == 200
+    status, _, _ = await client.request("POST", "/echo", b"pay once")
+    assert status == 502, "a POST may have been processed: it is not sent twice"

@@ -22,6 +22,12 @@ from wunderproxy.streams import close_after_refusal
 log = logging.getLogger("wunderproxy.proxy")
 
 READ_SIZE = 64 * 1024  # larger reads cost more in malloc than they save in calls
+# A request sent on a kept-alive upstream connection is kept (up to this size) until its
+# answer begins, so that it can be sent again if the container had just closed that
+# connection: the keep-alive race every proxy meets (RFC 9112 section 9.3.1).
+REPLAY_LIMIT = 64 * 1024
+# Methods that may be sent twice (RFC 9110 section 9.2.2).
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 
 _REASONS = {
     400: "Bad Request",
@@ -104,6 +110,7 @@ class ClientConnection:
         self._answered.set()
         self._request_received = False
         self._body_target: _Upstream | None = None
+        self._replay: bytearray | None = None
         self._closing = False
 
     # -- lifecycle -----------------------------------------------------------------
@@ -187,9 +194,10 @@ class ClientConnection:
         """Send what the client sent to the container its request was routed to."""
         for piece in pieces:
             if isinstance(piece, framing.RequestStarted):
-                await self._start_request()
+                await self._start_request(piece.method)
             target = self._body_target
             if target is not None and piece.data:
+                self._keep_for_replay(piece.data)
                 try:
                     target.writer.write(piece.data)
                     await target.writer.drain()
@@ -200,7 +208,13 @@ class ClientConnection:
                 self._request_received = True
                 self._body_target = None
 
-    async def _start_request(self) -> None:
+    def _keep_for_replay(self, data: bytes) -> None:
+        if self._replay is not None:
+            self._replay += data
+            if len(self._replay) > REPLAY_LIMIT:
+                self._replay = None
+
+    async def _start_request(self, method: bytes) -> None:
         """Route the request that just started to the container serving now."""
         state = self._state
         state.request_started()
@@ -244,6 +258,7 @@ class ClientConnection:
         assert upstream is not None
         upstream.busy = True
         self._body_target = upstream
+        self._replay = bytearray() if not fresh and method in IDEMPOTENT else None
         self._exchange.request_forwarded(fresh_upstream=fresh)
 
     async def _answer_locally(self, status: int, message: str, close: bool) -> None:
@@ -298,6 +313,7 @@ class ClientConnection:
                 raw = piece.data
                 if isinstance(piece, framing.ResponseStarted | framing.ProtocolSwitched):
                     self._answer_begun = True
+                    self._replay = None
                     self._state.response_started(piece.status)
                 if isinstance(piece, framing.ResponseStarted) and self._closing:
                     # Shutting down: tell the client, so that it does not send its next
@@ -317,6 +333,26 @@ class ClientConnection:
                 await self._upstream_failed(upstream, "container closed the connection")
                 return
 
+    async def _send_again(self, request: bytes) -> bool:
+        """Send a request again on a new connection to its container; False if impossible."""
+        container = self._routed_to
+        assert container is not None
+        try:
+            reader, writer = await asyncio.open_connection(container.host, container.port)
+        except OSError:
+            return False
+        log.info(
+            "container %s closed a kept-alive connection as a request went out: sending it "
+            "again on a new one",
+            container.container_id[:12],
+        )
+        upstream = self._upstream = _Upstream(container, reader, writer, self._writer)
+        upstream.busy = True
+        self._exchange.request_forwarded(fresh_upstream=True)
+        upstream.pump = asyncio.create_task(self._pump(upstream))
+        writer.write(request)
+        return True
+
     async def _splice_upstream_to_client(self, upstream: _Upstream) -> None:
         self._finish_request()
         try:
@@ -335,6 +371,10 @@ class ClientConnection:
         upstream.writer.close()
         if self._routed_to is None or self._answered.is_set():
             return  # idle keep-alive connection closed by the container: nothing lost
+        replay, self._replay = self._replay, None
+        retry = replay is not None and not self._answer_begun and self._request_received
+        if retry and await self._send_again(bytes(replay or b"")):
+            return
         if self._answer_begun:
             # Part of an answer went out: the client can only learn of the failure by
             # the connection closing.
@@ -359,6 +399,7 @@ class ClientConnection:
         self._state.active_connections -= 1
         self._state.request_finished(time.monotonic() - self._started_at)
         container, self._routed_to = self._routed_to, None
+        self._replay = None
         upstream = self._upstream
         if upstream is not None:
             upstream.busy = False

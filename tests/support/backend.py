@@ -2,7 +2,9 @@
 
 Paths: ``/`` answers its name; ``/status/N`` answers N; ``/echo`` answers the request
 body; ``/chunked`` answers in chunks; ``/slow/S`` waits S seconds; ``/close`` answers
-with ``Connection: close``; ``/ws`` accepts an upgrade and then echoes raw bytes.
+with ``Connection: close``; ``/then-drop`` answers, then closes its connection on the
+next request without answering (as a server's idle timeout does); ``/ws`` accepts an
+upgrade and then echoes raw bytes.
 Every answer carries ``X-Backend: NAME`` so tests can tell which server answered.
 """
 
@@ -24,6 +26,8 @@ class Backend:
     requests: int = 0
     connections: int = 0
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    drop_next_on_connection: dict[int, bool] = field(default_factory=dict)
+    dropped: int = 0
 
     @property
     def port(self) -> int:
@@ -75,6 +79,11 @@ class Backend:
     ) -> bool:
         path = request.target.decode()
         headers = [(b"x-backend", self.name.encode())]
+        if self.drop_next_on_connection.pop(id(writer), False):
+            self.dropped += 1
+            return False  # closes without an answer, as after its own idle timeout
+        if path == "/then-drop":
+            self.drop_next_on_connection[id(writer)] = True
         if path == "/ws":
             writer.write(
                 conn.send(
