@@ -22,7 +22,8 @@ import docker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support.apps import build_app_image  # the app the tests deploy
+from tests.support.apps import push_app_image  # the app the tests deploy
+from tests.support.registry import registry_answers, start_registry
 from wunderproxy.launchconfig import md5_hex
 
 WORK = Path(os.environ.get("WUNDERPROXY_DEMO_DIR", "/tmp/wunderproxy-demo"))
@@ -93,34 +94,17 @@ def stop_previous_demo() -> None:
 
 def ensure_registry() -> None:
     """Use the registry on REGISTRY_PORT, or start Debian's docker-registry there."""
-    if answers(f"http://127.0.0.1:{REGISTRY_PORT}/v2/"):
+    if registry_answers(REGISTRY_PORT):
         step(f"using the registry that answers on localhost:{REGISTRY_PORT}")
         return
-    config = WORK / "registry.yml"
-    config.write_text(
-        "version: 0.1\n"
-        f"storage: {{filesystem: {{rootdirectory: {WORK / 'registry'}}}, "
-        "delete: {enabled: true}}\n"
-        f"http: {{addr: 127.0.0.1:{REGISTRY_PORT}}}\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}  # it panics on it
-    with (WORK / "registry.log").open("wb") as log:
-        process = subprocess.Popen(
-            ["docker-registry", "serve", str(config)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )  # fmt: skip
-    wait_for(lambda: answers(f"http://127.0.0.1:{REGISTRY_PORT}/v2/"), "the registry")
+    process = start_registry(WORK / "registry", REGISTRY_PORT)
     step(f"started a registry on localhost:{REGISTRY_PORT} (PID {process.pid})")
 
 
 def publish_revision(revision: str) -> str:
     """Build and push the sample app's ``revision``; store its launch config; its hash."""
-    client = docker.from_env()
-    repository = f"localhost:{REGISTRY_PORT}/{APP}"
-    build_app_image(client, f"{repository}:{revision}", DEMO_LABEL, revision=revision)
-    for line in client.images.push(repository, tag=revision, stream=True, decode=True):
-        if "error" in line:
-            sys.exit(f"pushing {repository}:{revision} failed: {line['error']}")
+    image = f"localhost:{REGISTRY_PORT}/{APP}:{revision}"
+    push_app_image(docker.from_env(), image, DEMO_LABEL, revision=revision)
     config = {
         "Revision": revision,
         "ContainerConfig": {"Env": [f"REVISION={revision}"]},
@@ -132,7 +116,7 @@ def publish_revision(revision: str) -> str:
     store = WORK / "store" / PREFIX
     store.mkdir(parents=True, exist_ok=True)
     (store / f"container.{config_hash}.json").write_bytes(raw)
-    step(f"pushed {repository}:{revision}; launch config container.{config_hash}.json")
+    step(f"pushed {image}; launch config container.{config_hash}.json")
     return config_hash
 
 
@@ -149,14 +133,6 @@ def revision_served() -> str:
             return str(answer.read().decode().strip())
     except (OSError, urllib.error.URLError):
         return ""
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2):
-            return True
-    except (OSError, urllib.error.URLError):
-        return False
 
 
 def wait_for(condition: object, what: str, timeout: float = 60.0) -> None:

@@ -111,3 +111,18 @@ def build_app_image(
         tag=tag,
         labels=dict(labels),
     )
+
+
+def push_app_image(
+    client: docker.DockerClient,
+    tag: str,
+    labels: Mapping[str, str],
+    revision: str | None = None,
+) -> None:
+    """Build the app image as ``tag``, push it, and drop the local copy (launches pull)."""
+    build_app_image(client, tag, labels, revision)
+    repository, version = split_image_reference(tag)
+    for chunk in client.images.push(repository, tag=version, stream=True, decode=True):
+        if "error" in chunk:
+            raise RuntimeError(f"pushing {tag} failed: {chunk['error']}")
+    client.images.remove(tag)

@@ -11,11 +11,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import shutil
 import socket
-import subprocess
-import time
-import urllib.error
-import urllib.request
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -28,13 +25,13 @@ import pytest
 import requests.exceptions
 from docker.models.containers import Container
 
-from tests.support.apps import build_app_image
+from tests.support.apps import push_app_image
+from tests.support.registry import RegistryFailed, start_registry, stop_process
 from wunderproxy.engine import LABEL_APP
 
 TEST_LABEL = "wunderproxy.test"
 APP = "testapp"
 REVISIONS = ("rev1", "rev2")
-REGISTRY_START_TIMEOUT = 10.0
 
 
 def free_port() -> int:
@@ -125,67 +122,21 @@ def docker_client() -> Iterator[docker.DockerClient]:
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """A registry on 127.0.0.1, reached as ``localhost:PORT``, storing into a temporary dir."""
-    if not _on_path("docker-registry"):
+    if shutil.which("docker-registry") is None:
         pytest.fail(
             "docker-registry is not installed: apt-get install -y docker-registry (.ci/run does)",
             pytrace=False,
         )
     root = tmp_path_factory.mktemp("registry")
     port = free_port()
-    config = root / "config.yml"
-    config.write_text(
-        "version: 0.1\n"
-        "storage:\n"
-        f"  filesystem: {{rootdirectory: {root / 'data'}}}\n"
-        "  delete: {enabled: true}\n"
-        f"http: {{addr: '127.0.0.1:{port}'}}\n"
-    )
-    log = root / "registry.log"
-    with log.open("wb") as out:
-        # It panics at start-up when AWS_CA_BUNDLE is set, as it is on these machines.
-        process = subprocess.Popen(
-            ["env", "-u", "AWS_CA_BUNDLE", "docker-registry", "serve", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
     try:
-        _wait_for_registry(process, port, log)
-        yield Registry(port=port, address=f"localhost:{port}", log=log)
+        process = start_registry(root, port)
+    except RegistryFailed as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield Registry(port=port, address=f"localhost:{port}", log=root / "registry.log")
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _on_path(program: str) -> bool:
-    return any(
-        os.access(os.path.join(d, program), os.X_OK)
-        for d in os.environ.get("PATH", "").split(os.pathsep)
-    )
-
-
-def _wait_for_registry(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    deadline = time.monotonic() + REGISTRY_START_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(
-                f"docker-registry exited with {process.returncode} at start-up; its log:\n"
-                f"{log.read_text(errors='replace')}",
-                pytrace=False,
-            )
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1):
-                return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.05)
-    pytest.fail(
-        f"docker-registry did not answer /v2/ on 127.0.0.1:{port} within "
-        f"{REGISTRY_START_TIMEOUT:g} s; its log:\n{log.read_text(errors='replace')}",
-        pytrace=False,
-    )
+        stop_process(process)
 
 
 @pytest.fixture(scope="session")
@@ -214,19 +165,11 @@ def app_images(
     repository = f"{registry.address}/{APP}"
     tags = {revision: f"{repository}:{revision}" for revision in REVISIONS}
     try:
-        for revision, tag in tags.items():
-            build_app_image(docker_client, tag, test_labels)
-            _push(docker_client, repository, revision)
-            docker_client.images.remove(tag)
+        for tag in tags.values():
+            push_app_image(docker_client, tag, test_labels)
         yield AppImages(repository=repository, tags=tags, registry_port=registry.port)
     finally:
         _remove_session_leftovers(docker_client, test_labels, app_names)
-
-
-def _push(client: docker.DockerClient, repository: str, tag: str) -> None:
-    for chunk in client.images.push(repository, tag=tag, stream=True, decode=True):
-        if "error" in chunk:
-            pytest.fail(f"pushing {repository}:{tag} failed: {chunk['error']}", pytrace=False)
 
 
 def _remove_session_leftovers(
