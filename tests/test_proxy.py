@@ -326,3 +326,18 @@ async def test_a_post_on_a_kept_alive_connection_the_container_just_closed_is_no
     assert (await client.request("GET", "/then-drop"))[0] == 200
     status, _, _ = await client.request("POST", "/echo", b"pay once")
     assert status == 502, "a POST may have been processed: it is not sent twice"
+
+
+async def test_an_idle_keep_alive_connection_expires_after_the_timeout_but_a_busy_one_does_not(
+    proxy: Proxy, blue: Backend
+) -> None:
+    proxy.serve(make_container(blue, "rev1"))
+    idle, busy = await proxy.connect(), await proxy.connect()
+    assert (await idle.request("GET", "/"))[0] == 200
+    slow = asyncio.create_task(busy.request("GET", "/slow/0.5"))
+    assert await eventually(lambda: proxy.state.active_connections == 1)
+    later = asyncio.get_running_loop().time() + 31  # the fixture's timeout is 30 s
+    expired = [c.expire_if_idle(later) for c in proxy.connections]
+    assert sorted(expired) == [False, True]
+    assert await idle.read_all() == b""
+    assert (await slow)[0] == 200

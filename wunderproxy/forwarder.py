@@ -100,6 +100,8 @@ class ClientConnection:
         self._writer = writer
         self._state = state
         self._keepalive_timeout = keepalive_timeout
+        self._loop = asyncio.get_running_loop()
+        self._last_active = self._loop.time()
         self._exchange = framing.Exchange()
         self._upstream: _Upstream | None = None
         # Per request: where it went, when it started, whether its answer has begun.
@@ -152,6 +154,17 @@ class ClientConnection:
         if self._exchange.idle:
             self._writer.close()
 
+    def expire_if_idle(self, now: float) -> bool:
+        """Close the connection if it has been idle past the keep-alive timeout.
+
+        Called for every connection by one periodic sweep: cheaper than a timer armed and
+        cancelled around every read.
+        """
+        if self._exchange.idle and now - self._last_active > self._keepalive_timeout:
+            self._writer.close()
+            return True
+        return False
+
     # -- client to container -------------------------------------------------------
 
     async def _serve_http(self) -> None:
@@ -170,25 +183,17 @@ class ClientConnection:
                 pieces = exchange.client_data(None)
                 data = b"-"
                 if not pieces:
-                    data = await self._read_client()
+                    data = await self._reader.read(READ_SIZE)
+                    self._last_active = self._loop.time()
                     pieces = exchange.client_data(data)
             except framing.ClientProtocolError as exc:
                 await self._refuse(exc)
-                return
-            except TimeoutError:
                 return
             await self._forward_client_pieces(pieces)
             if not data:  # the client closed (or half-closed) its side
                 if self._request_received:
                     await self._answered.wait()
                 return
-
-    async def _read_client(self) -> bytes:
-        """Read from the client; between requests, give up after the keep-alive timeout."""
-        if self._exchange.request_in_progress:
-            return await self._reader.read(READ_SIZE)
-        async with asyncio.timeout(self._keepalive_timeout):
-            return await self._reader.read(READ_SIZE)
 
     async def _forward_client_pieces(self, pieces: list[framing.ClientPiece]) -> None:
         """Send what the client sent to the container its request was routed to."""
@@ -199,8 +204,7 @@ class ClientConnection:
             if target is not None and piece.data:
                 self._keep_for_replay(piece.data)
                 try:
-                    target.writer.write(piece.data)
-                    await target.writer.drain()
+                    await _write(target.writer, piece.data)
                 except ConnectionError:
                     # The pump sees the same failure and answers for it.
                     self._body_target = None
@@ -309,6 +313,8 @@ class ClientConnection:
         exchange, writer = self._exchange, self._writer
         while True:
             data = await upstream.reader.read(READ_SIZE)
+            out = []
+            ended = False
             for piece in exchange.upstream_data(data):
                 raw = piece.data
                 if isinstance(piece, framing.ResponseStarted | framing.ProtocolSwitched):
@@ -322,10 +328,13 @@ class ClientConnection:
                 elif isinstance(piece, framing.ProtocolSwitched):
                     upstream.upgraded = True
                     upstream.container.upgrade_started()
-                writer.write(raw)
-                if isinstance(piece, framing.MessageEnded):
-                    self._finish_request()
-            await writer.drain()
+                elif isinstance(piece, framing.MessageEnded):
+                    ended = True
+                out.append(raw)
+            # One write per read: a head and its body go out in one segment.
+            await _write(writer, out[0] if len(out) == 1 else b"".join(out))
+            if ended:
+                self._finish_request()
             if exchange.switched:
                 await self._splice_upstream_to_client(upstream)
                 return
@@ -400,6 +409,7 @@ class ClientConnection:
         self._state.request_finished(time.monotonic() - self._started_at)
         container, self._routed_to = self._routed_to, None
         self._replay = None
+        self._last_active = self._loop.time()
         upstream = self._upstream
         if upstream is not None:
             upstream.busy = False
@@ -415,3 +425,11 @@ class ClientConnection:
     def _peer(self) -> str:
         peer = self._writer.get_extra_info("peername")
         return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
+async def _write(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """Write, and wait only if the kernel did not take it all (flow control)."""
+    if data:
+        writer.write(data)
+        if writer.transport.get_write_buffer_size():
+            await writer.drain()

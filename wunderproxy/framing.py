@@ -5,23 +5,26 @@ ends, so that the forwarder can route every request to the container current whe
 and count every response status. Nothing here knows about sockets: tests drive it with
 bytes alone.
 
-Watching both directions takes two h11 connections: a server-role one for the bytes the
-client sends and a client-role one for the bytes the container answers. Each must be told
-what the other saw: the container side must know the request method (a response to ``HEAD``
-has no body) and whether an upgrade was asked for, and the client side must know when the
-response ended, or it would never parse the next (pipelined) request. We tell each side
-with small synthetic events whose serialised bytes are thrown away.
+Requests are read by h11 (a fresh server-role connection per request). Answers are read
+by :mod:`wunderproxy.responsehead` when their head is plain (status line, Content-Length),
+which is most of them and much cheaper; anything else goes to an h11 client-role
+connection that was shown the request (a response to ``HEAD`` has no body; a 101 only
+switches protocols if an upgrade was asked for) through a synthetic request whose bytes
+are thrown away. The two paths agree: the tests check the fast one against h11.
 
-Every piece carries ``data``: exactly the bytes h11 consumed for it, so that concatenating
-the pieces of one direction gives back the input byte for byte.
+Every piece carries ``data``: exactly the bytes consumed for it, so that concatenating the
+pieces of one direction gives back the input byte for byte.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TypeAlias
 
 import h11
+
+from wunderproxy.responsehead import MAX_HEAD, comma_tokens, read_response_head
 
 # Request headers the container-side parser needs to see: they decide keep-alive and
 # whether a 101 / CONNECT answer switches protocols (RFC 9110 section 7.8).
@@ -46,7 +49,7 @@ class UpstreamProtocolError(ProtocolError):
     """The container sent bytes that are not a valid answer (502 if nothing was forwarded)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs twice as much
 class RequestStarted:
     """A request head was read: route it now, then forward ``data`` (the head's bytes)."""
 
@@ -55,7 +58,7 @@ class RequestStarted:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs twice as much
 class ResponseStarted:
     """A final (non-1xx) response head arrived from the container."""
 
@@ -63,7 +66,7 @@ class ResponseStarted:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs twice as much
 class Informational:
     """A 1xx answer other than 101, such as ``100 Continue``; the final one is still due."""
 
@@ -71,21 +74,21 @@ class Informational:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs twice as much
 class Body:
     """Bytes of a message body (chunk framing included)."""
 
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs twice as much
 class MessageEnded:
     """The message is complete; ``data`` holds its last bytes (e.g. the final chunk)."""
 
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs twice as much
 class ProtocolSwitched:
     """The container accepted an upgrade (101, or 2xx to CONNECT).
 
@@ -101,8 +104,17 @@ ClientPiece: TypeAlias = RequestStarted | Body | MessageEnded
 UpstreamPiece: TypeAlias = Informational | ResponseStarted | Body | MessageEnded | ProtocolSwitched
 
 
-class _Parser:
-    """An h11 connection plus a copy of the bytes it has not consumed yet.
+def _buffered(conn: h11.Connection) -> int:
+    """How many received bytes ``conn`` has not consumed yet.
+
+    ``trailing_data`` would tell, but copies them on every call; this is the hot path of
+    every request. ``tests/test_framing.py`` checks that both agree.
+    """
+    return len(conn._receive_buffer)
+
+
+class _H11Reader:
+    """An h11 connection plus the bytes it has not consumed yet.
 
     h11 does not hand back the raw bytes behind an event; comparing the size of its
     buffer before and after each event tells how many of ours it used.
@@ -118,7 +130,7 @@ class _Parser:
 
     def next_event(self) -> tuple[h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED], bytes]:
         event = self.conn.next_event()
-        used = len(self._unconsumed) - len(self.conn.trailing_data[0])
+        used = len(self._unconsumed) - _buffered(self.conn)
         raw = bytes(self._unconsumed[:used])
         del self._unconsumed[:used]
         return event, raw
@@ -126,9 +138,130 @@ class _Parser:
     def leftover(self) -> bytes:
         return bytes(self._unconsumed)
 
-    @property
-    def has_unconsumed(self) -> bool:
-        return bool(self._unconsumed)
+
+@dataclass(frozen=True, slots=True)
+class _RequestFacts:
+    """What the answer's reader must know of the request it answers."""
+
+    method: bytes
+    keep_alive: bool
+    request: h11.Request
+
+
+class _ResponseReader:
+    """Reads the answer to one request: the fast path, else h11.
+
+    The fast path (:func:`~wunderproxy.responsehead.read_response_head`) reads plain heads
+    with a Content-Length; whatever it declines is handed, with every byte not yet
+    consumed, to an h11 client connection that was shown the request.
+    """
+
+    def __init__(self, request: _RequestFacts) -> None:
+        self._request = request
+        self._head = bytearray()
+        self._remaining = -1  # body bytes still due; -1 while reading a head
+        self._h11: _H11Reader | None = None
+        self.status = 0
+        self.done = False
+        self.keep_alive = True
+        self.switched = False
+
+    def feed(self, data: bytes) -> list[UpstreamPiece]:
+        if self._h11 is not None:
+            return self._feed_h11(data)
+        pieces: list[UpstreamPiece] = []
+        if self._remaining > 0:
+            if not data:
+                raise UpstreamProtocolError(
+                    f"the container closed the connection {self._remaining} bytes before "
+                    "the end of the body",
+                    502,
+                )
+            body, data = data[: self._remaining], data[self._remaining :]
+            self._remaining -= len(body)
+            pieces.append(Body(body))
+            if self._remaining == 0:
+                return self._end(pieces, data)
+            return pieces
+        self._head += data
+        while True:
+            end = _BLANK_LINE.search(self._head)
+            if end is None:
+                if not data or len(self._head) > MAX_HEAD:
+                    return pieces + self._hand_to_h11(data)
+                return pieces
+            head = bytes(self._head[: end.end()])
+            found = read_response_head(head, self._request.method)
+            if found is None:
+                return pieces + self._hand_to_h11(data)
+            rest = bytes(self._head[end.end() :])
+            self._head.clear()
+            if found.status < 200:
+                pieces.append(Informational(found.status, head))
+                self._head += rest
+                continue
+            self.status, self.keep_alive = found.status, found.keep_alive
+            pieces.append(ResponseStarted(found.status, head))
+            self._remaining = found.body_length
+            if self._remaining == 0:
+                return self._end(pieces, rest)
+            return pieces + self.feed(rest) if rest else pieces
+
+    def _end(self, pieces: list[UpstreamPiece], rest: bytes) -> list[UpstreamPiece]:
+        pieces.append(MessageEnded(b""))
+        self.done = True
+        self._remaining = 0
+        if rest:
+            # Bytes beyond the answer: this connection is out of step; don't reuse it.
+            self.keep_alive = False
+        return pieces
+
+    def _hand_to_h11(self, data: bytes) -> list[UpstreamPiece]:
+        reader = self._h11 = _H11Reader(h11.CLIENT)
+        # Built only here: few answers need h11, and building it costs.
+        reader.conn.send(_synthetic_request_for(self._request.request))
+        reader.conn.send(h11.EndOfMessage())
+        unconsumed = bytes(self._head)
+        self._head.clear()
+        pieces = self._feed_h11(unconsumed) if unconsumed else []
+        if not data:  # the end of the stream is news to h11 as well
+            pieces += self._feed_h11(b"")
+        return pieces
+
+    def _feed_h11(self, data: bytes) -> list[UpstreamPiece]:
+        reader = self._h11
+        assert reader is not None
+        pieces: list[UpstreamPiece] = []
+        reader.receive(data)
+        while not self.done:
+            try:
+                event, raw = reader.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise UpstreamProtocolError(str(exc), 502) from exc
+            state = reader.conn.their_state
+            if isinstance(event, h11.InformationalResponse | h11.Response) and (
+                state is h11.SWITCHED_PROTOCOL
+            ):
+                # 101, or a 2xx answer to CONNECT: the rest is opaque bytes.
+                self.switched = self.done = True
+                pieces.append(ProtocolSwitched(event.status_code, raw + reader.leftover()))
+            elif isinstance(event, h11.InformationalResponse):
+                pieces.append(Informational(event.status_code, raw))
+            elif isinstance(event, h11.Response):
+                self.status = event.status_code
+                pieces.append(ResponseStarted(event.status_code, raw))
+            elif isinstance(event, h11.Data):
+                pieces.append(Body(raw))
+            elif isinstance(event, h11.EndOfMessage):
+                pieces.append(MessageEnded(raw))
+                self.done = True
+                # Bytes beyond the answer put the connection out of step, as in _end.
+                self.keep_alive = state not in _CLOSED_STATES and not reader.leftover()
+            else:  # NEED_DATA, or ConnectionClosed before any answer.
+                if raw:  # chunk framing h11 consumed without an event
+                    pieces.append(Body(raw))
+                return pieces
+        return pieces
 
 
 class Exchange:
@@ -139,105 +272,115 @@ class Exchange:
     answers itself); feed container bytes with :meth:`upstream_data`. After a response
     ends, ``client_data(None)`` yields a pipelined request that is already buffered.
     ``b""`` means end of stream, as in h11.
+
+    Each request gets a fresh h11 server connection: cheaper than telling a long-lived one
+    about every answer, and a request that ends the connection leaves the bytes after it
+    unread, as RFC 9112 section 9.6 asks.
     """
 
     def __init__(self) -> None:
-        self._client = _Parser(h11.SERVER)
-        self._upstream = _Parser(h11.CLIENT)
-        self._synthetic_request: h11.Request | None = None
-        self._status = 0
+        self._pending = bytearray()  # client bytes not yet given to a request parser
+        self._client_eof = False
+        self._request: _H11Reader | None = None  # parser of the request in progress
+        self._facts: _RequestFacts | None = None
+        self._request_done = False
+        self._response: _ResponseReader | None = None
+        self._answered = False
+        self._must_close = False
+        self._upstream_reusable = True  # no upstream connection has been used yet
+        self._keep_upstream = False
         self._switched = False
 
     # -- client side ---------------------------------------------------------------
 
     def client_data(self, data: bytes | None) -> list[ClientPiece]:
         """Feed bytes from the client (``None``: only parse what is buffered)."""
-        pieces: list[ClientPiece] = []
-        conn = self._client.conn
-        if self._switched or conn.their_state in _CLOSED_STATES:
-            # After a request that closes the connection, anything more is ignored
-            # (RFC 9112 section 9.6): the connection ends after this answer.
-            return pieces
         if data is not None:
-            self._client.receive(data)
+            if data:
+                self._pending += data
+            else:
+                self._client_eof = True
+        if self._switched or self._request_done:
+            return []  # after the request, bytes wait for its answer (or the upgrade)
+        reader = self._request
+        if reader is None:
+            if self._must_close or not (self._pending or self._client_eof):
+                return []
+            reader = self._request = _H11Reader(h11.SERVER)
+        if self._pending:
+            reader.receive(bytes(self._pending))
+            self._pending.clear()
+        if self._client_eof:
+            reader.receive(b"")
+        pieces: list[ClientPiece] = []
         while True:
             try:
-                event, raw = self._client.next_event()
+                event, raw = reader.next_event()
             except h11.RemoteProtocolError as exc:
+                self._must_close = True
                 raise ClientProtocolError(str(exc), exc.error_status_hint) from exc
             if isinstance(event, h11.Request):
-                _refuse_ambiguous_framing(event)
-                self._synthetic_request = _synthetic_request_for(event)
+                self._facts = _facts_of(event)
+                self._answered = False
                 pieces.append(RequestStarted(event.method, event.target, raw))
             elif isinstance(event, h11.Data):
                 pieces.append(Body(raw))
             elif isinstance(event, h11.EndOfMessage):
                 pieces.append(MessageEnded(raw))
-                self._next_cycle_if_done()
-                if conn.their_state in _CLOSED_STATES:
-                    return pieces
-            else:  # NEED_DATA, PAUSED (waiting for the answer), or ConnectionClosed.
+                self._request_done = True
+                self._pending[:0] = reader.leftover()  # the next request's bytes
+                self._end_cycle_if_done()
+                if self._facts is None and self._pending:  # answered early: go on
+                    return pieces + self.client_data(None)
+                return pieces
+            else:  # NEED_DATA, or ConnectionClosed between requests.
                 if raw:  # chunk framing h11 consumed without an event
                     pieces.append(Body(raw))
+                if event is not h11.NEED_DATA:
+                    self._request = None
                 return pieces
 
     def request_forwarded(self, fresh_upstream: bool) -> None:
         """The current request goes upstream; ``fresh_upstream``: on a new connection."""
-        if fresh_upstream:
-            self._upstream = _Parser(h11.CLIENT)
-        request = self._synthetic_request
-        assert request is not None, "request_forwarded() before RequestStarted"
-        try:
-            self._upstream.conn.send(request)
-            self._upstream.conn.send(h11.EndOfMessage())
-        except h11.LocalProtocolError as exc:
-            raise UpstreamProtocolError(f"upstream connection not reusable: {exc}", 502) from exc
+        facts = self._facts
+        assert facts is not None, "request_forwarded() before RequestStarted"
+        if not fresh_upstream and not self._upstream_reusable:
+            raise UpstreamProtocolError("upstream connection not reusable", 502)
+        self._upstream_reusable = False
+        self._response = _ResponseReader(facts)
 
     def answered_locally(self, status: int, close: bool) -> None:
         """The proxy answered the current request itself (503, 502): sync the client side."""
-        self._tell_client_response_ended(status, close)
-        self._next_cycle_if_done()
+        self._answered = True
+        self._must_close = self._must_close or close or not self._keep_alive_requested()
+        self._end_cycle_if_done()
 
     # -- upstream side -------------------------------------------------------------
 
     def upstream_data(self, data: bytes) -> list[UpstreamPiece]:
         """Feed bytes from the container (``b""``: it closed the connection)."""
-        pieces: list[UpstreamPiece] = []
         if self._switched:
-            return pieces
-        upstream = self._upstream
-        if data and upstream.conn.our_state is h11.IDLE:
-            # An answer nobody asked for (e.g. a 408 on an idle keep-alive connection):
-            # this connection is out of step and must not carry another request.
-            raise UpstreamProtocolError("the container sent data while no request was pending", 502)
-        upstream.receive(data)
-        while True:
-            try:
-                event, raw = upstream.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise UpstreamProtocolError(str(exc), 502) from exc
-            switching = upstream.conn.their_state is h11.SWITCHED_PROTOCOL
-            if isinstance(event, h11.InformationalResponse | h11.Response) and switching:
-                # 101, or a 2xx answer to CONNECT: the rest is opaque bytes.
-                self._switched = True
-                pieces.append(ProtocolSwitched(event.status_code, raw + upstream.leftover()))
-                return pieces
-            if isinstance(event, h11.InformationalResponse):
-                pieces.append(Informational(event.status_code, raw))
-            elif isinstance(event, h11.Response):
-                self._status = event.status_code
-                pieces.append(ResponseStarted(event.status_code, raw))
-            elif isinstance(event, h11.Data):
-                pieces.append(Body(raw))
-            elif isinstance(event, h11.EndOfMessage):
-                pieces.append(MessageEnded(raw))
-                close = upstream.conn.their_state in _CLOSED_STATES
-                self._tell_client_response_ended(self._status, close)
-                self._next_cycle_if_done()
-            else:  # NEED_DATA, PAUSED, or ConnectionClosed between responses.
-                if raw:  # chunk framing h11 consumed without an event
-                    pieces.append(Body(raw))
-                return pieces
+            return []
+        reader = self._response
+        if reader is None or reader.done:
+            self._upstream_reusable = False
+            if data:
+                # An answer nobody asked for (e.g. a 408 on an idle keep-alive
+                # connection): this connection must not carry another request.
+                raise UpstreamProtocolError(
+                    "the container sent data while no request was pending", 502
+                )
+            return []
+        pieces = reader.feed(data)
+        if reader.switched:
+            self._switched = True
+        elif reader.done:
+            self._answered = True
+            keep_alive = reader.keep_alive and self._keep_alive_requested()
+            self._must_close = self._must_close or not keep_alive
+            self._keep_upstream = keep_alive  # once the request's body has gone up too
+            self._end_cycle_if_done()
+        return pieces
 
     # -- state ---------------------------------------------------------------------
 
@@ -249,59 +392,69 @@ class Exchange:
     @property
     def must_close(self) -> bool:
         """True when the client connection cannot carry another request."""
-        conn = self._client.conn
-        return conn.our_state in _CLOSED_STATES or conn.their_state in _CLOSED_STATES
+        return self._must_close
 
     @property
     def upstream_reusable(self) -> bool:
         """True when the upstream connection may carry the next request (keep-alive)."""
-        conn = self._upstream.conn
-        return conn.our_state is h11.IDLE and conn.their_state is h11.IDLE
+        return self._upstream_reusable
 
     @property
     def request_in_progress(self) -> bool:
         """True between a request's head and the end of its answer."""
-        conn = self._client.conn
-        return conn.our_state in (h11.SEND_RESPONSE, h11.SEND_BODY) or (
-            conn.their_state is h11.SEND_BODY
-        )
+        return self._facts is not None and not (self._request_done and self._answered)
 
     @property
     def idle(self) -> bool:
         """True between requests with no byte of the next one received yet."""
-        return not self.request_in_progress and not self._client.has_unconsumed
+        return not self.request_in_progress and not self._pending and self._request is None
 
     def take_client_leftover(self) -> bytes:
         """Client bytes received after the upgrade request; forward them upstream raw."""
-        return self._client.leftover()
+        leftover = bytes(self._pending)
+        self._pending.clear()
+        return leftover
 
     # -- internals -----------------------------------------------------------------
 
-    def _tell_client_response_ended(self, status: int, close: bool) -> None:
-        headers = [(b"connection", b"close")] if close else []
-        self._client.conn.send(h11.Response(status_code=status, headers=headers))
-        self._client.conn.send(h11.EndOfMessage())
+    def _keep_alive_requested(self) -> bool:
+        return self._facts is not None and self._facts.keep_alive
 
-    def _next_cycle_if_done(self) -> None:
-        client, upstream = self._client.conn, self._upstream.conn
-        if client.our_state is h11.DONE and client.their_state is h11.DONE:
-            client.start_next_cycle()
-            if upstream.our_state is h11.DONE and upstream.their_state is h11.DONE:
-                upstream.start_next_cycle()
+    def _end_cycle_if_done(self) -> None:
+        if self._request_done and self._answered:
+            if self._response is not None:
+                self._upstream_reusable = self._keep_upstream
+            self._request = None
+            self._facts = None
+            self._response = None
+            self._request_done = False
 
 
-def _refuse_ambiguous_framing(request: h11.Request) -> None:
-    """Refuse a request with both Content-Length and Transfer-Encoding.
+_BLANK_LINE = re.compile(rb"\n\r?\n")  # where h11 ends a head (h11._receivebuffer)
 
-    RFC 9112 section 6.3: a proxy must not forward such a message as it is, since the
-    container might frame it by Content-Length where we framed it as chunked (request
-    smuggling). Bytes pass through untouched here, so the request is refused.
+
+def _facts_of(request: h11.Request) -> _RequestFacts:
+    """Keep-alive and the method, in one pass over the headers.
+
+    A request with both Content-Length and Transfer-Encoding is refused: RFC 9112
+    section 6.3 has a proxy remove Content-Length before forwarding it, since the container
+    might frame the body by it where we framed it as chunked (request smuggling); bytes
+    pass through untouched here, so refusing is the only safe answer.
     """
-    names = {name for name, _ in request.headers}
-    if b"content-length" in names and b"transfer-encoding" in names:
+    keep_alive = request.http_version == b"1.1"
+    has_length = has_transfer_encoding = False
+    for name, value in request.headers:
+        if name == b"connection":
+            keep_alive = keep_alive and b"close" not in comma_tokens(value)
+        elif name == b"content-length":
+            has_length = True
+        elif name == b"transfer-encoding":
+            has_transfer_encoding = True
+    if has_length and has_transfer_encoding:
         raise ClientProtocolError(
             "both Content-Length and Transfer-Encoding are set; send only one", 400
         )
+    return _RequestFacts(request.method, keep_alive, request)
 
 
 def _synthetic_request_for(request: h11.Request) -> h11.Request:

@@ -23,6 +23,9 @@ log = logging.getLogger("wunderproxy")
 # (served with "Connection: close"): closing it at once could cut a request in flight
 # on the wire.
 IDLE_CLOSE_GRACE = 1.0
+# Seconds between two sweeps for idle keep-alive connections: the timeout is kept to
+# within this much.
+IDLE_SWEEP_INTERVAL = 1.0
 
 
 class TakeOverFailed(Exception):
@@ -89,8 +92,10 @@ class Server:
             startup = asyncio.create_task(self.controller.start())
         if self._pid_file is not None:
             self._pid_file.write()
+        sweeper = asyncio.create_task(self._expire_idle_connections())
         try:
             await stop.wait()
+            sweeper.cancel()
             log.info("shutting down: finishing requests in flight, then exiting")
             if startup is not None:
                 startup.cancel()
@@ -120,6 +125,15 @@ class Server:
                 await asyncio.wait(pending, timeout=1.0)
         await self.controller.shutdown(timeout)
         log.info("stopped; the app container keeps running")
+
+    async def _expire_idle_connections(self) -> None:
+        """Close keep-alive connections idle past ``--keepalive-timeout``, once a second."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(IDLE_SWEEP_INTERVAL)
+            now = loop.time()
+            for connection in list(self._connections):
+                connection.expire_if_idle(now)
 
     async def _serve_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

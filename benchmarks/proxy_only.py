@@ -1,0 +1,99 @@
+"""wunderproxy's proxy, in front of a fixed upstream instead of a Docker container.
+
+    python3 benchmarks/proxy_only.py --listen 127.0.0.1:8000 --upstream 127.0.0.1:9000
+
+The benchmarks compare proxies in front of the same fast backend (nginx), where a
+container would add Docker's own proxy to every row. This runs the production
+:class:`~wunderproxy.server.Server` (listeners, forwarder, framing, counters) with the
+upstream installed as the serving container; the manager answers too, on ``--api``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from wunderproxy.config import Address, Config
+from wunderproxy.engine import ContainerRecord, ContainerSpec, StartedContainer
+from wunderproxy.errors import UpstreamFailed
+from wunderproxy.launchconfig import md5_hex, parse_launch_config
+from wunderproxy.runtime import run_event_loop
+from wunderproxy.server import Server
+from wunderproxy.state import Container
+
+
+class NoStore:
+    """An empty store: nothing to launch at start-up."""
+
+    description = "none://"
+
+    def get(self, key: str) -> bytes | None:
+        return None
+
+    def put(self, key: str, data: bytes) -> None:
+        raise UpstreamFailed("this benchmark proxy has no store")
+
+
+class NoEngine:
+    """No Docker: the upstream is fixed."""
+
+    def ensure_image(self, image: str) -> None:
+        raise UpstreamFailed("this benchmark proxy has no engine")
+
+    def start(self, spec: ContainerSpec) -> StartedContainer:
+        raise UpstreamFailed("this benchmark proxy has no engine")
+
+    def status(self, container_id: str) -> str:
+        return "running"
+
+    def logs(self, container_id: str, tail: int = 20) -> str:
+        return ""
+
+    def remove(self, container_id: str, stop_timeout: int) -> None:
+        return None
+
+    def remove_images(self, repository: str, keep: set[str]) -> list[str]:
+        return []
+
+    def list_containers(self, labels: dict[str, str]) -> list[ContainerRecord]:
+        return []
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--listen", required=True, help="proxy address HOST:PORT")
+    parser.add_argument("--api", default="127.0.0.1:0", help="manager address HOST:PORT")
+    parser.add_argument("--upstream", required=True, help="backend address HOST:PORT")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    host, _, port = args.upstream.rpartition(":")
+    raw = json.dumps({"Revision": "bench", "HealthCheckPath": "/"}).encode()
+    config = Config(
+        bucket="none",
+        prefix="bench",
+        app="bench",
+        proxy=Address.parse(args.listen, "--listen"),
+        api=Address.parse(args.api, "--api"),
+    )
+    server = Server(config, NoStore(), NoEngine())
+    upstream = Container(
+        config=parse_launch_config(raw, md5_hex(raw)),
+        image="none",
+        container_id="upstream",
+        host=host,
+        port=int(port),
+        started_at=datetime.now(UTC),
+    )
+    server.state.add(upstream)
+    server.state.switch_to(upstream)
+    run_event_loop(server.run())
+
+
+if __name__ == "__main__":
+    main()
