@@ -82,12 +82,12 @@ async def proxy() -> AsyncIterator[Proxy]:
     state = ProxyState("testapp", "test")
     connections: set[ClientConnection] = set()
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connection = ClientConnection(reader, writer, state, keepalive_timeout=30)
+    def new_connection() -> ClientConnection:
+        connection = ClientConnection(state, keepalive_timeout=30)
         connections.add(connection)
-        await connection.serve()
+        return connection
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server = await asyncio.get_running_loop().create_server(new_connection, "127.0.0.1", 0)
     proxy = Proxy(state, server)
     proxy.connections = connections
     yield proxy
@@ -95,7 +95,7 @@ async def proxy() -> AsyncIterator[Proxy]:
         client.close()
     for connection in connections:
         connection.abort()
-    await asyncio.sleep(0)
+    await asyncio.sleep(0.05)
     server.close()
     await server.wait_closed()
 

@@ -409,6 +409,11 @@ class Exchange:
         """True between requests with no byte of the next one received yet."""
         return not self.request_in_progress and not self._pending and self._request is None
 
+    @property
+    def has_buffered_bytes(self) -> bool:
+        """True when client bytes wait to be parsed (a pipelined request, or its start)."""
+        return bool(self._pending)
+
     def take_client_leftover(self) -> bytes:
         """Client bytes received after the upgrade request; forward them upstream raw."""
         leftover = bytes(self._pending)

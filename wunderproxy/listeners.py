@@ -37,18 +37,31 @@ _BPF_RET_K = 0x06  # BPF_RET | BPF_K: return the constant k
 ConnectionHandler = Callable[
     [asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]
 ]
+ProtocolFactory = Callable[[], asyncio.Protocol]
+
+BACKLOG = 4096  # a burst of a thousand new connections must not overflow the queue
 
 
-async def listen(address: Address, handler: ConnectionHandler) -> asyncio.Server:
+async def listen(address: Address, factory: ProtocolFactory) -> asyncio.Server:
     """Listen on a TCP address (shareable with a successor) or a Unix socket path."""
+    loop = asyncio.get_running_loop()
     if address.path is not None:
-        return await asyncio.start_unix_server(handler, path=address.path)
+        return await loop.create_unix_server(factory, path=address.path, backlog=BACKLOG)
     family = socket.AF_INET6 if ":" in (address.host or "") else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((address.host or "0.0.0.0", address.port or 0))
-    return await asyncio.start_server(handler, sock=sock, backlog=1024)
+    return await loop.create_server(factory, sock=sock, backlog=BACKLOG)
+
+
+def streams(handler: ConnectionHandler) -> ProtocolFactory:
+    """A protocol factory serving each connection with ``handler`` on asyncio streams."""
+
+    def factory() -> asyncio.Protocol:
+        return asyncio.StreamReaderProtocol(asyncio.StreamReader(), handler)
+
+    return factory
 
 
 def take_new_connections(server: asyncio.Server) -> None:

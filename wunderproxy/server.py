@@ -13,7 +13,13 @@ from wunderproxy import __version__, manager
 from wunderproxy.config import Address, Config
 from wunderproxy.controller import Controller, Engine
 from wunderproxy.forwarder import ClientConnection
-from wunderproxy.listeners import ACCEPT_LINGER, PidFile, listen, take_new_connections
+from wunderproxy.listeners import (
+    ACCEPT_LINGER,
+    PidFile,
+    listen,
+    streams,
+    take_new_connections,
+)
 from wunderproxy.state import ProxyState
 from wunderproxy.store import Store
 
@@ -51,7 +57,7 @@ class Server:
         self._take_over = take_over
         self._stopping = False
         self._connections: set[ClientConnection] = set()
-        self._proxy_tasks: set[asyncio.Task[Any]] = set()
+        self._all_closed = asyncio.Event()
         self._api_tasks: set[asyncio.Task[Any]] = set()
 
     async def run(self) -> None:
@@ -68,8 +74,8 @@ class Server:
                 "not taking over: this process could not serve current.json (see the "
                 "log above); the running wunderproxy was left alone"
             )
-        proxy = await listen(self.config.proxy, self._serve_client)
-        api = await listen(self.config.api, self._serve_api)
+        proxy = await listen(self.config.proxy, self._new_client)
+        api = await listen(self.config.api, streams(self._serve_api))
         log.info(
             "wunderproxy %s for app %s: proxy on %s, API on %s",
             __version__,
@@ -116,13 +122,17 @@ class Server:
         await asyncio.sleep(ACCEPT_LINGER)
         proxy.close()
         api.close()
-        if self._proxy_tasks:
-            _, pending = await asyncio.wait(list(self._proxy_tasks), timeout=timeout)
-            if pending:
-                log.warning("%d connections still busy after %g s: closed", len(pending), timeout)
+        if self._connections:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._all_closed.wait()
+            except TimeoutError:
+                log.warning(
+                    "%d connections still busy after %g s: closed", len(self._connections), timeout
+                )
                 for connection in list(self._connections):
                     connection.abort()
-                await asyncio.wait(pending, timeout=1.0)
+                await asyncio.sleep(0.1)
         await self.controller.shutdown(timeout)
         log.info("stopped; the app container keeps running")
 
@@ -135,18 +145,20 @@ class Server:
             for connection in list(self._connections):
                 connection.expire_if_idle(now)
 
-    async def _serve_client(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        connection = ClientConnection(reader, writer, self.state, self.config.keepalive_timeout)
+    def _new_client(self) -> ClientConnection:
+        connection = ClientConnection(
+            self.state, self.config.keepalive_timeout, self._client_closed
+        )
         if self._stopping:
             connection.close_when_idle(IDLE_CLOSE_GRACE)
         self._connections.add(connection)
-        _track(self._proxy_tasks)
-        try:
-            await connection.serve()
-        finally:
-            self._connections.discard(connection)
+        self._all_closed.clear()
+        return connection
+
+    def _client_closed(self, connection: ClientConnection) -> None:
+        self._connections.discard(connection)
+        if not self._connections:
+            self._all_closed.set()
 
     async def _serve_api(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._stopping:
