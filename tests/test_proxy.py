@@ -341,3 +341,46 @@ async def test_an_idle_keep_alive_connection_expires_after_the_timeout_but_a_bus
     assert sorted(expired) == [False, True]
     assert await idle.read_all() == b""
     assert (await slow)[0] == 200
+
+
+async def test_a_new_client_connection_reuses_the_kept_alive_connection_of_an_earlier_one(
+    proxy: Proxy, blue: Backend
+) -> None:
+    container = make_container(blue, "rev1")
+    proxy.serve(container)
+    for _ in range(3):
+        client = await proxy.connect()
+        assert (await client.request("GET", "/"))[2] == b"blue"
+        client.close()
+        assert await eventually(lambda: len(container.spare) == 1)
+    assert blue.connections == 1, "one upstream connection served three clients"
+
+
+async def test_a_spare_connection_the_container_closed_is_not_used_again(
+    proxy: Proxy, blue: Backend
+) -> None:
+    container = make_container(blue, "rev1")
+    proxy.serve(container)
+    client = await proxy.connect()
+    assert (await client.request("GET", "/then-drop"))[0] == 200
+    client.close()
+    assert await eventually(lambda: len(container.spare) == 1)
+    again = await proxy.connect()
+    # The spare was kept alive but the backend drops the next request on it: the proxy
+    # sends the GET again on a new connection.
+    assert (await again.request("GET", "/"))[2] == b"blue"
+    assert blue.connections == 2
+
+
+async def test_a_drain_closes_the_spare_connections_of_the_old_container(
+    proxy: Proxy, blue: Backend, green: Backend
+) -> None:
+    old = make_container(blue, "rev1")
+    proxy.serve(old)
+    client = await proxy.connect()
+    assert (await client.request("GET", "/"))[0] == 200
+    client.close()
+    assert await eventually(lambda: len(old.spare) == 1)
+    proxy.serve(make_container(green, "rev2"))
+    assert old.close_links(idle_only=True) == 1
+    assert await eventually(lambda: not old.spare and not old.links)

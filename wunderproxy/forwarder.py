@@ -29,6 +29,9 @@ log = logging.getLogger("wunderproxy.proxy")
 # answer begins, so that it can be sent again if the container had just closed that
 # connection: the keep-alive race every proxy meets (RFC 9112 section 9.3.1).
 REPLAY_LIMIT = 64 * 1024
+# Idle connections kept open to a container for the next client connection (nginx's
+# upstream keepalive default in its documentation's example).
+MAX_SPARE = 64
 # Methods that may be sent twice (RFC 9110 section 9.2.2).
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 # Seconds to keep reading (and dropping) a client's bytes after refusing its request, so
@@ -58,14 +61,17 @@ def plain_response(status: int, message: str, close: bool) -> bytes:
 
 
 class _Upstream(asyncio.Protocol):
-    """One connection to a container, serving one client connection.
+    """One connection to a container, serving one client connection at a time.
 
     It is a :class:`~wunderproxy.state.Link` of its container, so that a drain can close
     it between requests, or cut it (with its upgraded client) at the drain deadline.
+    When its client leaves, a kept-alive connection waits in the container's ``spare``
+    list for the next client connection: opening one per client costs the container an
+    accept and a close, and us a connect.
     """
 
     def __init__(self, client: ClientConnection, container: Container) -> None:
-        self.client = client
+        self.client: ClientConnection | None = client
         self.container = container
         self.transport: asyncio.Transport | None = None
         # Made for a request: busy from the start, or a drain could close it while it
@@ -80,11 +86,34 @@ class _Upstream(asyncio.Protocol):
         return not self.busy and not self.upgraded
 
     def close(self) -> None:
-        self.container.links.discard(self)
+        self._forget()
         if self.transport is not None:
             self.transport.close()
-        if self.upgraded:
+        if self.upgraded and self.client is not None:
             self.client.close()  # an upgraded client has no other way to go on
+
+    def park(self) -> None:
+        """Keep this idle connection for another client, or close it if not wanted."""
+        container = self.container
+        transport = self.transport
+        if (
+            self.ended
+            or transport is None
+            or transport.is_closing()
+            or container.state != "serving"
+            or len(container.spare) >= MAX_SPARE
+        ):
+            self.close()
+            return
+        self.client = None
+        self.busy = False
+        transport.resume_reading()
+        container.spare.append(self)
+
+    def _forget(self) -> None:
+        self.container.links.discard(self)
+        if self in self.container.spare:
+            self.container.spare.remove(self)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and data:
@@ -96,24 +125,35 @@ class _Upstream(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
+        if self.client is None:
+            self.ended = True  # a spare connection is talked to: out of step
+            self.close()
+            return
         self.client.upstream_data(self, data)
 
     def eof_received(self) -> bool:
-        self.client.upstream_ended(self, "the container closed the connection")
+        if self.client is None:
+            self.ended = True
+            self._forget()
+        else:
+            self.client.upstream_ended(self, "the container closed the connection")
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.container.links.discard(self)
+        self._forget()
         if self.upgraded:
             self.upgraded = False
             self.container.upgrade_finished()
-        self.client.upstream_ended(self, str(exc) if exc else "the connection was closed")
+        if self.client is not None:
+            self.client.upstream_ended(self, str(exc) if exc else "the connection was closed")
 
     def pause_writing(self) -> None:  # the container reads an upload slower than it comes
-        self.client.pause_reading("upstream")
+        if self.client is not None:
+            self.client.pause_reading("upstream")
 
     def resume_writing(self) -> None:
-        self.client.resume_reading("upstream")
+        if self.client is not None:
+            self.client.resume_reading("upstream")
 
 
 class ClientConnection(asyncio.Protocol):
@@ -228,9 +268,12 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._finish_request()
-        if self._upstream is not None:
-            self._upstream.close()
-            self._upstream = None
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            if self._exchange.upstream_reusable and upstream.idle:
+                upstream.park()
+            else:
+                upstream.close()
         self._state.open_connections -= 1
         if self._on_close is not None:
             self._on_close(self)
@@ -248,6 +291,8 @@ class ClientConnection(asyncio.Protocol):
     def _receive(self, data: bytes | None) -> None:
         """Parse what the client sent (None: what is buffered) and forward it."""
         if self._held:  # a connection to the container is being made: wait for it
+            if data is not None:
+                self._exchange.buffer_client_data(data)
             return
         try:
             pieces = self._exchange.client_data(data)
@@ -263,9 +308,15 @@ class ClientConnection(asyncio.Protocol):
             ):
                 return  # the rest waits for the new upstream connection
             self._send(piece)
-        if self._request_received and self._answering:
-            # A whole request is in: read on only after its answer. Pipelined requests
-            # wait in the parser's buffer meanwhile.
+        self._hold_pipelined_requests()
+
+    def _hold_pipelined_requests(self) -> None:
+        """Stop reading while pipelined requests wait for the answer to this one.
+
+        Only then: pausing costs two system calls, and most clients send nothing more
+        before the answer.
+        """
+        if self._answering and self._request_received and self._exchange.has_buffered_bytes:
             self.pause_reading("answer")
 
     def _send(self, piece: framing.ClientPiece) -> None:
@@ -311,20 +362,29 @@ class ClientConnection(asyncio.Protocol):
             and self._exchange.upstream_reusable
             and not upstream.ended
         ):
-            self._forward_to(upstream, fresh=False, method=piece.method)
+            self._forward_to(upstream, fresh=False, method=piece.method, reused=True)
             return True
         if upstream is not None:
             upstream.close()
             self._upstream = None
+        spare = _take_spare(container)
+        if spare is not None:
+            spare.client = self
+            spare.busy = True
+            self._upstream = spare
+            self._forward_to(spare, fresh=True, method=piece.method, reused=True)
+            return True
         self._held = [piece, *rest]
         self.pause_reading("connecting")
         self._loop.create_task(self._connect(container, piece.method))
         return False
 
-    def _forward_to(self, upstream: _Upstream, fresh: bool, method: bytes) -> None:
+    def _forward_to(self, upstream: _Upstream, fresh: bool, method: bytes, reused: bool) -> None:
+        """Send the current request on ``upstream`` (``fresh``: new to this client;
+        ``reused``: it carried requests before, so the container may have closed it)."""
         upstream.busy = True
         self._body_target = upstream
-        self._replay = bytearray() if not fresh and method in IDEMPOTENT else None
+        self._replay = bytearray() if reused and method in IDEMPOTENT else None
         self._exchange.request_forwarded(fresh_upstream=fresh)
 
     async def _connect(self, container: Container, method: bytes) -> None:
@@ -353,12 +413,12 @@ class ClientConnection(asyncio.Protocol):
             return
         self._upstream = upstream
         held, self._held = self._held, []
-        self._forward_to(upstream, fresh=True, method=method)
+        self._forward_to(upstream, fresh=True, method=method, reused=False)
         for piece in held:
             self._send(piece)
         self.resume_reading("connecting")
         if self._request_received and self._answering:
-            self.pause_reading("answer")
+            self._hold_pipelined_requests()
         else:
             self._receive(None)
 
@@ -535,7 +595,8 @@ class ClientConnection(asyncio.Protocol):
         ):
             self.close()
             return
-        self.resume_reading("answer")
+        if self._paused_for:
+            self.resume_reading("answer")
         if exchange.has_buffered_bytes and not exchange.request_in_progress:
             # A pipelined request is waiting; parse it once the caller is done with
             # the pieces of this one.
@@ -544,3 +605,13 @@ class ClientConnection(asyncio.Protocol):
     def _peer(self) -> str:
         peer = self._transport.get_extra_info("peername") if self._transport else None
         return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
+def _take_spare(container: Container) -> _Upstream | None:
+    """An idle connection to ``container`` left by an earlier client, if one is open."""
+    while container.spare:
+        upstream = cast(_Upstream, container.spare.pop())
+        transport = upstream.transport
+        if not upstream.ended and transport is not None and not transport.is_closing():
+            return upstream
+    return None

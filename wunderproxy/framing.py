@@ -293,13 +293,17 @@ class Exchange:
 
     # -- client side ---------------------------------------------------------------
 
+    def buffer_client_data(self, data: bytes) -> None:
+        """Keep client bytes for later, unparsed (``b""``: the client closed)."""
+        if data:
+            self._pending += data
+        else:
+            self._client_eof = True
+
     def client_data(self, data: bytes | None) -> list[ClientPiece]:
         """Feed bytes from the client (``None``: only parse what is buffered)."""
         if data is not None:
-            if data:
-                self._pending += data
-            else:
-                self._client_eof = True
+            self.buffer_client_data(data)
         if self._switched or self._request_done:
             return []  # after the request, bytes wait for its answer (or the upgrade)
         reader = self._request

@@ -45,6 +45,7 @@ class Container:
     upgraded: int = 0
     stopping: bool = False
     links: set[Link] = field(default_factory=set, repr=False)
+    spare: list[Link] = field(default_factory=list, repr=False)  # idle, for the next client
     _idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def __post_init__(self) -> None:
