@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--listen", required=True, help="proxy address HOST:PORT")
     parser.add_argument("--api", default="127.0.0.1:0", help="manager address HOST:PORT")
     parser.add_argument("--upstream", required=True, help="backend address HOST:PORT")
+    parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     host, _, port = args.upstream.rpartition(":")
@@ -92,7 +93,7 @@ def main() -> None:
     )
     server.state.add(upstream)
     server.state.switch_to(upstream)
-    run_event_loop(server.run())
+    run_event_loop(server.run(), args.loop)
 
 
 if __name__ == "__main__":
