@@ -24,6 +24,7 @@ from typing import TypeAlias
 
 import h11
 
+from wunderproxy.requesthead import read_request_head
 from wunderproxy.responsehead import MAX_HEAD, comma_tokens, read_response_head
 
 # Request headers the container-side parser needs to see: they decide keep-alive and
@@ -144,8 +145,17 @@ class _RequestFacts:
     """What the answer's reader must know of the request it answers."""
 
     method: bytes
+    target: bytes
+    http_version: bytes
     keep_alive: bool
-    request: h11.Request
+    shaping_headers: tuple[tuple[bytes, bytes], ...]  # Connection and Upgrade
+
+
+@dataclass(slots=True)
+class _PlainBody:
+    """A plain request's Content-Length body, as it arrives."""
+
+    remaining: int
 
 
 class _ResponseReader:
@@ -219,7 +229,7 @@ class _ResponseReader:
     def _hand_to_h11(self, data: bytes) -> list[UpstreamPiece]:
         reader = self._h11 = _H11Reader(h11.CLIENT)
         # Built only here: few answers need h11, and building it costs.
-        reader.conn.send(_synthetic_request_for(self._request.request))
+        reader.conn.send(_synthetic_request_for(self._request))
         reader.conn.send(h11.EndOfMessage())
         unconsumed = bytes(self._head)
         self._head.clear()
@@ -281,7 +291,7 @@ class Exchange:
     def __init__(self) -> None:
         self._pending = bytearray()  # client bytes not yet given to a request parser
         self._client_eof = False
-        self._request: _H11Reader | None = None  # parser of the request in progress
+        self._request: _H11Reader | _PlainBody | None = None  # the request in progress
         self._facts: _RequestFacts | None = None
         self._request_done = False
         self._response: _ResponseReader | None = None
@@ -310,7 +320,12 @@ class Exchange:
         if reader is None:
             if self._must_close or not (self._pending or self._client_eof):
                 return []
+            plain = self._read_plain_request()
+            if plain is not None:
+                return plain
             reader = self._request = _H11Reader(h11.SERVER)
+        if isinstance(reader, _PlainBody):
+            return self._read_plain_body(reader)
         if self._pending:
             reader.receive(bytes(self._pending))
             self._pending.clear()
@@ -343,6 +358,50 @@ class Exchange:
                 if event is not h11.NEED_DATA:
                     self._request = None
                 return pieces
+
+    def _read_plain_request(self) -> list[ClientPiece] | None:
+        """Read a plain request head without h11; None when h11 must read it."""
+        pending = self._pending
+        end = _BLANK_LINE.search(pending)
+        if end is None:
+            if self._client_eof or len(pending) > MAX_HEAD:
+                return None
+            return []  # the rest of the head is still on its way
+        head = bytes(pending[: end.end()])
+        found = read_request_head(head)
+        if found is None:
+            return None
+        del pending[: end.end()]
+        shaping = ((b"connection", found.connection),) if found.connection else ()
+        self._facts = _RequestFacts(
+            found.method, found.target, found.http_version, found.keep_alive, shaping
+        )
+        self._answered = False
+        body = self._request = _PlainBody(found.body_length)
+        return [RequestStarted(found.method, found.target, head), *self._read_plain_body(body)]
+
+    def _read_plain_body(self, body: _PlainBody) -> list[ClientPiece]:
+        pieces: list[ClientPiece] = []
+        if body.remaining:
+            if not self._pending:
+                if self._client_eof:
+                    self._must_close = True
+                    raise ClientProtocolError(
+                        "the client closed the connection before the end of the body", 400
+                    )
+                return pieces
+            chunk = bytes(self._pending[: body.remaining])
+            del self._pending[: len(chunk)]
+            body.remaining -= len(chunk)
+            pieces.append(Body(chunk))
+            if body.remaining:
+                return pieces
+        pieces.append(MessageEnded(b""))
+        self._request_done = True
+        self._end_cycle_if_done()
+        if self._facts is None and self._pending:  # answered early: go on
+            return pieces + self.client_data(None)
+        return pieces
 
     def request_forwarded(self, fresh_upstream: bool) -> None:
         """The current request goes upstream; ``fresh_upstream``: on a new connection."""
@@ -452,7 +511,10 @@ def _facts_of(request: h11.Request) -> _RequestFacts:
     """
     keep_alive = request.http_version == b"1.1"
     has_length = has_transfer_encoding = False
+    shaping = []
     for name, value in request.headers:
+        if name in _HEADERS_THAT_SHAPE_THE_RESPONSE:
+            shaping.append((name, value))
         if name == b"connection":
             keep_alive = keep_alive and b"close" not in comma_tokens(value)
         elif name == b"content-length":
@@ -463,13 +525,14 @@ def _facts_of(request: h11.Request) -> _RequestFacts:
         raise ClientProtocolError(
             "both Content-Length and Transfer-Encoding are set; send only one", 400
         )
-    return _RequestFacts(request.method, keep_alive, request)
+    return _RequestFacts(
+        request.method, request.target, request.http_version, keep_alive, tuple(shaping)
+    )
 
 
-def _synthetic_request_for(request: h11.Request) -> h11.Request:
+def _synthetic_request_for(request: _RequestFacts) -> h11.Request:
     """What the container-side parser must know of a request: its method and its wishes."""
-    headers = [(b"host", b"upstream")]
-    headers += [(n, v) for n, v in request.headers if n in _HEADERS_THAT_SHAPE_THE_RESPONSE]
+    headers = [(b"host", b"upstream"), *request.shaping_headers]
     if request.http_version == b"1.0":
         # h11 never keeps an HTTP/1.0 connection alive; the container side must agree.
         headers.append((b"connection", b"close"))

@@ -22,17 +22,19 @@ MAX_HEAD = 16 * 1024
 
 # A whole head in the subset of h11's grammar read here (one C-level match instead of one
 # per line): HTTP/1.0 or 1.1, visible ASCII, CRLF line ends, no obsolete line folding.
-_PLAIN_HEAD = re.compile(
-    rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: [\t\x20-\x7e]*)?\r\n"
+PLAIN_HEADER_LINES = (
     rb"(?:[-!#$%&'*+.^_`|~0-9a-zA-Z]+:[ \t]*(?:[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*)?[ \t]*\r\n)*"
     rb"\r\n"
+)
+_PLAIN_HEAD = re.compile(
+    rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: [\t\x20-\x7e]*)?\r\n" + PLAIN_HEADER_LINES
 )
 # The fields that frame the message, in a head already matched by _PLAIN_HEAD.
 _FRAMING_FIELD = re.compile(
     rb"\r\n(content-length|transfer-encoding|connection):[ \t]*([^\r]*?)[ \t]*(?=\r\n)",
     re.IGNORECASE,
 )
-_DIGITS = re.compile(rb"[0-9]+")
+DIGITS = re.compile(rb"[0-9]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +65,7 @@ def read_response_head(head: bytes, method: bytes) -> ResponseHead | None:
     for field in _FRAMING_FIELD.finditer(head):
         name, value = field.group(1).lower(), field.group(2)
         if name == b"content-length":
-            if content_length is not None or _DIGITS.fullmatch(value) is None:
+            if content_length is not None or DIGITS.fullmatch(value) is None:
                 return None
             content_length = value
         elif name == b"transfer-encoding":
