@@ -126,6 +126,12 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq) / _CLOCK_TICKS
 
 
+def stolen_seconds() -> float:
+    """CPU time the hypervisor gave to other machines while ours wanted it (steal)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    return int(fields[7]) / _CLOCK_TICKS if len(fields) > 7 else 0.0
+
+
 def rss_kib(pids: list[int]) -> int:
     """Resident memory (VmRSS) of the processes, summed, in KiB."""
     total = 0
