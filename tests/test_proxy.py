@@ -13,8 +13,10 @@ import pytest
 from tests.support.backend import Backend
 from tests.support.waiting import eventually
 from tests.support.wire import read_answer, send_request
+from wunderproxy.config import Address
 from wunderproxy.forwarder import ClientConnection
 from wunderproxy.launchconfig import md5_hex, parse_launch_config
+from wunderproxy.listeners import listen
 from wunderproxy.state import Container, ProxyState
 
 
@@ -384,3 +386,33 @@ async def test_a_drain_closes_the_spare_connections_of_the_old_container(
     proxy.serve(make_container(green, "rev2"))
     assert old.close_links(idle_only=True) == 1
     assert await eventually(lambda: not old.spare and not old.links)
+
+
+async def test_the_listener_accepts_a_burst_of_connections_and_serves_them_all(
+    blue: Backend,
+) -> None:
+    state = ProxyState("testapp", "test")
+    container = make_container(blue, "rev1")
+    state.add(container)
+    state.switch_to(container)
+    listener = await listen(
+        Address.parse("127.0.0.1:0", "--proxy"), lambda: ClientConnection(state, 30)
+    )
+    port = listener.sockets[0].getsockname()[1]
+    pairs: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        pairs = await asyncio.gather(
+            *(asyncio.open_connection("127.0.0.1", port) for _ in range(300))
+        )
+        for _, writer in pairs:
+            writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(reader.readuntil(b"blue"), 10) for reader, _ in pairs)
+        )
+        assert all(answer.startswith(b"HTTP/1.1 200 ") for answer in answers)
+        assert state.requests.total == 300
+    finally:
+        for _, writer in pairs:
+            writer.close()
+        listener.close()
+        await asyncio.sleep(0.05)

@@ -18,9 +18,9 @@ import os
 import signal
 import socket
 import struct
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from wunderproxy.config import Address
 
@@ -42,7 +42,57 @@ ProtocolFactory = Callable[[], asyncio.Protocol]
 BACKLOG = 4096  # a burst of a thousand new connections must not overflow the queue
 
 
-async def listen(address: Address, factory: ProtocolFactory) -> asyncio.Server:
+class Listener(Protocol):
+    """What the server needs of a listener: its sockets, and a way to stop it."""
+
+    @property
+    def sockets(self) -> Sequence[socket.socket]: ...
+
+    def close(self) -> None: ...
+
+
+class GreedyListener:
+    """Accepts every connection waiting in the queue, each time it becomes readable.
+
+    uvloop's own server accepts one connection per turn of the loop: a thousand clients
+    connecting at once then wait behind a thousand turns, each busy with the requests of
+    those already in, and their first requests time out.
+    """
+
+    def __init__(self, sock: socket.socket, factory: ProtocolFactory) -> None:
+        self._sock = sock
+        self._factory = factory
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        sock.setblocking(False)
+        self._loop.add_reader(sock.fileno(), self._accept_all)
+
+    @property
+    def sockets(self) -> Sequence[socket.socket]:
+        return [self._sock]
+
+    def close(self) -> None:
+        if self._sock.fileno() != -1:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+
+    def _accept_all(self) -> None:
+        for _ in range(BACKLOG):
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors, a connection reset while queued
+                log.warning("accepting a connection failed: %s", exc)
+                return
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = self._loop.create_task(self._loop.connect_accepted_socket(self._factory, conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+
+async def listen(address: Address, factory: ProtocolFactory) -> Listener:
     """Listen on a TCP address (shareable with a successor) or a Unix socket path."""
     loop = asyncio.get_running_loop()
     if address.path is not None:
@@ -52,7 +102,8 @@ async def listen(address: Address, factory: ProtocolFactory) -> asyncio.Server:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((address.host or "0.0.0.0", address.port or 0))
-    return await loop.create_server(factory, sock=sock, backlog=BACKLOG)
+    sock.listen(BACKLOG)
+    return GreedyListener(sock, factory)
 
 
 def streams(handler: ConnectionHandler) -> ProtocolFactory:
@@ -64,7 +115,7 @@ def streams(handler: ConnectionHandler) -> ProtocolFactory:
     return factory
 
 
-def take_new_connections(server: asyncio.Server) -> None:
+def take_new_connections(server: Listener) -> None:
     """Steer every new connection on this port to this process's listener.
 
     Sockets join a reuseport group in the order they start listening, and a closing one

@@ -15,6 +15,7 @@ from wunderproxy.controller import Controller, Engine
 from wunderproxy.forwarder import ClientConnection
 from wunderproxy.listeners import (
     ACCEPT_LINGER,
+    Listener,
     PidFile,
     listen,
     streams,
@@ -110,7 +111,7 @@ class Server:
             if self._pid_file is not None:
                 self._pid_file.remove()
 
-    async def _shutdown(self, proxy: asyncio.Server, api: asyncio.Server) -> None:
+    async def _shutdown(self, proxy: Listener, api: Listener) -> None:
         timeout = self.config.shutdown_timeout
         self._stopping = True
         for task in self._api_tasks:
@@ -179,7 +180,7 @@ def _track(tasks: set[asyncio.Task[Any]]) -> None:
         task.add_done_callback(tasks.discard)
 
 
-def _bound(server: asyncio.Server, address: Address) -> str:
+def _bound(server: Listener, address: Address) -> str:
     """The address actually bound (tells the port when 0 was asked for)."""
     with contextlib.suppress(IndexError, TypeError):
         name = server.sockets[0].getsockname()
