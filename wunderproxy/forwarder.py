@@ -22,6 +22,7 @@ from typing import cast
 
 from wunderproxy import framing
 from wunderproxy.state import Container, ProxyState
+from wunderproxy.streams import LINGER
 
 log = logging.getLogger("wunderproxy.proxy")
 
@@ -34,10 +35,6 @@ REPLAY_LIMIT = 64 * 1024
 MAX_SPARE = 64
 # Methods that may be sent twice (RFC 9110 section 9.2.2).
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
-# Seconds to keep reading (and dropping) a client's bytes after refusing its request, so
-# that closing does not reset the connection before the client read the answer
-# (RFC 9112 section 9.6).
-REFUSAL_LINGER = 1.0
 
 _REASONS = {
     400: "Bad Request",
@@ -447,7 +444,7 @@ class ClientConnection(asyncio.Protocol):
         transport.resume_reading()
         if transport.can_write_eof():
             transport.write_eof()
-        self._loop.call_later(REFUSAL_LINGER, self.close)
+        self._loop.call_later(LINGER, self.close)
 
     # -- container to client -------------------------------------------------------
 

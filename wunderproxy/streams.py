@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import ipaddress
 
-# Seconds to keep reading (and dropping) a client's bytes after refusing its request.
+# Seconds to keep reading (and dropping) a client's bytes after refusing its request, so
+# that closing does not reset the connection before the client read the answer
+# (RFC 9112 section 9.6). The proxy and the manager both refuse this way.
 LINGER = 1.0
 
 
