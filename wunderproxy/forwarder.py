@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from typing import cast
 
@@ -340,7 +339,7 @@ class ClientConnection(asyncio.Protocol):
         """
         state = self._state
         state.request_started()
-        self._started_at = time.monotonic()
+        self._started_at = self._loop.time()
         self._answer_begun = False
         self._request_received = False
         self._answering = True
@@ -569,10 +568,11 @@ class ClientConnection(asyncio.Protocol):
             return
         self._answering = False
         self._state.active_connections -= 1
-        self._state.request_finished(time.monotonic() - self._started_at)
+        now = self._loop.time()
+        self._state.request_finished(now - self._started_at)
         container, self._routed_to = self._routed_to, None
         self._replay = None
-        self._last_active = self._loop.time()
+        self._last_active = now
         upstream = self._upstream
         if upstream is not None:
             upstream.busy = False
