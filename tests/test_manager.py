@@ -764,14 +764,14 @@ async def test_without_a_token_an_ipv4_mapped_loopback_peer_may_launch(
 # -- routing ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/", "/statuz", "/status/", "/launch/abc", "/Switch"])
+@pytest.mark.parametrize("path", ["/index.html", "/statuz", "/status/", "/launch/abc", "/Switch"])
 async def test_an_unknown_path_answers_404_naming_the_endpoints(
     manager: Manager, path: str
 ) -> None:
     reply = await manager.handle(request("GET", path))
     assert reply.status == 404
     message = error_of(reply)
-    for endpoint in ("GET /status", "POST /launch", "POST /switch"):
+    for endpoint in ("GET /status", "GET /metrics", "GET /", "POST /launch", "POST /switch"):
         assert endpoint in message
 
 

@@ -16,6 +16,7 @@ import click
 
 from wunderproxy import __version__
 from wunderproxy import config as defaults
+from wunderproxy.accesslog import ACCESS_LOG_FORMATS, AccessLog, AccessLogFormat
 from wunderproxy.client import ClientError, ManagerClient
 from wunderproxy.config import Address, Config, ConfigError, read_env_file
 from wunderproxy.runtime import LoopChoice, run_event_loop
@@ -122,6 +123,20 @@ def main() -> None:
     "'wunderproxy[fast]').",
 )
 @click.option(
+    "--access-log",
+    envvar="WUNDERPROXY_ACCESS_LOG",
+    metavar="PATH|-",
+    help="Write one line per proxied request to PATH (or - for standard output). Off by default.",
+)
+@click.option(
+    "--access-log-format",
+    envvar="WUNDERPROXY_ACCESS_LOG_FORMAT",
+    default="common",
+    type=click.Choice(ACCESS_LOG_FORMATS),
+    help="common: Common Log Format plus X-Forwarded-For, revision and seconds; "
+    "json: one JSON object per line.",
+)
+@click.option(
     "--log-level",
     envvar="WUNDERPROXY_LOG_LEVEL",
     default="info",
@@ -145,6 +160,8 @@ def run(
     pid_file: Path | None,
     take_over: bool,
     loop_choice: LoopChoice,
+    access_log: str | None,
+    access_log_format: AccessLogFormat,
     log_level: str,
 ) -> None:
     """Serve APP: proxy to its current container and manage deploys.
@@ -187,8 +204,16 @@ def run(
     except ValueError as exc:
         raise click.UsageError(f"BUCKET {bucket!r}: {exc}") from exc
     try:
+        requests_log = AccessLog(access_log, access_log_format) if access_log else None
+    except OSError as exc:
+        raise click.UsageError(
+            f"--access-log {access_log}: cannot open it for appending: {exc.strerror}; "
+            "give a writable file, or - for standard output"
+        ) from exc
+    try:
         run_event_loop(
-            Server(config, store, DockerEngine(), pid_file, take_over).run(), loop_choice
+            Server(config, store, DockerEngine(), pid_file, take_over, requests_log).run(),
+            loop_choice,
         )
     except OSError as exc:
         raise click.ClickException(f"cannot listen: {exc}") from exc

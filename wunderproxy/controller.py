@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import socket
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -118,8 +119,31 @@ class Controller:
         return result
 
     async def _launch(self, config_hash: str, config: LaunchConfig | None) -> LaunchResult:
-        if config is None:
-            config = await self._blocking(stores.load_launch_config, self._store, config_hash)
+        """Launch, with the deploy events it makes: launch, then healthy or failed."""
+        began = time.monotonic()
+        revision = config.revision if config is not None else "?"
+        events = self._state.events
+        try:
+            if config is None:
+                config = await self._blocking(stores.load_launch_config, self._store, config_hash)
+                revision = config.revision
+            events.add("launch", revision, config_hash)
+            result = await self._start_healthy(config)
+        except Exception as exc:
+            events.add(
+                "failed", revision, config_hash, seconds=time.monotonic() - began, detail=str(exc)
+            )
+            raise
+        events.add(
+            "healthy",
+            revision,
+            config_hash,
+            result.container.container_id,
+            seconds=time.monotonic() - began,
+        )
+        return result
+
+    async def _start_healthy(self, config: LaunchConfig) -> LaunchResult:
         image = config.image or f"{self._config.repository}:{config.revision}"
         log.info("launching revision %s (%s) from %s", config.revision, config.hash, image)
         await self._blocking(self._engine.ensure_image, image)
@@ -221,6 +245,13 @@ class Controller:
 
     def _switch_to(self, container: Container) -> Container | None:
         previous = self._state.switch_to(container)
+        self._state.events.add(
+            "switch",
+            container.revision,
+            container.hash,
+            container.container_id,
+            detail=f"from {previous.revision}" if previous is not None else "",
+        )
         log.info(
             "switched proxy to revision %s: container %s port %d",
             container.revision,
@@ -238,7 +269,7 @@ class Controller:
         """Write current.json and history.json; a failure is reported, not fatal."""
         async with self._record_lock:
             try:
-                await self._blocking(
+                self._state.deploy_history = await self._blocking(
                     stores.record_deploy,
                     self._store,
                     container.config,
@@ -258,6 +289,7 @@ class Controller:
         connections run on until the drain deadline, then are cut. Only then is the
         container stopped (with Docker's grace period) and removed.
         """
+        began = time.monotonic()
         closed = container.close_links(idle_only=True)
         log.info(
             "draining container %s: %d requests in flight, %d upgraded, %d idle connections closed",
@@ -282,6 +314,13 @@ class Controller:
         container.close_links(idle_only=False)
         await self._remove_quietly(container.container_id)
         self._state.forget(container)
+        self._state.events.add(
+            "drained",
+            container.revision,
+            container.hash,
+            container.container_id,
+            seconds=time.monotonic() - began,
+        )
         log.info("drained and removed container %s", container.container_id[:12])
         await self._remove_unused_images()
 
@@ -314,6 +353,7 @@ class Controller:
         Returns True when the proxy is ready to take all traffic (serving current.json, or
         nothing deployed yet); failures are logged and the proxy answers 503 meanwhile.
         """
+        await self._read_history()
         try:
             config = await self._blocking(stores.load_current, self._store)
             records = await self._blocking(
@@ -346,6 +386,13 @@ class Controller:
         except WunderproxyError as exc:
             log.error("could not start current.json: %s", exc)
             return False
+
+    async def _read_history(self) -> None:
+        """Load history.json for the status page; without it the page shows no deploys."""
+        try:
+            self._state.deploy_history = await self._blocking(stores.read_history, self._store)
+        except WunderproxyError as exc:
+            log.warning("could not read the deploy history: %s", exc)
 
     async def _adopt(
         self, config: LaunchConfig, records: list[ContainerRecord]

@@ -20,8 +20,10 @@ from collections.abc import Callable
 from typing import cast
 
 from wunderproxy import framing
+from wunderproxy.accesslog import CLIENT_CLOSED_REQUEST, AccessLog
 from wunderproxy.state import Container, ProxyState
 from wunderproxy.streams import LINGER
+from wunderproxy.traffic import NO_REVISION
 
 log = logging.getLogger("wunderproxy.proxy")
 
@@ -43,6 +45,10 @@ _REASONS = {
     502: "Bad Gateway",
     503: "Service Unavailable",
 }
+
+
+# What the access log shows of a request that could not be read.
+_UNREADABLE_REQUEST = framing.RequestStarted(method=b"-", target=b"-", data=b"")
 
 
 def plain_response(status: int, message: str, close: bool) -> bytes:
@@ -160,8 +166,10 @@ class ClientConnection(asyncio.Protocol):
         state: ProxyState,
         keepalive_timeout: float,
         on_close: Callable[[ClientConnection], None] | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self._state = state
+        self._access_log = access_log
         self._keepalive_timeout = keepalive_timeout
         self._on_close = on_close
         self._loop = asyncio.get_running_loop()
@@ -176,6 +184,10 @@ class ClientConnection(asyncio.Protocol):
         self._client_eof = False
         # Per request: where it went, when it started, whether its answer has begun.
         self._routed_to: Container | None = None
+        self._request: framing.RequestStarted | None = None
+        self._status = 0  # of the answer, once it begins
+        self._bytes_in = 0
+        self._bytes_out = 0
         self._started_at = 0.0
         self._answer_begun = False
         self._answering = False  # a request is counted as active
@@ -316,6 +328,7 @@ class ClientConnection(asyncio.Protocol):
             self.pause_reading("answer")
 
     def _send(self, piece: framing.ClientPiece) -> None:
+        self._bytes_in += len(piece.data)
         target = self._body_target
         if target is not None and piece.data:
             if self._replay is not None:
@@ -339,6 +352,9 @@ class ClientConnection(asyncio.Protocol):
         """
         state = self._state
         state.request_started()
+        self._request = piece
+        self._status = 0
+        self._bytes_in = self._bytes_out = 0
         self._started_at = self._loop.time()
         self._answer_begun = False
         self._request_received = False
@@ -419,11 +435,21 @@ class ClientConnection(asyncio.Protocol):
             self._receive(None)
 
     def _answer_locally(self, status: int, message: str, close: bool) -> None:
-        self._state.response_started(status)
         self._exchange.answered_locally(status, close)
-        if self._transport is not None:
-            self._transport.write(plain_response(status, message, close))
+        self._write_own_answer(status, message, close)
         self._finish_request()
+
+    def _write_own_answer(self, status: int, message: str, close: bool) -> None:
+        """Count and send an answer of the proxy's own."""
+        self._answer_started(status)
+        data = plain_response(status, message, close)
+        self._bytes_out += len(data)
+        if self._transport is not None:
+            self._transport.write(data)
+
+    def _answer_started(self, status: int) -> None:
+        self._status = status
+        self._state.response_started(status)
 
     def _refuse(self, error: framing.ClientProtocolError) -> None:
         """Bad HTTP from the client: answer (unless an answer already began) and close."""
@@ -433,12 +459,17 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         status = error.status_hint if 400 <= error.status_hint < 500 else 400
-        self._state.response_started(status)
-        transport.write(plain_response(status, f"bad HTTP/1.1 request: {error}", close=True))
+        if not self._answering:  # no request was under way: count the refused one
+            self._request = None
+            self._bytes_in = self._bytes_out = 0
+        self._write_own_answer(status, f"bad HTTP/1.1 request: {error}", close=True)
         # Half-close and drop what still comes, so that the client reads the answer
         # instead of a reset.
         self._discarding = True
-        self._finish_request()
+        if self._answering:
+            self._finish_request()
+        else:
+            self._account(None, 0.0)
         self._paused_for.clear()
         transport.resume_reading()
         if transport.can_write_eof():
@@ -469,7 +500,7 @@ class ClientConnection(asyncio.Protocol):
             if isinstance(piece, framing.ResponseStarted | framing.ProtocolSwitched):
                 self._answer_begun = True
                 self._replay = None
-                self._state.response_started(piece.status)
+                self._answer_started(piece.status)
             if isinstance(piece, framing.ResponseStarted) and self._closing:
                 # Shutting down: tell the client, so that it does not send its next
                 # request on a connection we are about to close.
@@ -483,7 +514,9 @@ class ClientConnection(asyncio.Protocol):
         if not out:
             return
         # One write per read: a head and its body go out in one segment.
-        transport.write(out[0] if len(out) == 1 else b"".join(out))
+        data = out[0] if len(out) == 1 else b"".join(out)
+        self._bytes_out += len(data)
+        transport.write(data)
         if exchange.switched:
             upstream.write(exchange.take_client_leftover())
             self._finish_request()
@@ -529,11 +562,10 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         log.warning("request to container %s failed: %s", upstream.container.container_id, reason)
-        self._state.response_started(502)
-        if self._transport is not None:
-            self._transport.write(
-                plain_response(502, "the app container failed to answer", close=True)
-            )
+        self._fail_with_502()
+
+    def _fail_with_502(self) -> None:
+        self._write_own_answer(502, "the app container failed to answer", close=True)
         self._finish_request()
         self.close()
 
@@ -544,13 +576,7 @@ class ClientConnection(asyncio.Protocol):
                 lambda: _Upstream(self, container), container.host, container.port
             )
         except OSError:
-            self._state.response_started(502)
-            if self._transport is not None:
-                self._transport.write(
-                    plain_response(502, "the app container failed to answer", close=True)
-                )
-            self._finish_request()
-            self.close()
+            self._fail_with_502()
             return
         if self._closed:
             upstream.close()
@@ -569,8 +595,8 @@ class ClientConnection(asyncio.Protocol):
         self._answering = False
         self._state.active_connections -= 1
         now = self._loop.time()
-        self._state.request_finished(now - self._started_at)
         container, self._routed_to = self._routed_to, None
+        self._account(container, now - self._started_at)
         self._replay = None
         self._last_active = now
         upstream = self._upstream
@@ -598,6 +624,25 @@ class ClientConnection(asyncio.Protocol):
             # A pipelined request is waiting; parse it once the caller is done with
             # the pieces of this one.
             self._loop.call_soon(self._receive, None)
+
+    def _account(self, container: Container | None, seconds: float) -> None:
+        """Count the finished request, and log it if there is an access log."""
+        revision = container.config.revision if container is not None else NO_REVISION
+        status = self._status or CLIENT_CLOSED_REQUEST
+        self._state.request_finished(revision, status, seconds, self._bytes_in, self._bytes_out)
+        if self._access_log is not None:
+            request = self._request or _UNREADABLE_REQUEST
+            peer = self._transport.get_extra_info("peername") if self._transport else None
+            self._access_log.request(
+                peer[0] if isinstance(peer, tuple) else None,
+                request.data,
+                request.method,
+                request.target,
+                status,
+                self._bytes_out,
+                seconds,
+                revision,
+            )
 
     def _peer(self) -> str:
         peer = self._transport.get_extra_info("peername") if self._transport else None

@@ -1,4 +1,5 @@
-"""The manager API: ``GET /status``, ``POST /launch``, ``POST /switch`` over h11.
+"""The manager API over h11: ``POST /launch`` and ``POST /switch`` change what runs;
+``GET /status`` (JSON), ``GET /`` (the status page) and ``GET /metrics`` (Prometheus) tell.
 
 Every failure is a :class:`~wunderproxy.errors.WunderproxyError`; :func:`error_response`
 is the one place that turns it into a status code and a JSON body.
@@ -12,6 +13,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import h11
@@ -25,6 +27,8 @@ from wunderproxy.errors import (
     Unauthorized,
     WunderproxyError,
 )
+from wunderproxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from wunderproxy.metrics import Metrics
 from wunderproxy.state import Container, ProxyState
 from wunderproxy.streams import close_after_refusal, is_loopback
 
@@ -34,10 +38,16 @@ MAX_BODY = 4096  # a hash and some whitespace; anything larger is a mistake
 IDLE_TIMEOUT = 60.0  # seconds an idle API connection is kept open
 
 _ROUTES: dict[str, tuple[str, ...]] = {
+    "/": ("GET", "HEAD"),
     "/status": ("GET", "HEAD"),
+    "/metrics": ("GET", "HEAD"),
     "/launch": ("POST",),
     "/switch": ("POST",),
 }
+
+
+# One self-contained file: these hosts are often offline, so nothing is fetched from a CDN.
+STATUS_PAGE = resources.files("wunderproxy").joinpath("status.html").read_bytes()
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,11 @@ class ApiRequest:
     def wants_json(self) -> bool:
         return "application/json" in self.headers.get("accept", "")
 
+    @property
+    def wants_html(self) -> bool:
+        """A browser asking: it names text/html (curl and load balancers do not)."""
+        return "text/html" in self.headers.get("accept", "")
+
 
 class Manager:
     """Answers API requests; one instance serves every API connection."""
@@ -87,6 +102,7 @@ class Manager:
         self._controller = controller
         self._state = state
         self._token = token
+        self._metrics = Metrics(state)
 
     async def handle(self, request: ApiRequest) -> Reply:
         """Route one request; never raises for the client's or the host's faults."""
@@ -103,15 +119,19 @@ class Manager:
         allowed = _ROUTES.get(request.path)
         if allowed is None:
             raise NotFound(
-                f"no endpoint {request.path[:100]}; the API has GET /status, "
-                "POST /launch and POST /switch"
+                f"no endpoint {request.path[:100]}; the API has GET / (status page), "
+                "GET /status, GET /metrics, POST /launch and POST /switch"
             )
         if request.method not in allowed:
             raise MethodNotAllowed(
                 f"{request.path} takes {' or '.join(allowed)}, not {request.method}", allowed
             )
+        if request.path == "/" or (request.path == "/status" and request.wants_html):
+            return Reply(200, STATUS_PAGE, "text/html; charset=utf-8")
         if request.path == "/status":
             return json_reply(200, self._state.snapshot())
+        if request.path == "/metrics":
+            return Reply(200, self._metrics.render(), METRICS_CONTENT_TYPE)
         self._authorize(request)
         config_hash = _body_text(request.body)
         if request.path == "/launch":

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from wunderproxy import __version__, manager
+from wunderproxy.accesslog import AccessLog
 from wunderproxy.config import Address, Config
 from wunderproxy.controller import Controller, Engine
 from wunderproxy.forwarder import ClientConnection
@@ -49,8 +50,10 @@ class Server:
         engine: Engine,
         pid_file: Path | None = None,
         take_over: bool = False,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.config = config
+        self.access_log = access_log
         self.state = ProxyState(config.app, __version__)
         self.controller = Controller(config, self.state, store, engine)
         self.manager = manager.Manager(self.controller, self.state, config.api_token)
@@ -65,6 +68,8 @@ class Server:
         """Serve until SIGTERM or SIGINT, then shut down gracefully."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        if self.access_log is not None:
+            self.access_log.start()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         startup: asyncio.Task[bool] | None = None
@@ -110,6 +115,8 @@ class Server:
         finally:
             if self._pid_file is not None:
                 self._pid_file.remove()
+            if self.access_log is not None:
+                await self.access_log.close()
 
     async def _shutdown(self, proxy: Listener, api: Listener) -> None:
         timeout = self.config.shutdown_timeout
@@ -148,7 +155,7 @@ class Server:
 
     def _new_client(self) -> ClientConnection:
         connection = ClientConnection(
-            self.state, self.config.keepalive_timeout, self._client_closed
+            self.state, self.config.keepalive_timeout, self._client_closed, self.access_log
         )
         if self._stopping:
             connection.close_when_idle(IDLE_CLOSE_GRACE)

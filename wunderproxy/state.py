@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
+from wunderproxy.events import DeployEvents
 from wunderproxy.launchconfig import LaunchConfig
+from wunderproxy.traffic import Traffic, describe_figures, describe_minute, merged
 
 ContainerState = Literal["launched", "serving", "draining"]
 
@@ -133,6 +135,10 @@ class ProxyState:
         self.open_connections = 0
         self.active_connections = 0
         self.docker_error: str | None = None
+        self.traffic = Traffic()
+        self.events = DeployEvents()
+        # history.json as last read or written, oldest first.
+        self.deploy_history: list[dict[str, str]] = []
         self._started = time.monotonic()
 
     # -- containers ----------------------------------------------------------------
@@ -180,9 +186,24 @@ class ProxyState:
         """A response status was sent to a client (from a container or the proxy)."""
         self.requests.by_status[status] += 1
 
-    def request_finished(self, seconds: float) -> None:
-        """A request was answered in ``seconds``."""
+    def request_finished(
+        self, revision: str, status: int, seconds: float, bytes_in: int, bytes_out: int
+    ) -> None:
+        """A request to ``revision`` was answered with ``status`` in ``seconds``."""
         self.requests.time_since_switch += seconds
+        self.traffic.record(revision, status, seconds, bytes_in, bytes_out)
+
+    def connection_counts(self) -> dict[str, int]:
+        """Client connections by state: open = active + idle; upgraded ones are active;
+        draining ones are connections to a container being drained."""
+        active = self.active_connections
+        return {
+            "open": self.open_connections,
+            "active": active,
+            "idle": self.open_connections - active,
+            "upgraded": sum(c.upgraded for c in self.containers),
+            "draining": sum(len(c.links) for c in self.containers if c.state == "draining"),
+        }
 
     # -- /status ---------------------------------------------------------------------
 
@@ -190,8 +211,9 @@ class ProxyState:
         """The ``/status`` document of SPEC, including the original's capitalised keys."""
         current = self.current
         requests = self.requests
-        active = self.active_connections
-        idle = self.open_connections - active
+        connections = self.connection_counts()
+        active, idle = connections["active"], connections["idle"]
+        totals = self.traffic.totals()
         return {
             "app": self.app,
             "version": self.version,
@@ -203,13 +225,20 @@ class ProxyState:
                 "since_switch": requests.since_switch,
                 "by_status": {str(code): n for code, n in sorted(requests.by_status.items())},
             },
-            "connections": {"open": self.open_connections, "active": active, "idle": idle},
+            "connections": connections,
             "docker": {"state": "ok" if self.docker_error is None else "error"}
             | ({"error": self.docker_error} if self.docker_error else {}),
             "Requests": requests.since_switch,
             "TotalTime": round(requests.time_since_switch, 6),
             "States": {"active": active, "idle": idle},
             "DockerState": "Ok" if self.docker_error is None else "Error",
+            "traffic": {
+                "since_start": describe_figures(merged(totals.values())),
+                "by_revision": {rev: describe_figures(f) for rev, f in totals.items()},
+                "minutes": [describe_minute(minute) for minute in self.traffic.minutes()],
+            },
+            "events": [event.describe() for event in self.events.newest_first()],
+            "deploys": list(reversed(self.deploy_history)),
         }
 
 

@@ -252,8 +252,10 @@ def read_history(store: Store) -> list[dict[str, str]]:
     return entries
 
 
-def record_deploy(store: Store, config: LaunchConfig, deployed_by: str, now: datetime) -> None:
-    """Make ``config`` the current one and add it to the history.
+def record_deploy(
+    store: Store, config: LaunchConfig, deployed_by: str, now: datetime
+) -> list[dict[str, str]]:
+    """Make ``config`` the current one and add it to the history; return the history.
 
     current.json is written first: it is what a restarted host launches, while history.json
     only informs. Several hosts switch the same hash, so a hash already last in the history is
@@ -264,7 +266,7 @@ def record_deploy(store: Store, config: LaunchConfig, deployed_by: str, now: dat
     store.put(CURRENT_KEY, config.raw)
     history = read_history(store)
     if history and history[-1].get("Hash") == config.hash:
-        return
+        return history
     history.append(
         {
             "Revision": config.revision,
@@ -273,5 +275,6 @@ def record_deploy(store: Store, config: LaunchConfig, deployed_by: str, now: dat
             "DeployedBy": deployed_by,
         }
     )
-    text = json.dumps(history[-HISTORY_LIMIT:], indent=2) + "\n"
-    store.put(HISTORY_KEY, text.encode())
+    history = history[-HISTORY_LIMIT:]
+    store.put(HISTORY_KEY, (json.dumps(history, indent=2) + "\n").encode())
+    return history
