@@ -211,6 +211,35 @@ async def test_status_answers_200_json_with_every_key_of_the_spec_example(
     assert isinstance(status["TotalTime"], int | float)
     assert set(status["States"]) >= {"active", "idle"}
     assert status["DockerState"] == "Ok"
+    assert {"since_start", "by_revision", "minutes"} <= set(status["traffic"])
+    assert isinstance(status["events"], list) and isinstance(status["deploys"], list)
+
+
+async def test_a_browser_asking_for_status_gets_the_page_and_a_monitor_gets_json(
+    manager: Manager,
+) -> None:
+    browser = request("GET", "/status", headers={"accept": "text/html,application/xhtml+xml"})
+    page = await manager.handle(browser)
+    assert (page.status, page.content_type) == (200, "text/html; charset=utf-8")
+    assert page.body == (await manager.handle(request("GET", "/"))).body
+    for accept in ("", "*/*", "application/json"):
+        reply = await manager.handle(request("GET", "/status", headers={"accept": accept}))
+        assert reply.content_type == "application/json"
+
+
+async def test_metrics_are_prometheus_text_with_the_proxy_figures(
+    manager: Manager, serving: Container, state: ProxyState
+) -> None:
+    state.request_finished("rev0", 200, 0.003, 100, 200)
+    reply = await manager.handle(request("GET", "/metrics", peer="10.1.2.3"))
+    assert reply.status == 200
+    assert reply.content_type == "text/plain; version=0.0.4; charset=utf-8"
+    text = reply.body.decode()
+    assert 'wunderproxy_requests_total{code="200",revision="rev0"} 1.0' in text
+    assert 'wunderproxy_request_duration_seconds_bucket{le="0.0025",revision="rev0"} 0.0' in text
+    assert 'wunderproxy_request_duration_seconds_bucket{le="0.005",revision="rev0"} 1.0' in text
+    assert "wunderproxy_current_revision_info{" in text and 'revision="rev0"' in text
+    assert "process_resident_memory_bytes" in text
 
 
 async def test_status_with_nothing_deployed_shows_no_current_container(
@@ -516,6 +545,20 @@ async def test_a_container_never_healthy_answers_504_and_is_removed(
     assert_still_serving(state, engine, serving)
     # The failed hash can be launched again once fixed: nothing is left pending.
     assert (await post(manager, "/switch", config_hash)).status == 404
+    failed = state.events.newest_first()[0]
+    assert (failed.kind, failed.revision, failed.config_hash) == ("failed", "rev1", config_hash)
+    assert "404" in failed.detail and failed.seconds is not None
+    assert state.events.results["failed"] == 1
+
+
+async def test_a_launch_of_an_unknown_hash_is_a_failed_deploy_event_naming_why(
+    manager: Manager, state: ProxyState
+) -> None:
+    reply = await post(manager, "/launch", "0" * 32)
+    assert reply.status == 404
+    failed = state.events.newest_first()[0]
+    assert (failed.kind, failed.revision) == ("failed", "?")
+    assert failed.detail == error_of(reply)
 
 
 async def test_a_failure_to_remove_the_unhealthy_container_still_answers_504(

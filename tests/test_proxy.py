@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import h11
 import pytest
@@ -13,6 +16,7 @@ import pytest
 from tests.support.backend import Backend
 from tests.support.waiting import eventually
 from tests.support.wire import read_answer, send_request
+from wunderproxy.accesslog import AccessLog
 from wunderproxy.config import Address
 from wunderproxy.forwarder import ClientConnection
 from wunderproxy.launchconfig import md5_hex, parse_launch_config
@@ -33,9 +37,10 @@ def make_container(backend: Backend, revision: str) -> Container:
 
 
 class Proxy:
-    def __init__(self, state: ProxyState, server: asyncio.Server) -> None:
+    def __init__(self, state: ProxyState, server: asyncio.Server, access_log: AccessLog) -> None:
         self.state = state
         self.server = server
+        self.access_log = access_log
         self.port: int = server.sockets[0].getsockname()[1]
         self.clients: list[Client] = []
         self.connections: set[ClientConnection] = set()
@@ -43,6 +48,18 @@ class Proxy:
     def serve(self, container: Container) -> None:
         self.state.add(container)
         self.state.switch_to(container)
+
+    async def logged_lines(self, count: int) -> list[str]:
+        """The access log's lines, once there are ``count``."""
+        path = Path(self.access_log.destination)
+        lines: list[str] = []
+
+        def enough() -> bool:
+            lines[:] = path.read_text().splitlines()
+            return len(lines) >= count
+
+        await eventually(enough)
+        return lines
 
     async def connect(self) -> Client:
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
@@ -80,17 +97,19 @@ class Client:
 
 
 @pytest.fixture
-async def proxy() -> AsyncIterator[Proxy]:
+async def proxy(tmp_path: Path) -> AsyncIterator[Proxy]:
     state = ProxyState("testapp", "test")
     connections: set[ClientConnection] = set()
+    access_log = AccessLog(str(tmp_path / "access.log"))
+    access_log.start()
 
     def new_connection() -> ClientConnection:
-        connection = ClientConnection(state, keepalive_timeout=30)
+        connection = ClientConnection(state, keepalive_timeout=30, access_log=access_log)
         connections.add(connection)
         return connection
 
     server = await asyncio.get_running_loop().create_server(new_connection, "127.0.0.1", 0)
-    proxy = Proxy(state, server)
+    proxy = Proxy(state, server, access_log)
     proxy.connections = connections
     yield proxy
     for client in proxy.clients:
@@ -100,6 +119,7 @@ async def proxy() -> AsyncIterator[Proxy]:
     await asyncio.sleep(0.05)
     server.close()
     await server.wait_closed()
+    await access_log.close()
 
 
 @pytest.fixture
@@ -416,3 +436,74 @@ async def test_the_listener_accepts_a_burst_of_connections_and_serves_them_all(
             writer.close()
         listener.close()
         await asyncio.sleep(0.05)
+
+
+# -- figures and the access log -------------------------------------------------------------
+
+
+async def test_every_request_is_counted_with_its_revision_status_time_and_exact_bytes(
+    proxy: Proxy, blue: Backend
+) -> None:
+    proxy.serve(make_container(blue, "rev1"))
+    requests = [
+        b"GET /status/404 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /slow/0.2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    ]
+    answers = []
+    for request in requests:
+        client = await proxy.connect()
+        client.send_raw(request)
+        answers.append(await client.read_all())
+    assert answers[2].endswith(b"\r\n\r\nhello")
+    figures = proxy.state.traffic.totals()["rev1"]
+    assert figures.by_status == {200: 2, 404: 1}
+    assert figures.latency.count == 3
+    assert figures.latency.percentile(1.0) == pytest.approx(0.2, rel=0.1)
+    assert figures.bytes_in == sum(map(len, requests))
+    assert figures.bytes_out == sum(map(len, answers))
+
+
+async def test_the_access_log_has_one_line_per_request_with_forwarded_for_and_revision(
+    proxy: Proxy, blue: Backend
+) -> None:
+    proxy.serve(make_container(blue, "rev1"))
+    client = await proxy.connect()
+    forwarded = [("X-Forwarded-For", "198.51.100.4")]
+    send_request(client.conn, client.writer, "GET", "/status/201", headers=forwarded)
+    assert (await client.response())[0] == 201
+    assert (await client.request("GET", "/"))[0] == 200
+    first, second = await proxy.logged_lines(2)
+    assert first.startswith("127.0.0.1 - - [")
+    assert '] "GET /status/201 HTTP/1.1" 201 ' in first
+    assert first.split('"')[-2:-1] == ["198.51.100.4"]
+    assert first.split()[-2] == "rev1" and float(first.split()[-1]) >= 0
+    assert '"GET / HTTP/1.1" 200 ' in second and ' "-" rev1 ' in second
+
+
+async def test_a_refused_request_is_logged_with_its_400_and_no_revision(
+    proxy: Proxy, blue: Backend
+) -> None:
+    proxy.serve(make_container(blue, "rev1"))
+    bad = await proxy.connect()
+    bad.send_raw(b"\x16\x03\x01 not http\r\n\r\n")
+    await bad.read_all()
+    (line,) = await proxy.logged_lines(1)
+    assert '"- - -" 400 ' in line and line.split()[-2] == "-"
+    assert proxy.state.traffic.totals()["-"].by_status == {400: 1}
+
+
+async def test_a_client_leaving_before_the_answer_is_logged_as_499(
+    proxy: Proxy, blue: Backend
+) -> None:
+    proxy.serve(make_container(blue, "rev1"))
+    client = await proxy.connect()
+    client.send_raw(b"GET /slow/0.5 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await eventually(lambda: blue.requests == 1)
+    # A reset, not a FIN: a half-closed client still gets its answer.
+    sock = client.writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.writer.transport.abort()
+    (line,) = await proxy.logged_lines(1)
+    assert '"GET /slow/0.5 HTTP/1.1" 499 0 ' in line
+    assert proxy.state.traffic.totals()["rev1"].by_status == {499: 1}

@@ -44,7 +44,7 @@ MAX_QUEUED_CHUNKS = 150  # about 30 s of lines waiting for a stalled disk
 # A status for a request whose client left before any answer (nginx's convention).
 CLIENT_CLOSED_REQUEST = 499
 
-_FORWARDED_FOR = re.compile(rb"\r?\nx-forwarded-for:[ \t]*([^\r\n]*?)[ \t]*\r?\n", re.IGNORECASE)
+_FORWARDED_FOR = re.compile(rb"\nx-forwarded-for:[ \t]*([^\r\n]*?)[ \t]*(?=\r?\n)", re.IGNORECASE)
 
 
 def forwarded_for(head: bytes) -> str | None:

@@ -19,7 +19,6 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -27,7 +26,9 @@ from prometheus_client.registry import Collector
 
 from wunderproxy.state import ProxyState
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The format generate_latest writes, as every Prometheus version reads it (newer clients
+# announce 1.0.0, which older servers do not know).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class ProxyCollector(Collector):
