@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import http.client
 import os
 import re
@@ -443,9 +444,11 @@ def start_haproxy(work: Path, upstream: Peer, cpu: int) -> Peer:
     return peer
 
 
-def start_wunderproxy(work: Path, upstream: Peer, cpu: int) -> Peer:
-    """wunderproxy's real proxy (``benchmarks/proxy_only.py``) in front of ``upstream``."""
-    wunder_dir = work / "wunderproxy"
+def start_wunderproxy(work: Path, upstream: Peer, cpu: int, access_log: bool = False) -> Peer:
+    """wunderproxy's real proxy (``benchmarks/proxy_only.py``) in front of ``upstream``;
+    with ``access_log``, it writes one (common format) line per request to a file."""
+    name = "wunderproxy+log" if access_log else "wunderproxy"
+    wunder_dir = work / name
     wunder_dir.mkdir()
     port = free_port()
     command = [
@@ -458,7 +461,9 @@ def start_wunderproxy(work: Path, upstream: Peer, cpu: int) -> Peer:
         "--api",
         f"{HOST}:0",
     ]
-    peer = start_peer("wunderproxy", port, command, wunder_dir / "wunderproxy.log", cpu)
+    if access_log:
+        command += ["--access-log", str(wunder_dir / "access.log")]
+    peer = start_peer(name, port, command, wunder_dir / "wunderproxy.log", cpu)
     peer.versions = f"Python {sys.version.split()[0]}"
     return peer
 
@@ -467,4 +472,5 @@ PROXIES: dict[str, Callable[[Path, Peer, int], Peer]] = {
     "nginx": start_nginx_proxy,
     "haproxy": start_haproxy,
     "wunderproxy": start_wunderproxy,
+    "wunderproxy+log": functools.partial(start_wunderproxy, access_log=True),
 }

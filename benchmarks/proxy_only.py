@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from wunderproxy.accesslog import ACCESS_LOG_FORMATS, AccessLog
 from wunderproxy.config import Address, Config
 from wunderproxy.engine import ContainerRecord, ContainerSpec, StartedContainer
 from wunderproxy.errors import UpstreamFailed
@@ -71,6 +72,8 @@ def main() -> None:
     parser.add_argument("--api", default="127.0.0.1:0", help="manager address HOST:PORT")
     parser.add_argument("--upstream", required=True, help="backend address HOST:PORT")
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
+    parser.add_argument("--access-log", help="write one line per request here (- for stdout)")
+    parser.add_argument("--access-log-format", default="common", choices=ACCESS_LOG_FORMATS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     host, _, port = args.upstream.rpartition(":")
@@ -82,7 +85,8 @@ def main() -> None:
         proxy=Address.parse(args.listen, "--listen"),
         api=Address.parse(args.api, "--api"),
     )
-    server = Server(config, NoStore(), NoEngine())
+    access_log = AccessLog(args.access_log, args.access_log_format) if args.access_log else None
+    server = Server(config, NoStore(), NoEngine(), access_log=access_log)
     upstream = Container(
         config=parse_launch_config(raw, md5_hex(raw)),
         image="none",

@@ -2,8 +2,9 @@
 
     python3 benchmarks/suite.py [--seconds 10] [--json out.json] [--only SCENARIO ...]
 
-Starts an nginx backend and three proxies in front of it (nginx, haproxy, wunderproxy via
-``benchmarks/proxy_only.py``), all pinned to core 0, and runs wrk pinned to core 1 against
+Starts an nginx backend and four proxies in front of it (nginx, haproxy, and wunderproxy via
+``benchmarks/proxy_only.py`` twice: without and with ``--access-log`` to a file, so that the
+log's cost is measured in the same run), all pinned to core 0, and runs wrk pinned to core 1 against
 each target in turn (``direct`` is the backend itself) for a fixed time per scenario:
 
 - ``small-keepalive``: GET of about 100 bytes, 50 kept-alive connections;
@@ -65,7 +66,7 @@ from benchmarks.wrk import WrkResult, run_wrk
 SERVER_CPU = 0
 WRK_CPU = 1
 OPEN_FILES = 131_072
-TARGETS = ("direct", "nginx", "haproxy", "wunderproxy")
+TARGETS = ("direct", "nginx", "haproxy", "wunderproxy", "wunderproxy+log")
 BASELINE = "nginx"
 IDLE_MEMORY = "idle-memory"
 MIB = 1024 * 1024

@@ -47,7 +47,8 @@ def main() -> None:
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "wunderproxy", "run", f"file://{WORK / 'store'}", PREFIX, APP,
-             "--proxy", PROXY, "--api", API, "--registry-port", str(REGISTRY_PORT)],
+             "--proxy", PROXY, "--api", API, "--registry-port", str(REGISTRY_PORT),
+             "--access-log", str(WORK / "access.log")],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     (WORK / "wunderproxy.pid").write_text(f"{process.pid}\n")
@@ -62,8 +63,11 @@ def main() -> None:
 wunderproxy runs as PID {process.pid}. Where to look:
   the app through the proxy   curl http://{PROXY}/cgi-bin/revision
   what runs                   wunderproxy status --api http://{API}
+  the status page             http://{API}/ in a browser
   the status JSON             curl http://{API}/status
+  Prometheus metrics          curl http://{API}/metrics
   the log                     {log_path}
+  the access log              {WORK / "access.log"}
   the store (launch configs)  {store}
   roll back to rev1           wunderproxy launch {hashes[0]} && wunderproxy switch {hashes[0]}
   stop it (the app container keeps running; remove it with

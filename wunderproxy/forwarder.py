@@ -170,6 +170,7 @@ class ClientConnection(asyncio.Protocol):
     ) -> None:
         self._state = state
         self._access_log = access_log
+        self._client_host: str | None = None  # only looked up for the access log
         self._keepalive_timeout = keepalive_timeout
         self._on_close = on_close
         self._loop = asyncio.get_running_loop()
@@ -252,6 +253,9 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self._state.open_connections += 1
+        if self._access_log is not None:
+            peer = transport.get_extra_info("peername")
+            self._client_host = peer[0] if isinstance(peer, tuple) else None
 
     def data_received(self, data: bytes) -> None:
         self._last_active = self._loop.time()
@@ -597,6 +601,7 @@ class ClientConnection(asyncio.Protocol):
         now = self._loop.time()
         container, self._routed_to = self._routed_to, None
         self._account(container, now - self._started_at)
+        self._request = None  # an idle connection keeps nothing of its last request
         self._replay = None
         self._last_active = now
         upstream = self._upstream
@@ -632,9 +637,8 @@ class ClientConnection(asyncio.Protocol):
         self._state.request_finished(revision, status, seconds, self._bytes_in, self._bytes_out)
         if self._access_log is not None:
             request = self._request or _UNREADABLE_REQUEST
-            peer = self._transport.get_extra_info("peername") if self._transport else None
             self._access_log.request(
-                peer[0] if isinstance(peer, tuple) else None,
+                self._client_host,
                 request.data,
                 request.method,
                 request.target,

@@ -1,8 +1,12 @@
 """What the proxy served, per revision: since start, and minute by minute for the last hour.
 
-The forwarder calls :meth:`Traffic.record` once per answered request, so it is kept to a
-few dictionary and list updates. Everything else (sums over revisions, percentiles, the
-hour's series) is computed when somebody asks: ``/status``, the status page or ``/metrics``.
+The forwarder calls :meth:`Traffic.record` once per answered request. Counting each request
+into its figures at once cost about 5 µs there, five times what the same code costs in a
+tight loop: between two requests the proxy's other work evicts the dozen objects it touches
+from the CPU caches. So a request is only appended to a list, and the list is counted in
+batches of ``BATCH`` (or when the minute turns, or somebody asks), while those objects stay
+in cache. Everything else (sums over revisions, percentiles, the hour's series) is computed
+when somebody asks: ``/status``, the status page or ``/metrics``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 from wunderproxy.histogram import Histogram
 
 MINUTES_KEPT = 60
+BATCH = 256  # requests recorded before they are counted into the figures
 # Stands for "no container": answers the proxy gave itself before any was deployed.
 NO_REVISION = "-"
 
@@ -85,17 +90,28 @@ class Traffic:
         self._before_this_minute: dict[str, Figures] = {}
         self._minute = self._first_minute = self._minute_of(clock())
         self._this_minute: dict[str, Figures] = {}
+        self._uncounted: list[tuple[str, int, float, int, int]] = []
 
     def record(
         self, revision: str, status: int, seconds: float, bytes_in: int, bytes_out: int
     ) -> None:
-        """Count one answered request of ``revision``."""
+        """Count one answered request of ``revision`` (in the running minute)."""
         if self._clock() >= self._minute + 60.0:
             self._turn_minute()
-        figures = self._this_minute.get(revision)
-        if figures is None:
-            figures = self._this_minute[revision] = Figures()
-        figures.add(status, seconds, bytes_in, bytes_out)
+        uncounted = self._uncounted
+        uncounted.append((revision, status, seconds, bytes_in, bytes_out))
+        if len(uncounted) >= BATCH:
+            self._count()
+
+    def _count(self) -> None:
+        """Count the recorded requests into the running minute's figures."""
+        this_minute = self._this_minute
+        for revision, status, seconds, bytes_in, bytes_out in self._uncounted:
+            figures = this_minute.get(revision)
+            if figures is None:
+                figures = this_minute[revision] = Figures()
+            figures.add(status, seconds, bytes_in, bytes_out)
+        self._uncounted.clear()
 
     def totals(self) -> dict[str, Figures]:
         """Per revision, everything since start."""
@@ -124,9 +140,12 @@ class Traffic:
     def _turn_minute_if_due(self) -> None:
         if self._clock() >= self._minute + 60.0:
             self._turn_minute()
+        else:
+            self._count()
 
     def _turn_minute(self) -> None:
         """Close the running minute (keeping it in the hour and the totals), start a new one."""
+        self._count()
         finished = Minute(self._minute, self._this_minute)
         if finished.by_revision:
             self._past.append(finished)
