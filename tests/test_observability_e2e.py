@@ -203,12 +203,15 @@ def test_the_status_page_shows_the_revision_and_counts_in_a_real_browser(
             assert running.get("/missing").status == 404
         page = f"http://127.0.0.1:{running.api_port}/"
         dom = browse(page, "--dump-dom").stdout
+        # Chromium's window is at least 500 px wide: a phone's 390 px is a frame in a page.
+        phone = tmp_path / "phone.html"
+        phone.write_text(f'<body style="margin:0"><iframe src="{page}" width="390" height="2400">')
         screenshots = {
-            "laptop": (tmp_path / "laptop.png", "1280,1500"),
-            "phone": (tmp_path / "phone.png", "390,2400"),
+            page: (tmp_path / "laptop.png", "1280,1500"),
+            phone.as_uri(): (tmp_path / "phone.png", "500,2400"),
         }
-        for path, size in screenshots.values():
-            browse(page, f"--screenshot={path}", f"--window-size={size}")
+        for url, (path, size) in screenshots.items():
+            browse(url, f"--screenshot={path}", f"--window-size={size}")
 
     assert '<div class="big" id="current-revision">rev1</div>' in dom
     assert '<b id="total-requests">9</b>' in dom
@@ -222,6 +225,7 @@ def test_the_status_page_shows_the_revision_and_counts_in_a_real_browser(
         assert png.startswith(b"\x89PNG\r\n\x1a\n")
         width = int.from_bytes(png[16:20], "big")
         assert width == int(size.split(",")[0])
+        assert len(png) > 20_000, "a blank page compresses to a few KiB"
 
 
 def test_the_status_page_and_metrics_need_no_token_while_deploying_does(

@@ -117,18 +117,8 @@ class AccessLog:
             (time.time(), client, head, method, target, status, bytes_out, seconds, revision)
         )
 
-    def _line(
-        self,
-        now: float,
-        client: str | None,
-        head: bytes,
-        method: bytes,
-        target: bytes,
-        status: int,
-        bytes_out: int,
-        seconds: float,
-        revision: str,
-    ) -> str:
+    def _line(self, request: _Request) -> str:
+        now, client, head, method, target, status, bytes_out, seconds, revision = request
         second = int(now)
         if second != self._second:
             self._second = second
@@ -173,7 +163,7 @@ class AccessLog:
         if requests and self._chunks.full():
             self._dropped += len(requests)
         elif requests:
-            chunk = "".join([self._line(*request) for request in requests])
+            chunk = "".join([self._line(request) for request in requests])
             self._chunks.put_nowait(chunk.encode("utf-8", "replace"))
         if self._dropped and not self._chunks.full():
             log.warning(
