@@ -72,6 +72,9 @@ class _Upstream(asyncio.Protocol):
     accept and a close, and us a connect.
     """
 
+    # Slots: one of these per client connection, so its size counts in memory per connection.
+    __slots__ = ("busy", "client", "container", "ended", "transport", "upgraded")
+
     def __init__(self, client: ClientConnection, container: Container) -> None:
         self.client: ClientConnection | None = client
         self.container = container
@@ -160,6 +163,38 @@ class _Upstream(asyncio.Protocol):
 
 class ClientConnection(asyncio.Protocol):
     """Serves one accepted client connection until either side closes it."""
+
+    # Slots: thousands of idle connections are held, and a dict per instance is most of
+    # what each one costs in Python.
+    __slots__ = (
+        "_access_log",
+        "_answer_begun",
+        "_answering",
+        "_body_target",
+        "_bytes_in",
+        "_bytes_out",
+        "_client_eof",
+        "_client_host",
+        "_closed",
+        "_closing",
+        "_discarding",
+        "_exchange",
+        "_held",
+        "_keepalive_timeout",
+        "_last_active",
+        "_loop",
+        "_on_close",
+        "_paused_for",
+        "_replay",
+        "_request",
+        "_request_received",
+        "_routed_to",
+        "_started_at",
+        "_state",
+        "_status",
+        "_transport",
+        "_upstream",
+    )
 
     def __init__(
         self,

@@ -121,6 +121,12 @@ class _H11Reader:
     buffer before and after each event tells how many of ours it used.
     """
 
+    # One per connection that needed h11: slots keep it small.
+    __slots__ = (
+        "_unconsumed",
+        "conn",
+    )
+
     def __init__(self, role: type[h11.CLIENT] | type[h11.SERVER]) -> None:
         self.conn = h11.Connection(role)
         self._unconsumed = bytearray()
@@ -165,6 +171,18 @@ class _ResponseReader:
     with a Content-Length; whatever it declines is handed, with every byte not yet
     consumed, to an h11 client connection that was shown the request.
     """
+
+    # One per connection: slots keep idle connections small.
+    __slots__ = (
+        "_h11",
+        "_head",
+        "_remaining",
+        "_request",
+        "done",
+        "keep_alive",
+        "status",
+        "switched",
+    )
 
     def __init__(self, request: _RequestFacts) -> None:
         self._request = request
@@ -287,6 +305,21 @@ class Exchange:
     about every answer, and a request that ends the connection leaves the bytes after it
     unread, as RFC 9112 section 9.6 asks.
     """
+
+    # One per client connection: slots keep idle connections small.
+    __slots__ = (
+        "_answered",
+        "_client_eof",
+        "_facts",
+        "_keep_upstream",
+        "_must_close",
+        "_pending",
+        "_request",
+        "_request_done",
+        "_response",
+        "_switched",
+        "_upstream_reusable",
+    )
 
     def __init__(self) -> None:
         self._pending = bytearray()  # client bytes not yet given to a request parser
