@@ -238,6 +238,7 @@ def test_config_file_entries_reach_the_container_and_the_cli_client_deploys(
         assert revision_served(running) == "revision=rev1 greeting=hello-from-env-file"
         status = cli("status", "--api", api)
         assert "serving revision rev1" in status.stdout
+        assert "response times since start: p50 " in status.stdout  # one request went through
         failed = cli("launch", "0" * 32, "--api", api)
         assert failed.returncode != 0
         assert "404" in failed.stderr and "upload it first" in failed.stderr

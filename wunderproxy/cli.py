@@ -317,6 +317,12 @@ def _summary(status: dict[str, Any]) -> str:
     lines.append(
         f"requests: {requests['total']} total, {requests['since_switch']} since switch ({codes})"
     )
+    latency = status.get("traffic", {}).get("since_start", {}).get("latency_ms", {})
+    if latency.get("p50") is not None:
+        lines.append(
+            f"response times since start: p50 {latency['p50']} ms, p90 {latency['p90']} ms, "
+            f"p99 {latency['p99']} ms"
+        )
     conns = status["connections"]
     lines.append(
         f"connections: {conns['open']} open, {conns['active']} active, {conns['idle']} idle"
