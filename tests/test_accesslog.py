@@ -128,3 +128,8 @@ async def test_lines_are_dropped_and_counted_when_the_writer_lags(
 def test_an_unwritable_path_fails_at_once_naming_it(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         AccessLog(str(tmp_path / "missing-dir" / "access.log"))
+
+
+async def test_closing_a_log_that_never_started_does_not_fail(tmp_path: Path) -> None:
+    log = AccessLog(str(tmp_path / "access.log"))
+    await log.close()  # start-up failed before the server started it

@@ -97,7 +97,8 @@ class AccessLog:
             self._timer.cancel()
         self._hand_over()
         self._chunks.put(None)
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        if self._thread.ident is not None:  # started: wait for it to write everything
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
         if self.destination != STDOUT:
             os.close(self._fd)
 
