@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import threading
 from pathlib import Path
 
 import pytest
@@ -133,3 +135,28 @@ def test_an_unwritable_path_fails_at_once_naming_it(tmp_path: Path) -> None:
 async def test_closing_a_log_that_never_started_does_not_fail(tmp_path: Path) -> None:
     log = AccessLog(str(tmp_path / "access.log"))
     await log.close()  # start-up failed before the server started it
+
+
+async def test_shutdown_gives_up_on_a_stuck_writer_instead_of_hanging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(accesslog, "CLOSE_TIMEOUT", 0.2)
+    log = AccessLog(str(tmp_path / "access.log"))
+    stalled = threading.Event()
+    release = threading.Event()
+
+    def stall() -> None:  # a disk that does not answer
+        stalled.set()
+        release.wait(10)
+
+    monkeypatch.setattr(log, "_reopen_if_rotated", stall)
+    log.start()
+    log_one(log)
+    log._hand_over()
+    await eventually(stalled.is_set)
+    try:
+        async with asyncio.timeout(3):
+            await log.close()
+        assert "writing is stuck" in caplog.text
+    finally:
+        release.set()

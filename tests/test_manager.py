@@ -222,9 +222,11 @@ async def test_a_browser_asking_for_status_gets_the_page_and_a_monitor_gets_json
     page = await manager.handle(browser)
     assert (page.status, page.content_type) == (200, "text/html; charset=utf-8")
     assert page.body == (await manager.handle(request("GET", "/"))).body
-    for accept in ("", "*/*", "application/json"):
+    assert ("Vary", "Accept") in page.headers
+    for accept in ("", "*/*", "application/json", "application/json, text/html"):
         reply = await manager.handle(request("GET", "/status", headers={"accept": accept}))
         assert reply.content_type == "application/json"
+        assert ("Vary", "Accept") in reply.headers
 
 
 async def test_metrics_are_prometheus_text_with_the_proxy_figures(

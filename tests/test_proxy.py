@@ -239,6 +239,8 @@ async def test_upgrade_switches_to_opaque_bytes_both_ways(proxy: Proxy, blue: Ba
     container = proxy.state.current
     assert container is not None
     assert (container.in_flight, container.upgraded) == (0, 1), "an upgrade keeps it busy"
+    counts = proxy.state.connection_counts()
+    assert (counts["active"], counts["idle"], counts["upgraded"]) == (1, 0, 1)
     client.close()
     assert await eventually(lambda: container.upgraded == 0)
 
@@ -507,3 +509,27 @@ async def test_a_client_leaving_before_the_answer_is_logged_as_499(
     (line,) = await proxy.logged_lines(1)
     assert '"GET /slow/0.5 HTTP/1.1" 499 0 ' in line
     assert proxy.state.traffic.totals()["rev1"].by_status == {499: 1}
+
+
+async def test_a_request_answered_by_the_proxy_itself_counts_its_head_in_bytes_in(
+    proxy: Proxy,
+) -> None:
+    request = b"GET /anything HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    client = await proxy.connect()
+    client.send_raw(request)
+    answer = await client.read_all()
+    assert answer.startswith(b"HTTP/1.1 503 ")
+    figures = proxy.state.traffic.totals()["-"]
+    assert (figures.bytes_in, figures.bytes_out) == (len(request), len(answer))
+
+
+async def test_a_client_closing_after_its_400_is_counted_once(proxy: Proxy, blue: Backend) -> None:
+    proxy.serve(make_container(blue, "rev1"))
+    bad = await proxy.connect()
+    bad.send_raw(b"NOT HTTP AT ALL\r\n\r\n")
+    bad.writer.write_eof()
+    answer = await bad.read_all()
+    assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1 4") == 1
+    await proxy.logged_lines(1)
+    assert proxy.state.requests.by_status[400] == 1
+    assert proxy.state.traffic.totals()["-"].by_status == {400: 1}

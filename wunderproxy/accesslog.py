@@ -43,6 +43,7 @@ STDOUT = "-"
 
 FLUSH_INTERVAL = 0.05  # seconds a line may wait before it goes to the writer thread
 MAX_QUEUED_CHUNKS = 600  # about 30 s of lines waiting for a stalled disk
+CLOSE_TIMEOUT = 5.0  # seconds shutdown waits for the writer to finish
 # A status for a request whose client left before any answer (nginx's convention).
 CLIENT_CLOSED_REQUEST = 499
 
@@ -96,9 +97,31 @@ class AccessLog:
         if self._timer is not None:
             self._timer.cancel()
         self._hand_over()
-        self._chunks.put(None)
-        if self._thread.ident is not None:  # started: wait for it to write everything
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        if self._thread.ident is None:  # never started
+            self._close_file()
+            return
+        # Waited for in a thread, and only so long: the disk may be the thing that stalls.
+        if await asyncio.get_running_loop().run_in_executor(None, self._stop_writer):
+            self._close_file()
+
+    def _stop_writer(self) -> bool:
+        """Tell the writer to finish and wait for it; False if it did not in time."""
+        try:
+            self._chunks.put(None, timeout=CLOSE_TIMEOUT)
+        except queue.Full:
+            pass
+        else:
+            self._thread.join(CLOSE_TIMEOUT)
+        if self._thread.is_alive():
+            log.error(
+                "access log %s: writing is stuck; %d chunks of lines were not written",
+                self.destination,
+                self._chunks.qsize(),
+            )
+            return False
+        return True
+
+    def _close_file(self) -> None:
         if self.destination != STDOUT:
             os.close(self._fd)
 

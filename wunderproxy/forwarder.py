@@ -307,6 +307,8 @@ class ClientConnection(asyncio.Protocol):
             if self._upstream is not None and self._upstream.transport is not None:
                 self._upstream.transport.write_eof()
             return True
+        if self._discarding:
+            return False  # it read our 400 and left: close (its parser is spent)
         self._client_eof = True
         self._receive(b"")
         # A client that half-closed after a whole request still gets its answer.
@@ -367,7 +369,8 @@ class ClientConnection(asyncio.Protocol):
             self.pause_reading("answer")
 
     def _send(self, piece: framing.ClientPiece) -> None:
-        self._bytes_in += len(piece.data)
+        if piece is not self._request:  # a request head is counted as it starts
+            self._bytes_in += len(piece.data)
         target = self._body_target
         if target is not None and piece.data:
             if self._replay is not None:
@@ -393,7 +396,9 @@ class ClientConnection(asyncio.Protocol):
         state.request_started()
         self._request = piece
         self._status = 0
-        self._bytes_in = self._bytes_out = 0
+        # The head is counted here: an answer of the proxy's own is counted before it
+        # is passed on (or dropped).
+        self._bytes_in, self._bytes_out = len(piece.data), 0
         self._started_at = self._loop.time()
         self._answer_begun = False
         self._request_received = False

@@ -46,6 +46,7 @@ _ROUTES: dict[str, tuple[str, ...]] = {
 }
 
 
+_VARY_ACCEPT = (("Vary", "Accept"),)
 # One self-contained file: these hosts are often offline, so nothing is fetched from a CDN.
 STATUS_PAGE = resources.files("wunderproxy").joinpath("status.html").read_bytes()
 
@@ -91,8 +92,10 @@ class ApiRequest:
 
     @property
     def wants_html(self) -> bool:
-        """A browser asking: it names text/html (curl and load balancers do not)."""
-        return "text/html" in self.headers.get("accept", "")
+        """A browser asking: it names text/html (curl and load balancers do not), and
+        not JSON."""
+        accept = self.headers.get("accept", "")
+        return "text/html" in accept and "application/json" not in accept
 
 
 class Manager:
@@ -126,10 +129,13 @@ class Manager:
             raise MethodNotAllowed(
                 f"{request.path} takes {' or '.join(allowed)}, not {request.method}", allowed
             )
-        if request.path == "/" or (request.path == "/status" and request.wants_html):
+        if request.path == "/":
             return Reply(200, STATUS_PAGE, "text/html; charset=utf-8")
         if request.path == "/status":
-            return json_reply(200, self._state.snapshot())
+            # One URL, two forms: caches must keep them apart.
+            if request.wants_html:
+                return Reply(200, STATUS_PAGE, "text/html; charset=utf-8", _VARY_ACCEPT)
+            return json_reply(200, self._state.snapshot(), _VARY_ACCEPT)
         if request.path == "/metrics":
             return Reply(200, self._metrics.render(), METRICS_CONTENT_TYPE)
         self._authorize(request)

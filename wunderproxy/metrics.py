@@ -44,8 +44,8 @@ class ProxyCollector(Collector):
         requests = CounterMetricFamily(
             "wunderproxy_requests",
             "Requests answered, by the revision that answered and the status code "
-            '(revision "-": answered by the proxy with no container deployed; '
-            "code 499: the client left before an answer).",
+            '(revision "-": answered by the proxy itself, with no container deployed or to a '
+            "request it could not read; code 499: the client left before an answer).",
             labels=("revision", "code"),
         )
         duration = HistogramMetricFamily(

@@ -196,12 +196,13 @@ class ProxyState:
     def connection_counts(self) -> dict[str, int]:
         """Client connections by state: open = active + idle; upgraded ones are active;
         draining ones are connections to a container being drained."""
-        active = self.active_connections
+        upgraded = sum(c.upgraded for c in self.containers)
+        active = self.active_connections + upgraded  # an upgraded one has no request open
         return {
             "open": self.open_connections,
             "active": active,
             "idle": self.open_connections - active,
-            "upgraded": sum(c.upgraded for c in self.containers),
+            "upgraded": upgraded,
             "draining": sum(len(c.links) for c in self.containers if c.state == "draining"),
         }
 
