@@ -18,7 +18,6 @@ from wunderproxy.histogram import (
     Histogram,
     bucket_bounds,
     bucket_of,
-    merged,
 )
 
 LAST = (MAX_EXPONENT - MIN_EXPONENT) * SUB_BUCKETS - 1
@@ -101,7 +100,9 @@ def test_merging_equals_counting_everything_in_one() -> None:
     whole = Histogram()
     for value in (v for part in parts for v in part):
         whole.add(value)
-    total = merged(histograms)
+    total = Histogram()
+    for histogram in histograms:
+        total.merge(histogram)
     assert total.buckets == whole.buckets
     assert total.prometheus == whole.prometheus
     assert total.count == whole.count == 1200

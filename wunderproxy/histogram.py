@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Iterable
 
 SUB_BUCKETS = 32
 MIN_EXPONENT = -20
@@ -114,11 +113,3 @@ class Histogram:
             seen += n
             result.append((bound, seen))
         return result
-
-
-def merged(histograms: Iterable[Histogram]) -> Histogram:
-    """One histogram holding the counts of all of ``histograms``."""
-    total = Histogram()
-    for histogram in histograms:
-        total.merge(histogram)
-    return total
