@@ -129,13 +129,12 @@ class Manager:
             raise MethodNotAllowed(
                 f"{request.path} takes {' or '.join(allowed)}, not {request.method}", allowed
             )
-        if request.path == "/":
-            return Reply(200, STATUS_PAGE, "text/html; charset=utf-8")
-        if request.path == "/status":
-            # One URL, two forms: caches must keep them apart.
-            if request.wants_html:
-                return Reply(200, STATUS_PAGE, "text/html; charset=utf-8", _VARY_ACCEPT)
-            return json_reply(200, self._state.snapshot(), _VARY_ACCEPT)
+        if request.path in ("/", "/status"):
+            # /status has two forms, chosen by Accept: caches must keep them apart.
+            vary = _VARY_ACCEPT if request.path == "/status" else ()
+            if request.path == "/" or request.wants_html:
+                return Reply(200, STATUS_PAGE, "text/html; charset=utf-8", vary)
+            return json_reply(200, self._state.snapshot(), vary)
         if request.path == "/metrics":
             return Reply(200, self._metrics.render(), METRICS_CONTENT_TYPE)
         self._authorize(request)
