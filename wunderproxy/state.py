@@ -16,6 +16,7 @@ from typing import Any, Literal, Protocol
 
 from wunderproxy.events import DeployEvents
 from wunderproxy.launchconfig import LaunchConfig
+from wunderproxy.timestamps import rfc3339
 from wunderproxy.traffic import Traffic, describe_figures, describe_minute, merged
 
 ContainerState = Literal["launched", "serving", "draining"]
@@ -107,7 +108,7 @@ class Container:
             "container_id": self.container_id,
             "port": self.port,
             "state": self.state,
-            "started_at": _rfc3339(self.started_at),
+            "started_at": rfc3339(self.started_at),
             "in_flight": self.in_flight,
             "upgraded": self.upgraded,
         }
@@ -241,7 +242,3 @@ class ProxyState:
             "events": [event.describe() for event in self.events.newest_first()],
             "deploys": list(reversed(self.deploy_history)),
         }
-
-
-def _rfc3339(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")

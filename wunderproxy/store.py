@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 import threading
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -21,6 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from wunderproxy.errors import InvalidConfig, NotFound, UpstreamFailed
 from wunderproxy.launchconfig import LaunchConfig, md5_hex, parse_hash, parse_launch_config
+from wunderproxy.timestamps import rfc3339
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -271,7 +272,7 @@ def record_deploy(
         {
             "Revision": config.revision,
             "Hash": config.hash,
-            "DeployedAt": now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "DeployedAt": rfc3339(now),
             "DeployedBy": deployed_by,
         }
     )

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from wunderproxy.histogram import Histogram
+from wunderproxy.timestamps import rfc3339
 
 MINUTES_KEPT = 60
 BATCH = 256  # requests recorded before they are counted into the figures
@@ -181,7 +182,7 @@ def describe_minute(minute: Minute) -> dict[str, Any]:
         key = f"{code // 100}xx"
         by_class[key] = by_class.get(key, 0) + n
     return {
-        "start": datetime.fromtimestamp(minute.start, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "start": rfc3339(datetime.fromtimestamp(minute.start, UTC)),
         "requests": total.requests,
         "by_class": by_class,
         "latency_ms": _percentiles_ms(total.latency),
