@@ -18,8 +18,11 @@ from wunderproxy import __version__
 from wunderproxy import config as defaults
 from wunderproxy.accesslog import ACCESS_LOG_FORMATS, AccessLog, AccessLogFormat
 from wunderproxy.client import ClientError, ManagerClient
-from wunderproxy.config import Address, Config, ConfigError, read_env_file
+from wunderproxy.config import Address, Config, ConfigError, Edge, read_env_file
 from wunderproxy.runtime import LoopChoice, run_event_loop
+
+# A timeout: a positive number of seconds.
+_SECONDS = click.FloatRange(min=0, min_open=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -94,6 +97,63 @@ def main() -> None:
     help="Seconds an idle client keep-alive connection stays open.",
 )
 @click.option(
+    "--header-timeout",
+    envvar="WUNDERPROXY_HEADER_TIMEOUT",
+    type=_SECONDS,
+    default=defaults.DEFAULT_HEADER_TIMEOUT,
+    help="Seconds a request head may take from its first byte; then 408 and close.",
+)
+@click.option(
+    "--body-timeout",
+    envvar="WUNDERPROXY_BODY_TIMEOUT",
+    type=_SECONDS,
+    default=defaults.DEFAULT_BODY_TIMEOUT,
+    help="Longest gap in seconds between two reads of a request body; then 408 and close.",
+)
+@click.option(
+    "--connect-timeout",
+    envvar="WUNDERPROXY_CONNECT_TIMEOUT",
+    type=_SECONDS,
+    default=defaults.DEFAULT_CONNECT_TIMEOUT,
+    help="Seconds to connect to the container; then 504.",
+)
+@click.option(
+    "--upstream-timeout",
+    envvar="WUNDERPROXY_UPSTREAM_TIMEOUT",
+    type=_SECONDS,
+    default=defaults.DEFAULT_UPSTREAM_TIMEOUT,
+    help="Longest wait in seconds for the container's next byte of an answer; then 504.",
+)
+@click.option(
+    "--send-timeout",
+    envvar="WUNDERPROXY_SEND_TIMEOUT",
+    type=_SECONDS,
+    default=defaults.DEFAULT_SEND_TIMEOUT,
+    help="Seconds a client may read nothing of its answer before it is closed.",
+)
+@click.option(
+    "--max-header-size",
+    envvar="WUNDERPROXY_MAX_HEADER_SIZE",
+    type=click.IntRange(1024),
+    default=defaults.DEFAULT_MAX_HEADER_SIZE,
+    help="Bytes a request head may have; a larger one is answered 431.",
+)
+@click.option(
+    "--max-body-size",
+    envvar="WUNDERPROXY_MAX_BODY_SIZE",
+    type=click.IntRange(0),
+    default=defaults.DEFAULT_MAX_BODY_SIZE,
+    help="Bytes a request body may have; a larger one is answered 413. Default: no limit.",
+)
+@click.option(
+    "--max-connections",
+    envvar="WUNDERPROXY_MAX_CONNECTIONS",
+    type=click.IntRange(1),
+    default=None,
+    help="Client connections served at once; more are answered 503 and closed. "
+    "Default: derived from the open-file limit.",
+)
+@click.option(
     "--shutdown-timeout",
     envvar="WUNDERPROXY_SHUTDOWN_TIMEOUT",
     type=float,
@@ -156,6 +216,14 @@ def run(
     drain_timeout: float,
     stop_timeout: int,
     keepalive_timeout: float,
+    header_timeout: float,
+    body_timeout: float,
+    connect_timeout: float,
+    upstream_timeout: float,
+    send_timeout: float,
+    max_header_size: int,
+    max_body_size: int | None,
+    max_connections: int | None,
     shutdown_timeout: float,
     pid_file: Path | None,
     take_over: bool,
@@ -187,8 +255,18 @@ def run(
             health_timeout=health_timeout,
             drain_timeout=drain_timeout,
             stop_timeout=stop_timeout,
-            keepalive_timeout=keepalive_timeout,
             shutdown_timeout=shutdown_timeout,
+            edge=Edge(
+                keepalive_timeout=keepalive_timeout,
+                header_timeout=header_timeout,
+                body_timeout=body_timeout,
+                connect_timeout=connect_timeout,
+                upstream_timeout=upstream_timeout,
+                send_timeout=send_timeout,
+                max_header_size=max_header_size,
+                max_body_size=max_body_size,
+                max_connections=max_connections,
+            ),
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc

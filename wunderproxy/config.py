@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from wunderproxy.streams import is_loopback
@@ -26,6 +26,30 @@ DEFAULT_STOP_TIMEOUT = 10
 DEFAULT_KEEPALIVE_TIMEOUT = 75.0
 # Seconds SIGTERM waits for requests in flight before the process exits anyway.
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+
+# The edge: timeouts and limits that keep one client or one container from holding the
+# proxy. nginx's defaults are the reference; where ours differ, the comment says why.
+#
+# Seconds a request head may take from its first byte to its blank line, however slowly it
+# trickles (nginx client_header_timeout, 60 s). Half of nginx's: a real client sends its
+# head in one packet, and every second granted is a second a slowloris holds a socket.
+DEFAULT_HEADER_TIMEOUT = 30.0
+# Longest gap in seconds between two reads of a request body (nginx client_body_timeout).
+DEFAULT_BODY_TIMEOUT = 60.0
+# Seconds to connect to the container (nginx proxy_connect_timeout, 60 s). The container
+# is on this host: a connect takes milliseconds, and one that takes seconds will not come.
+DEFAULT_CONNECT_TIMEOUT = 5.0
+# Longest wait in seconds for the container's next byte while an answer is due (nginx
+# proxy_read_timeout).
+DEFAULT_UPSTREAM_TIMEOUT = 60.0
+# Seconds a client may read nothing of its answer before it is closed (nginx send_timeout).
+DEFAULT_SEND_TIMEOUT = 60.0
+# Bytes a request head may have (nginx large_client_header_buffers 4 x 8k, so 8 KiB per
+# line; h11's whole-head default is 16 KiB, which we keep: it is what the proxy held so far).
+DEFAULT_MAX_HEADER_SIZE = 16 * 1024
+# Bytes a request body may have: no limit (nginx client_max_body_size, 1 MiB). The app
+# knows what its uploads may weigh; a proxy-wide limit that is too low breaks it silently.
+DEFAULT_MAX_BODY_SIZE: int | None = None
 
 
 class ConfigError(Exception):
@@ -68,6 +92,24 @@ class Address:
         return f"{host}:{self.port}"
 
 
+@dataclass(frozen=True, slots=True)
+class Edge:
+    """Timeouts (seconds) and limits (bytes, connections) at the proxy's edge.
+
+    ``max_connections`` None means: derived from the open-file limit at start-up.
+    """
+
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT
+    send_timeout: float = DEFAULT_SEND_TIMEOUT
+    max_header_size: int = DEFAULT_MAX_HEADER_SIZE
+    max_body_size: int | None = DEFAULT_MAX_BODY_SIZE
+    max_connections: int | None = None
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything ``wunderproxy run`` was told."""
@@ -83,8 +125,8 @@ class Config:
     health_timeout: float = DEFAULT_HEALTH_TIMEOUT
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     stop_timeout: int = DEFAULT_STOP_TIMEOUT
-    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    edge: Edge = field(default_factory=Edge)
 
     @property
     def repository(self) -> str:

@@ -24,7 +24,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from wunderproxy.state import ProxyState
+from wunderproxy.state import TIMEOUT_KINDS, ProxyState
 
 # The format generate_latest writes, as every Prometheus version reads it (newer clients
 # announce 1.0.0, which older servers do not know).
@@ -84,6 +84,23 @@ class ProxyCollector(Collector):
         for name, n in state.connection_counts().items():
             connections.add_metric([name], n)
         yield connections
+        yield CounterMetricFamily(
+            "wunderproxy_connections_refused",
+            "Client connections closed at once with a 503 because --max-connections were open.",
+            value=state.connections_refused,
+        )
+
+        timeouts = CounterMetricFamily(
+            "wunderproxy_timeouts",
+            "Timeouts by kind: header (a head not complete in --header-timeout), body (a "
+            "body gap over --body-timeout), connect (--connect-timeout to the container), "
+            "upstream (no byte of an answer in --upstream-timeout), send (a client that read "
+            "nothing for --send-timeout).",
+            labels=("kind",),
+        )
+        for kind in TIMEOUT_KINDS:
+            timeouts.add_metric([kind], state.timeouts[kind])
+        yield timeouts
 
         containers = GaugeMetricFamily(
             "wunderproxy_containers",

@@ -155,7 +155,7 @@ class Server:
 
     def _new_client(self) -> ClientConnection:
         connection = ClientConnection(
-            self.state, self.config.keepalive_timeout, self._client_closed, self.access_log
+            self.state, self.config.edge.keepalive_timeout, self._client_closed, self.access_log
         )
         if self._stopping:
             connection.close_when_idle(IDLE_CLOSE_GRACE)

@@ -21,6 +21,9 @@ from wunderproxy.traffic import Traffic, describe_figures, describe_minute, merg
 
 ContainerState = Literal["launched", "serving", "draining"]
 
+# What can time out at the edge (``--header-timeout`` and the others).
+TIMEOUT_KINDS = ("header", "body", "connect", "upstream", "send")
+
 
 class Link(Protocol):
     """An open proxy connection to a container, as a drain sees it."""
@@ -135,6 +138,10 @@ class ProxyState:
         self.requests = RequestCounters()
         self.open_connections = 0
         self.active_connections = 0
+        # Edge events, by kind: "header", "body", "connect", "upstream", "send".
+        self.timeouts: Counter[str] = Counter()
+        # Connections closed at once because --max-connections were open.
+        self.connections_refused = 0
         self.docker_error: str | None = None
         self.traffic = Traffic()
         self.events = DeployEvents()
@@ -227,7 +234,8 @@ class ProxyState:
                 "since_switch": requests.since_switch,
                 "by_status": {str(code): n for code, n in sorted(requests.by_status.items())},
             },
-            "connections": connections,
+            "connections": connections | {"refused": self.connections_refused},
+            "timeouts": dict(sorted(self.timeouts.items())),
             "docker": {"state": "ok" if self.docker_error is None else "error"}
             | ({"error": self.docker_error} if self.docker_error else {}),
             "Requests": requests.since_switch,
