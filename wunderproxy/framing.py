@@ -283,8 +283,12 @@ class _ResponseReader:
             elif isinstance(event, h11.EndOfMessage):
                 pieces.append(MessageEnded(raw))
                 self.done = True
-                # Bytes beyond the answer put the connection out of step, as in _end.
-                self.keep_alive = state not in _CLOSED_STATES and not reader.leftover()
+                # Bytes beyond the answer put the connection out of step, as in _end. An
+                # answer that the container ended by closing (no length) tells the client
+                # its end only if the client's connection closes too.
+                self.keep_alive = (
+                    bool(data) and state not in _CLOSED_STATES and not reader.leftover()
+                )
             else:  # NEED_DATA, or ConnectionClosed before any answer.
                 if raw:  # chunk framing h11 consumed without an event
                     pieces.append(Body(raw))
