@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.support.s3",
     "tests.support.docker",
+    "tests.support.proxied",
 ]

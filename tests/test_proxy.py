@@ -3,137 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import struct
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
-from pathlib import Path
 
 import h11
 import pytest
 
 from tests.support.backend import Backend
+from tests.support.proxied import Client, Proxy, make_container
 from tests.support.waiting import eventually
-from tests.support.wire import read_answer, send_request
-from wunderproxy.accesslog import AccessLog
-from wunderproxy.config import Address
+from tests.support.wire import send_request
+from wunderproxy.config import Address, Edge
 from wunderproxy.forwarder import ClientConnection
-from wunderproxy.launchconfig import md5_hex, parse_launch_config
 from wunderproxy.listeners import listen
-from wunderproxy.state import Container, ProxyState
-
-
-def make_container(backend: Backend, revision: str) -> Container:
-    raw = json.dumps({"Revision": revision, "HealthCheckPath": "/"}).encode()
-    return Container(
-        config=parse_launch_config(raw, md5_hex(raw)),
-        image=f"test/{revision}",
-        container_id=f"{revision}-container",
-        host="127.0.0.1",
-        port=backend.port,
-        started_at=datetime.now(UTC),
-    )
-
-
-class Proxy:
-    def __init__(self, state: ProxyState, server: asyncio.Server, access_log: AccessLog) -> None:
-        self.state = state
-        self.server = server
-        self.access_log = access_log
-        self.port: int = server.sockets[0].getsockname()[1]
-        self.clients: list[Client] = []
-        self.connections: set[ClientConnection] = set()
-
-    def serve(self, container: Container) -> None:
-        self.state.add(container)
-        self.state.switch_to(container)
-
-    async def logged_lines(self, count: int) -> list[str]:
-        """The access log's lines, once there are ``count``."""
-        path = Path(self.access_log.destination)
-        lines: list[str] = []
-
-        def enough() -> bool:
-            lines[:] = path.read_text().splitlines()
-            return len(lines) >= count
-
-        await eventually(enough)
-        return lines
-
-    async def connect(self) -> Client:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        client = Client(reader, writer)
-        self.clients.append(client)
-        return client
-
-
-class Client:
-    """A raw client socket plus an h11 parser for the answers."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.conn = h11.Connection(h11.CLIENT)
-
-    def send_raw(self, data: bytes) -> None:
-        self.writer.write(data)
-
-    async def request(
-        self, method: str, target: str, body: bytes = b""
-    ) -> tuple[int, dict[str, str], bytes]:
-        send_request(self.conn, self.writer, method, target, body)
-        return await self.response()
-
-    async def response(self) -> tuple[int, dict[str, str], bytes]:
-        answer = await read_answer(self.conn, self.reader)
-        return answer.status, answer.headers, answer.body
-
-    async def read_all(self) -> bytes:
-        return await asyncio.wait_for(self.reader.read(), 10)
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-@pytest.fixture
-async def proxy(tmp_path: Path) -> AsyncIterator[Proxy]:
-    state = ProxyState("testapp", "test")
-    connections: set[ClientConnection] = set()
-    access_log = AccessLog(str(tmp_path / "access.log"))
-    access_log.start()
-
-    def new_connection() -> ClientConnection:
-        connection = ClientConnection(state, keepalive_timeout=30, access_log=access_log)
-        connections.add(connection)
-        return connection
-
-    server = await asyncio.get_running_loop().create_server(new_connection, "127.0.0.1", 0)
-    proxy = Proxy(state, server, access_log)
-    proxy.connections = connections
-    yield proxy
-    for client in proxy.clients:
-        client.close()
-    for connection in connections:
-        connection.abort()
-    await asyncio.sleep(0.05)
-    server.close()
-    await server.wait_closed()
-    await access_log.close()
-
-
-@pytest.fixture
-async def blue() -> AsyncIterator[Backend]:
-    backend = await Backend("blue").start()
-    yield backend
-    await backend.stop()
-
-
-@pytest.fixture
-async def green() -> AsyncIterator[Backend]:
-    backend = await Backend("green").start()
-    yield backend
-    await backend.stop()
+from wunderproxy.state import ProxyState
 
 
 async def test_answers_503_with_a_short_text_while_no_container_is_deployed(proxy: Proxy) -> None:
@@ -355,16 +238,16 @@ async def test_a_post_on_a_kept_alive_connection_the_container_just_closed_is_no
 async def test_an_idle_keep_alive_connection_expires_after_the_timeout_but_a_busy_one_does_not(
     proxy: Proxy, blue: Backend
 ) -> None:
+    proxy.edge = Edge(keepalive_timeout=30, upstream_timeout=60)
     proxy.serve(make_container(blue, "rev1"))
     idle, busy = await proxy.connect(), await proxy.connect()
     assert (await idle.request("GET", "/"))[0] == 200
     slow = asyncio.create_task(busy.request("GET", "/slow/0.5"))
     assert await eventually(lambda: proxy.state.active_connections == 1)
-    later = asyncio.get_running_loop().time() + 31  # the fixture's timeout is 30 s
-    expired = [c.expire_if_idle(later) for c in proxy.connections]
-    assert sorted(expired) == [False, True]
+    proxy.sweep(seconds_later=31)
     assert await idle.read_all() == b""
     assert (await slow)[0] == 200
+    assert proxy.state.timeouts == {}, "closing an idle connection is no timeout"
 
 
 async def test_a_new_client_connection_reuses_the_kept_alive_connection_of_an_earlier_one(
@@ -418,7 +301,7 @@ async def test_the_listener_accepts_a_burst_of_connections_and_serves_them_all(
     state.add(container)
     state.switch_to(container)
     listener = await listen(
-        Address.parse("127.0.0.1:0", "--proxy"), lambda: ClientConnection(state, 30)
+        Address.parse("127.0.0.1:0", "--proxy"), lambda: ClientConnection(state, Edge())
     )
     port = listener.sockets[0].getsockname()[1]
     pairs: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
@@ -533,3 +416,14 @@ async def test_a_client_closing_after_its_400_is_counted_once(proxy: Proxy, blue
     await proxy.logged_lines(1)
     assert proxy.state.requests.by_status[400] == 1
     assert proxy.state.traffic.totals()["-"].by_status == {400: 1}
+
+
+async def test_an_answer_that_ends_when_the_container_closes_ends_the_client_connection_too(
+    proxy: Proxy, blue: Backend
+) -> None:
+    proxy.serve(make_container(blue, "rev1"))
+    client = await proxy.connect()
+    client.send_raw(b"GET /events HTTP/1.1\r\nHost: t\r\n\r\n")
+    received = await asyncio.wait_for(client.reader.read(-1), 3)  # EOF, or a timeout
+    assert received.endswith(b"\r\n\r\ndata: 0\n\ndata: 1\n\ndata: 2\n\n")
+    assert proxy.state.requests.by_status == {200: 1}

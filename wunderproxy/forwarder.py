@@ -1,15 +1,20 @@
 """One client connection of the proxy: route each request, splice its bytes, count it.
 
 The client's bytes are fed to the framing observer; at each request head the connection
-asks :class:`~wunderproxy.state.ProxyState` which container serves *now* and sends the
-request there, reusing the upstream connection while it is to the same container and
-kept alive. The container's answer is copied back as it arrives. Bytes are forwarded
-exactly as received; the proxy only writes bytes of its own when it answers by itself
-(400, 502, 503), and then always before any byte of an upstream answer.
+opens a :class:`RequestCycle`, asks :class:`~wunderproxy.state.ProxyState` which container
+serves *now* and sends the request there, reusing the upstream connection while it is to the
+same container and kept alive. The container's answer is copied back as it arrives; the
+cycle is closed once, when the answer ends or fails. Bytes are forwarded exactly as received;
+the proxy only writes bytes of its own when it answers by itself (the failures of
+:mod:`wunderproxy.answers`), and then always before any byte of an upstream answer.
 
 Both sides are asyncio protocols: bytes are handled in the callback that receives them.
 Streams would add a task wake-up and a future to every read and every answer, which cost
 more CPU per request than all the framing does.
+
+Timeouts are not timers: one periodic sweep calls :meth:`ClientConnection.check_timeouts`
+on every connection, which compares the loop's clock with the times this connection already
+keeps. Arming and cancelling a timer around every read would cost more than the reads.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ import logging
 from collections.abc import Callable
 from typing import cast
 
-from wunderproxy import framing
+from wunderproxy import answers, framing
 from wunderproxy.accesslog import CLIENT_CLOSED_REQUEST, AccessLog
+from wunderproxy.config import Edge
 from wunderproxy.state import Container, ProxyState
 from wunderproxy.streams import LINGER
 from wunderproxy.traffic import NO_REVISION
+from wunderproxy.upstream import Upstream, take_spare
 
 log = logging.getLogger("wunderproxy.proxy")
 
@@ -31,134 +38,71 @@ log = logging.getLogger("wunderproxy.proxy")
 # answer begins, so that it can be sent again if the container had just closed that
 # connection: the keep-alive race every proxy meets (RFC 9112 section 9.3.1).
 REPLAY_LIMIT = 64 * 1024
-# Idle connections kept open to a container for the next client connection (nginx's
-# upstream keepalive default in its documentation's example).
-MAX_SPARE = 64
 # Methods that may be sent twice (RFC 9110 section 9.2.2).
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
-
-_REASONS = {
-    400: "Bad Request",
-    408: "Request Timeout",
-    413: "Content Too Large",
-    431: "Request Header Fields Too Large",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-}
-
 
 # What the access log shows of a request that could not be read.
 _UNREADABLE_REQUEST = framing.RequestStarted(method=b"-", target=b"-", data=b"")
 
 
-def plain_response(status: int, message: str, close: bool) -> bytes:
-    """A short plain-text answer the proxy sends on its own."""
-    body = (message + "\n").encode()
-    head = (
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-        "Content-Type: text/plain; charset=utf-8\r\n"
-        f"Content-Length: {len(body)}\r\n" + ("Connection: close\r\n" if close else "") + "\r\n"
+def sweep_interval(edge: Edge) -> float:
+    """Seconds between two timeout sweeps: a timeout is enforced within this much.
+
+    A second for the defaults (nginx's timers are as coarse), finer when an operator sets
+    a timeout of a few seconds.
+    """
+    shortest = min(
+        edge.keepalive_timeout,
+        edge.header_timeout,
+        edge.body_timeout,
+        edge.upstream_timeout,
+        edge.send_timeout,
     )
-    return head.encode() + body
+    return min(1.0, max(0.05, shortest / 10))
 
 
-class _Upstream(asyncio.Protocol):
-    """One connection to a container, serving one client connection at a time.
+class RequestCycle:
+    """One request on a client connection, from its head to the end of its answer.
 
-    It is a :class:`~wunderproxy.state.Link` of its container, so that a drain can close
-    it between requests, or cut it (with its upgraded client) at the drain deadline.
-    When its client leaves, a kept-alive connection waits in the container's ``spare``
-    list for the next client connection: opening one per client costs the container an
-    accept and a close, and us a connect.
+    Opened once when the head arrives. It is counted once, when its answer ends or fails
+    (``answered``), and closed once both its answer ended and its request was read: a body
+    the container answered early still goes to it, or the connection would be out of step.
     """
 
-    # Slots: one of these per client connection, so its size counts in memory per connection.
-    __slots__ = ("busy", "client", "container", "ended", "transport", "upgraded")
+    # Slots: one is alive per busy connection, so thousands at once.
+    __slots__ = (
+        "answered",
+        "bytes_in",
+        "bytes_out",
+        "container",
+        "held",
+        "received",
+        "replay",
+        "request",
+        "started_at",
+        "status",
+        "target",
+    )
 
-    def __init__(self, client: ClientConnection, container: Container) -> None:
-        self.client: ClientConnection | None = client
-        self.container = container
-        self.transport: asyncio.Transport | None = None
-        # Made for a request: busy from the start, or a drain could close it while it
-        # is still being connected.
-        self.busy = True
-        self.upgraded = False
-        self.ended = False
-        container.links.add(self)
+    def __init__(self, request: framing.RequestStarted, started_at: float) -> None:
+        self.request = request
+        self.started_at = started_at
+        # The head is counted as it arrives: an answer of the proxy's own is counted
+        # before it is passed on (or dropped).
+        self.bytes_in = len(request.data)
+        self.bytes_out = 0
+        self.container: Container | None = None  # where it was routed
+        self.target: Upstream | None = None  # where its body goes
+        self.status = 0  # of its answer once begun, or of how it failed
+        self.received = False  # the whole request was read from the client
+        self.answered = False  # its answer ended (or failed) and was counted
+        self.held: list[framing.ClientPiece] = []  # pieces waiting for a connection
+        self.replay: bytearray | None = None  # its bytes, to send it again if need be
 
     @property
-    def idle(self) -> bool:
-        return not self.busy and not self.upgraded
-
-    def close(self) -> None:
-        self._forget()
-        if self.transport is not None:
-            self.transport.close()
-        if self.upgraded and self.client is not None:
-            self.client.close()  # an upgraded client has no other way to go on
-
-    def park(self) -> None:
-        """Keep this idle connection for another client, or close it if not wanted."""
-        container = self.container
-        transport = self.transport
-        if (
-            self.ended
-            or transport is None
-            or transport.is_closing()
-            or container.state != "serving"
-            or len(container.spare) >= MAX_SPARE
-        ):
-            self.close()
-            return
-        self.client = None
-        self.busy = False
-        transport.resume_reading()
-        container.spare.append(self)
-
-    def _forget(self) -> None:
-        self.container.links.discard(self)
-        if self in self.container.spare:
-            self.container.spare.remove(self)
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and data:
-            self.transport.write(data)
-
-    # -- asyncio.Protocol --------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-
-    def data_received(self, data: bytes) -> None:
-        if self.client is None:
-            self.ended = True  # a spare connection is talked to: out of step
-            self.close()
-            return
-        self.client.upstream_data(self, data)
-
-    def eof_received(self) -> bool:
-        if self.client is None:
-            self.ended = True
-            self._forget()
-        else:
-            self.client.upstream_ended(self, "the container closed the connection")
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._forget()
-        if self.upgraded:
-            self.upgraded = False
-            self.container.upgrade_finished()
-        if self.client is not None:
-            self.client.upstream_ended(self, str(exc) if exc else "the connection was closed")
-
-    def pause_writing(self) -> None:  # the container reads an upload slower than it comes
-        if self.client is not None:
-            self.client.pause_reading("upstream")
-
-    def resume_writing(self) -> None:
-        if self.client is not None:
-            self.client.resume_reading("upstream")
+    def answer_begun(self) -> bool:
+        """True once any byte of an answer went to the client."""
+        return self.status != 0
 
 
 class ClientConnection(asyncio.Protocol):
@@ -168,30 +112,22 @@ class ClientConnection(asyncio.Protocol):
     # what each one costs in Python.
     __slots__ = (
         "_access_log",
-        "_answer_begun",
-        "_answering",
-        "_body_target",
-        "_bytes_in",
-        "_bytes_out",
         "_client_eof",
         "_client_host",
         "_closed",
         "_closing",
+        "_cycle",
         "_discarding",
+        "_edge",
         "_exchange",
-        "_held",
-        "_keepalive_timeout",
+        "_head_since",
         "_last_active",
+        "_last_upstream",
         "_loop",
         "_on_close",
         "_paused_for",
-        "_replay",
-        "_request",
-        "_request_received",
-        "_routed_to",
-        "_started_at",
+        "_send_mark",
         "_state",
-        "_status",
         "_transport",
         "_upstream",
     )
@@ -199,38 +135,33 @@ class ClientConnection(asyncio.Protocol):
     def __init__(
         self,
         state: ProxyState,
-        keepalive_timeout: float,
+        edge: Edge,
         on_close: Callable[[ClientConnection], None] | None = None,
         access_log: AccessLog | None = None,
     ) -> None:
+        # Shared by every connection.
         self._state = state
+        self._edge = edge
         self._access_log = access_log
-        self._client_host: str | None = None  # only looked up for the access log
-        self._keepalive_timeout = keepalive_timeout
         self._on_close = on_close
         self._loop = asyncio.get_running_loop()
-        self._last_active = self._loop.time()
+        # This connection.
         self._transport: asyncio.Transport | None = None
+        self._client_host: str | None = None  # only looked up for the access log
         self._exchange = framing.Exchange()
-        self._upstream: _Upstream | None = None
+        self._upstream: Upstream | None = None
         self._paused_for: set[str] = set()
         self._closed = False
         self._closing = False  # shutting down: this answer is the connection's last
         self._discarding = False  # a refused request: drop what the client still sends
         self._client_eof = False
-        # Per request: where it went, when it started, whether its answer has begun.
-        self._routed_to: Container | None = None
-        self._request: framing.RequestStarted | None = None
-        self._status = 0  # of the answer, once it begins
-        self._bytes_in = 0
-        self._bytes_out = 0
-        self._started_at = 0.0
-        self._answer_begun = False
-        self._answering = False  # a request is counted as active
-        self._request_received = False
-        self._body_target: _Upstream | None = None
-        self._held: list[framing.ClientPiece] = []  # pieces waiting for a connection
-        self._replay: bytearray | None = None
+        # Clocks of the timeouts (loop time; 0.0: not running).
+        self._last_active = self._loop.time()  # the client's last read
+        self._head_since = 0.0  # the first byte of a head not complete yet
+        self._last_upstream = 0.0  # the container's last byte (or the request going out)
+        self._send_mark: tuple[float, int] | None = None  # writing paused: since, buffered
+        # The request in progress, if any.
+        self._cycle: RequestCycle | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -244,7 +175,8 @@ class ClientConnection(asyncio.Protocol):
         self._closing = True
         if self._upstream is not None:
             self._upstream.close()
-        self.close()
+        if self._transport is not None:
+            self._transport.abort()
 
     def close_when_idle(self, grace: float) -> None:
         """Shutdown: close between requests, without losing one.
@@ -261,16 +193,46 @@ class ClientConnection(asyncio.Protocol):
         if self._exchange.idle:
             self.close()
 
-    def expire_if_idle(self, now: float) -> bool:
-        """Close the connection if it has been idle past the keep-alive timeout.
+    def check_timeouts(self, now: float) -> None:
+        """Enforce the edge's timeouts at ``now`` (loop time); called by one periodic sweep.
 
-        Called for every connection by one periodic sweep: cheaper than a timer armed and
-        cancelled around every read.
+        Upgraded connections are exempt: their bytes are the app's business.
         """
-        if self._exchange.idle and now - self._last_active > self._keepalive_timeout:
-            self.close()
-            return True
-        return False
+        if self._closed or self._discarding or self._exchange.switched:
+            return
+        edge = self._edge
+        if self._send_mark is not None and self._send_stalled(now, edge.send_timeout):
+            self._time_out("send", None)
+            return
+        cycle = self._cycle
+        if cycle is None:
+            if self._head_since:
+                if now - self._head_since > edge.header_timeout:
+                    self._time_out("header", answers.HEADER_TIMEOUT)
+            elif self._exchange.idle and now - self._last_active > edge.keepalive_timeout:
+                self._shut()
+            return
+        if cycle.held:
+            return  # connecting: --connect-timeout governs
+        if not cycle.received and not self._paused_for:
+            if now - self._last_active > edge.body_timeout:
+                self._time_out("body", answers.BODY_TIMEOUT)
+        elif cycle.target is not None and not cycle.answered and self._send_mark is None:
+            # Bytes of the request still going up are progress too: the container is
+            # reading it, and owes its answer only after.
+            since = self._last_upstream if cycle.received else self._last_active
+            if now - max(since, self._last_upstream) > edge.upstream_timeout:
+                self._time_out("upstream", answers.UPSTREAM_TIMEOUT)
+
+    def _send_stalled(self, now: float, timeout: float) -> bool:
+        """True when the client read nothing of what waits for it for ``timeout``."""
+        assert self._send_mark is not None and self._transport is not None
+        since, buffered = self._send_mark
+        now_buffered = self._transport.get_write_buffer_size()
+        if now_buffered < buffered:  # it read some: the clock starts again
+            self._send_mark = (now, now_buffered)
+            return False
+        return now - since > timeout
 
     def pause_reading(self, reason: str) -> None:
         """Stop reading from the client until every ``reason`` given is resumed."""
@@ -279,6 +241,7 @@ class ClientConnection(asyncio.Protocol):
         self._paused_for.add(reason)
 
     def resume_reading(self, reason: str) -> None:
+        """Read from the client again once no other reason to pause remains."""
         self._paused_for.discard(reason)
         if not self._paused_for and self._transport is not None and not self._closed:
             self._transport.resume_reading()
@@ -293,33 +256,41 @@ class ClientConnection(asyncio.Protocol):
             self._client_host = peer[0] if isinstance(peer, tuple) else None
 
     def data_received(self, data: bytes) -> None:
-        self._last_active = self._loop.time()
+        now = self._last_active = self._loop.time()
         if self._discarding:
             return
-        if self._exchange.switched:
+        exchange = self._exchange
+        if exchange.switched:
             if self._upstream is not None:
                 self._upstream.write(data)
             return
+        if self._cycle is None and not self._head_since:
+            self._head_since = now  # a new head begins: --header-timeout counts from here
         self._receive(data)
 
     def eof_received(self) -> bool:
         if self._exchange.switched:
-            if self._upstream is not None and self._upstream.transport is not None:
-                self._upstream.transport.write_eof()
+            if self._upstream is not None:
+                self._upstream.write_eof()
             return True
         if self._discarding:
-            return False  # it read our 400 and left: close (its parser is spent)
+            return False  # it read our refusal and left: close (its parser is spent)
         self._client_eof = True
         self._receive(b"")
         # A client that half-closed after a whole request still gets its answer.
-        return self._answering and self._request_received and not self._closed
+        cycle = self._cycle
+        return cycle is not None and cycle.received and not self._closed
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._finish_request()
+        cycle = self._cycle
+        if cycle is not None:
+            if not cycle.answered:
+                cycle.status = CLIENT_CLOSED_REQUEST  # it left before the answer ended
+            self._close_cycle()
         upstream, self._upstream = self._upstream, None
         if upstream is not None:
-            if self._exchange.upstream_reusable and upstream.idle:
+            if self._exchange.upstream_reusable:
                 upstream.park()
             else:
                 upstream.close()
@@ -328,35 +299,43 @@ class ClientConnection(asyncio.Protocol):
             self._on_close(self)
 
     def pause_writing(self) -> None:  # the client reads an answer slower than it comes
-        if self._upstream is not None and self._upstream.transport is not None:
-            self._upstream.transport.pause_reading()
+        if self._transport is not None:
+            self._send_mark = (self._loop.time(), self._transport.get_write_buffer_size())
+        if self._upstream is not None:
+            self._upstream.pause_reading()
 
     def resume_writing(self) -> None:
-        if self._upstream is not None and self._upstream.transport is not None:
-            self._upstream.transport.resume_reading()
+        self._send_mark = None
+        # The container's answer was held back for the client: its clock starts again.
+        self._last_upstream = self._loop.time()
+        if self._upstream is not None:
+            self._upstream.resume_reading()
 
     # -- client to container -------------------------------------------------------
 
     def _receive(self, data: bytes | None) -> None:
         """Parse what the client sent (None: what is buffered) and forward it."""
-        if self._held:  # a connection to the container is being made: wait for it
+        cycle = self._cycle
+        if cycle is not None and cycle.held:  # a connection to the container is being made
             if data is not None:
                 self._exchange.buffer_client_data(data)
             return
         try:
             pieces = self._exchange.client_data(data)
         except framing.ClientProtocolError as exc:
-            self._refuse(exc)
+            log.info("bad request from %s: %s", self._peer(), exc)
+            status = exc.status_hint if 400 <= exc.status_hint < 500 else 400
+            self._refuse(answers.Failure(status, f"bad HTTP/1.1 request: {exc}"))
             return
         self._forward(pieces)
 
     def _forward(self, pieces: list[framing.ClientPiece]) -> None:
         for index, piece in enumerate(pieces):
-            if isinstance(piece, framing.RequestStarted) and not self._start_request(
-                piece, pieces[index + 1 :]
-            ):
-                return  # the rest waits for the new upstream connection
-            self._send(piece)
+            if isinstance(piece, framing.RequestStarted):
+                if not self._start_request(piece, pieces[index + 1 :]):
+                    return  # the rest waits for the new upstream connection
+            else:
+                self._send(piece)
         self._hold_pipelined_requests()
 
     def _hold_pipelined_requests(self) -> None:
@@ -365,168 +344,238 @@ class ClientConnection(asyncio.Protocol):
         Only then: pausing costs two system calls, and most clients send nothing more
         before the answer.
         """
-        if self._answering and self._request_received and self._exchange.has_buffered_bytes:
+        cycle = self._cycle
+        if cycle is not None and cycle.received and self._exchange.has_buffered_bytes:
             self.pause_reading("answer")
 
-    def _send(self, piece: framing.ClientPiece) -> None:
-        if piece is not self._request:  # a request head is counted as it starts
-            self._bytes_in += len(piece.data)
-        target = self._body_target
-        if target is not None and piece.data:
-            if self._replay is not None:
-                self._replay += piece.data
-                if len(self._replay) > REPLAY_LIMIT:
-                    self._replay = None
-            target.write(piece.data)
+    def _send(self, piece: framing.Body | framing.MessageEnded) -> None:
+        """Pass on a piece of the request body (or its end) to where the request went."""
+        cycle = self._cycle
+        assert cycle is not None, "a body piece with no request in progress"
+        data = piece.data
+        if data:
+            cycle.bytes_in += len(data)
+            target = cycle.target
+            if target is not None:
+                replay = cycle.replay
+                if replay is not None:
+                    replay += data
+                    if len(replay) > REPLAY_LIMIT:
+                        cycle.replay = None
+                target.write(data)
         if isinstance(piece, framing.MessageEnded):
-            self._request_received = True
-            self._body_target = None
-            if not self._answering and self._exchange.must_close:
-                self.close()  # a request we answered ourselves, on a closing connection
+            cycle.received = True
+            if cycle.answered:  # answered before its body was all read
+                self._end_cycle()
 
     def _start_request(
         self, piece: framing.RequestStarted, rest: list[framing.ClientPiece]
     ) -> bool:
-        """Route the request that just started to the container serving now.
+        """Open the request's cycle and route it to the container serving now.
 
-        False when a connection to the container must be made first: ``piece`` and
-        ``rest`` are then forwarded once it is.
+        False when a connection to the container must be made first: ``rest`` is then
+        forwarded once it is.
         """
         state = self._state
         state.request_started()
-        self._request = piece
-        self._status = 0
-        # The head is counted here: an answer of the proxy's own is counted before it
-        # is passed on (or dropped).
-        self._bytes_in, self._bytes_out = len(piece.data), 0
-        self._started_at = self._loop.time()
-        self._answer_begun = False
-        self._request_received = False
-        self._answering = True
         state.active_connections += 1
+        now = self._loop.time()
+        cycle = self._cycle = RequestCycle(piece, now)
+        self._head_since = 0.0
         container = state.current
         if container is None:
-            self._answer_locally(503, "no container is deployed yet", close=False)
+            self._fail(answers.NO_CONTAINER, close=False)
             return True
         # Counted before any wait: a drain starting meanwhile must wait for this request.
         container.request_started()
-        self._routed_to = container
+        cycle.container = container
         upstream = self._upstream
-        if (
-            upstream is not None
-            and upstream.container is container
-            and self._exchange.upstream_reusable
-            and not upstream.ended
-        ):
-            self._forward_to(upstream, fresh=False, method=piece.method, reused=True)
-            return True
         if upstream is not None:
-            upstream.close()
+            if (
+                upstream.container is container
+                and self._exchange.upstream_reusable
+                and not upstream.ended
+            ):
+                self._forward_to(upstream, fresh=False, reused=True)
+                upstream.write(piece.data)
+                return True
             self._upstream = None
-        spare = _take_spare(container)
+            upstream.close()
+        spare = take_spare(container)
         if spare is not None:
-            spare.client = self
-            spare.busy = True
-            self._upstream = spare
-            self._forward_to(spare, fresh=True, method=piece.method, reused=True)
+            self._forward_to(spare, fresh=True, reused=True)
+            spare.write(piece.data)
             return True
-        self._held = [piece, *rest]
+        cycle.held = [piece, *rest]
         self.pause_reading("connecting")
-        self._loop.create_task(self._connect(container, piece.method))
+        self._loop.create_task(self._connect(cycle, None))
         return False
 
-    def _forward_to(self, upstream: _Upstream, fresh: bool, method: bytes, reused: bool) -> None:
+    def _forward_to(self, upstream: Upstream, fresh: bool, reused: bool) -> None:
         """Send the current request on ``upstream`` (``fresh``: new to this client;
         ``reused``: it carried requests before, so the container may have closed it)."""
-        upstream.busy = True
-        self._body_target = upstream
-        self._replay = bytearray() if reused and method in IDEMPOTENT else None
+        cycle = self._cycle
+        assert cycle is not None
+        upstream.attach(self)
+        self._upstream = upstream
+        self._last_upstream = self._loop.time()
+        cycle.target = upstream
+        if reused and cycle.request.method in IDEMPOTENT:
+            cycle.replay = bytearray(cycle.request.data)
         self._exchange.request_forwarded(fresh_upstream=fresh)
 
-    async def _connect(self, container: Container, method: bytes) -> None:
-        """Open a connection to ``container`` for the held request, then send it."""
+    async def _connect(self, cycle: RequestCycle, replay: bytes | None) -> None:
+        """Open a new connection to the cycle's container, then send its request.
+
+        The one place that connects: for a request held while connecting, or (``replay``)
+        for one sent again after the container closed a kept-alive connection under it.
+        """
+        container = cycle.container
+        assert container is not None
         try:
-            _, upstream = await self._loop.create_connection(
-                lambda: _Upstream(self, container), container.host, container.port
-            )
-        except OSError as exc:
+            async with asyncio.timeout(self._edge.connect_timeout):
+                _, upstream = await self._loop.create_connection(
+                    lambda: Upstream(container), container.host, container.port
+                )
+        except (OSError, TimeoutError) as exc:
+            timed_out = isinstance(exc, TimeoutError)
+            if timed_out:
+                self._state.timeouts["connect"] += 1
             log.warning(
-                "container %s at %s:%d unreachable: %s",
+                "container %s at %s:%d %s: %s",
                 container.container_id[:12],
                 container.host,
                 container.port,
-                exc,
+                f"did not accept a connection in {self._edge.connect_timeout:g} s"
+                if timed_out
+                else "is unreachable",
+                exc or "timed out",
             )
-            held, self._held = self._held, []
-            self.resume_reading("connecting")
-            self._answer_locally(502, "the app container is unreachable", close=False)
-            for piece in held[1:]:
-                self._send(piece)  # a body of the refused request is dropped
-            self._receive(None)
+            if self._cycle is cycle:
+                self._connect_failed(
+                    cycle, answers.CONNECT_TIMEOUT if timed_out else answers.UNREACHABLE
+                )
             return
-        if self._closed:
+        if self._closed or self._cycle is not cycle:
             upstream.close()
             return
-        self._upstream = upstream
-        held, self._held = self._held, []
-        self._forward_to(upstream, fresh=True, method=method, reused=False)
-        for piece in held:
+        self._forward_to(upstream, fresh=True, reused=False)
+        if replay is not None:
+            upstream.write(replay)
+            return
+        held, cycle.held = cycle.held, []
+        upstream.write(held[0].data)
+        for piece in held[1:]:
+            assert not isinstance(piece, framing.RequestStarted)
             self._send(piece)
         self.resume_reading("connecting")
-        if self._request_received and self._answering:
+        if cycle.received:
             self._hold_pipelined_requests()
         else:
             self._receive(None)
 
-    def _answer_locally(self, status: int, message: str, close: bool) -> None:
-        self._exchange.answered_locally(status, close)
-        self._write_own_answer(status, message, close)
-        self._finish_request()
+    def _connect_failed(self, cycle: RequestCycle, failure: answers.Failure) -> None:
+        """No connection to the container: answer the request ourselves, drop its body."""
+        held, cycle.held = cycle.held, []
+        self.resume_reading("connecting")
+        self._fail(failure, close=False)
+        for piece in held[1:]:
+            assert not isinstance(piece, framing.RequestStarted)
+            self._send(piece)
+        if not self._closed:
+            self._receive(None)
 
-    def _write_own_answer(self, status: int, message: str, close: bool) -> None:
+    def _fail(self, failure: answers.Failure, close: bool) -> None:
+        """Answer the current request ourselves (the rest of its body is dropped)."""
+        self._exchange.answered_locally(failure.status, close)
+        self._write_own_answer(failure, close)
+        self._answered()
+
+    def _write_own_answer(self, failure: answers.Failure, close: bool) -> None:
         """Count and send an answer of the proxy's own."""
-        self._answer_started(status)
-        data = plain_response(status, message, close)
-        self._bytes_out += len(data)
+        data = answers.plain_response(failure.status, failure.message, close)
+        cycle = self._cycle
+        if cycle is not None:
+            cycle.status = failure.status
+            cycle.bytes_out += len(data)
         if self._transport is not None:
             self._transport.write(data)
 
-    def _answer_started(self, status: int) -> None:
-        self._status = status
-        self._state.response_started(status)
+    def _refuse(self, failure: answers.Failure) -> None:
+        """Answer (unless an answer already began) and close, reading no further request.
 
-    def _refuse(self, error: framing.ClientProtocolError) -> None:
-        """Bad HTTP from the client: answer (unless an answer already began) and close."""
-        log.info("bad request from %s: %s", self._peer(), error)
+        For bad HTTP, and for a client too slow with its head or body. The upstream
+        connection, if a request was on it, is closed: it is out of step.
+        """
         transport = self._transport
-        if transport is None or self._answer_begun:
+        cycle = self._cycle
+        if cycle is not None and cycle.target is not None:
+            self._drop_upstream()  # a request went out on it: it is out of step now
+        if transport is None or (cycle is not None and cycle.answer_begun):
+            self._close_cycle()
             self.close()
             return
-        status = error.status_hint if 400 <= error.status_hint < 500 else 400
-        if not self._answering:  # no request was under way: count the refused one
-            self._request = None
-            self._bytes_in = self._bytes_out = 0
-        self._write_own_answer(status, f"bad HTTP/1.1 request: {error}", close=True)
+        if cycle is None:  # no request was under way: count the refused one
+            cycle = self._cycle = RequestCycle(_UNREADABLE_REQUEST, self._loop.time())
+            cycle.bytes_in = 0
+            self._state.active_connections += 1
+        self._write_own_answer(failure, close=True)
         # Half-close and drop what still comes, so that the client reads the answer
         # instead of a reset.
         self._discarding = True
-        if self._answering:
-            self._finish_request()
-        else:
-            self._account(None, 0.0)
+        self._close_cycle()
         self._paused_for.clear()
         transport.resume_reading()
         if transport.can_write_eof():
             transport.write_eof()
-        self._loop.call_later(LINGER, self.close)
+        self._loop.call_later(LINGER, self._shut)
+
+    def _drop_upstream(self) -> None:
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            upstream.fail()
+
+    def _shut(self) -> None:
+        """Close now; drop what the client never read rather than wait for it forever."""
+        transport = self._transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            transport.close()
+
+    def _time_out(self, kind: str, failure: answers.Failure | None) -> None:
+        """A timeout of ``kind`` expired: answer ``failure`` if nothing was sent, close."""
+        self._state.timeouts[kind] += 1
+        cycle = self._cycle
+        container = cycle.container if cycle is not None else None
+        log.info(
+            "%s timeout: client %s, revision %s, request %s: %s",
+            kind,
+            self._peer(),
+            container.revision if container is not None else NO_REVISION,
+            _request_line(cycle),
+            "closing the connection" if failure is None else f"{failure.status}, then closing",
+        )
+        if failure is None:  # the client does not read: nothing more can reach it
+            self._drop_upstream()
+            self._close_cycle()  # counted with the status of the answer it stopped reading
+            if self._transport is not None:
+                self._transport.abort()
+            return
+        if cycle is not None and cycle.answer_begun:
+            cycle.status = failure.status  # what the request came to, for the books
+        self._refuse(failure)
 
     # -- container to client -------------------------------------------------------
 
-    def upstream_data(self, upstream: _Upstream, data: bytes) -> None:
+    def upstream_data(self, upstream: Upstream, data: bytes) -> None:
         """Bytes from a container: pass them on, noting where answers start and end."""
         transport = self._transport
         if upstream is not self._upstream or transport is None:
             return
+        self._last_upstream = self._loop.time()
         exchange = self._exchange
         if exchange.switched:
             transport.write(data)
@@ -537,43 +586,42 @@ class ClientConnection(asyncio.Protocol):
             log.warning("container %s sent bad HTTP: %s", upstream.container.container_id, exc)
             self._upstream_failed(upstream, str(exc))
             return
+        if not pieces:
+            return
+        cycle = self._cycle
+        assert cycle is not None, "an answer's pieces with no request in progress"
         out = []
         ended = False
         for piece in pieces:
             raw = piece.data
-            if isinstance(piece, framing.ResponseStarted | framing.ProtocolSwitched):
-                self._answer_begun = True
-                self._replay = None
-                self._answer_started(piece.status)
-            if isinstance(piece, framing.ResponseStarted) and self._closing:
-                # Shutting down: tell the client, so that it does not send its next
-                # request on a connection we are about to close.
-                raw = framing.with_connection_close(raw)
-            elif isinstance(piece, framing.ProtocolSwitched):
-                upstream.upgraded = True
-                upstream.container.upgrade_started()
+            if isinstance(piece, framing.ResponseStarted):
+                cycle.status = piece.status
+                cycle.replay = None
+                if self._closing:
+                    # Shutting down: tell the client, so that it does not send its next
+                    # request on a connection we are about to close.
+                    raw = framing.with_connection_close(raw)
             elif isinstance(piece, framing.MessageEnded):
                 ended = True
+            elif isinstance(piece, framing.ProtocolSwitched):
+                cycle.status = piece.status
+                cycle.replay = None
+                upstream.upgrade()
             out.append(raw)
-        if not out:
-            return
         # One write per read: a head and its body go out in one segment.
         data = out[0] if len(out) == 1 else b"".join(out)
-        self._bytes_out += len(data)
+        cycle.bytes_out += len(data)
         transport.write(data)
         if exchange.switched:
             upstream.write(exchange.take_client_leftover())
-            self._finish_request()
+            self._close_cycle()
             self.resume_reading("answer")
         elif ended:
-            self._finish_request()
+            self._answered()
 
-    def upstream_ended(self, upstream: _Upstream, reason: str) -> None:
+    def upstream_ended(self, upstream: Upstream, reason: str) -> None:
         """A container's side of a connection ended (EOF or closed); idempotent."""
-        if upstream.ended:
-            return
-        upstream.ended = True
-        if self._upstream is not upstream:
+        if not upstream.end() or self._upstream is not upstream:
             return
         if self._exchange.switched:
             self.close()
@@ -582,75 +630,75 @@ class ClientConnection(asyncio.Protocol):
         if self._upstream is upstream:
             self._upstream_failed(upstream, reason)
 
-    def _upstream_failed(self, upstream: _Upstream, reason: str) -> None:
+    def _upstream_failed(self, upstream: Upstream, reason: str) -> None:
         """The container side failed; fail the request in flight on it, if any."""
         if self._upstream is upstream:
             self._upstream = None
-        upstream.ended = True
-        upstream.close()
-        if self._routed_to is None or not self._answering:
+        upstream.fail()
+        cycle = self._cycle
+        if cycle is None or cycle.container is None:
             return  # idle keep-alive connection closed by the container: nothing lost
-        replay, self._replay = self._replay, None
-        if replay is not None and not self._answer_begun and self._request_received:
+        if cycle.answer_begun:
+            # Part of an answer went out: the client can only learn of the failure by
+            # the connection closing.
+            log.warning(
+                "container %s failed in the middle of an answer: %s",
+                upstream.container.container_id[:12],
+                reason,
+            )
+            cycle.status = answers.NO_ANSWER.status
+            self._close_cycle()
+            self.close()
+            return
+        replay, cycle.replay = cycle.replay, None
+        if replay is not None and cycle.received:
             log.info(
                 "container %s closed a kept-alive connection as a request went out: "
                 "sending it again on a new one",
                 upstream.container.container_id[:12],
             )
-            self._loop.create_task(self._send_again(upstream.container, bytes(replay)))
-            return
-        if self._answer_begun:
-            # Part of an answer went out: the client can only learn of the failure by
-            # the connection closing.
-            self._finish_request()
-            self.close()
+            self._loop.create_task(self._connect(cycle, bytes(replay)))
             return
         log.warning("request to container %s failed: %s", upstream.container.container_id, reason)
-        self._fail_with_502()
-
-    def _fail_with_502(self) -> None:
-        self._write_own_answer(502, "the app container failed to answer", close=True)
-        self._finish_request()
+        self._fail(answers.NO_ANSWER, close=True)
         self.close()
-
-    async def _send_again(self, container: Container, request: bytes) -> None:
-        """Send a request again on a new connection to its container."""
-        try:
-            _, upstream = await self._loop.create_connection(
-                lambda: _Upstream(self, container), container.host, container.port
-            )
-        except OSError:
-            self._fail_with_502()
-            return
-        if self._closed:
-            upstream.close()
-            return
-        self._upstream = upstream
-        upstream.busy = True
-        self._exchange.request_forwarded(fresh_upstream=True)
-        upstream.write(request)
 
     # -- bookkeeping ---------------------------------------------------------------
 
-    def _finish_request(self) -> None:
-        """Close the books on the current request (idempotent), then go on reading."""
-        if not self._answering:
+    def _answered(self) -> None:
+        """The current request's answer ended or failed: count it (once).
+
+        Its cycle ends here too, unless the rest of its body is still to be read.
+        """
+        cycle = self._cycle
+        if cycle is None or cycle.answered:
             return
-        self._answering = False
+        cycle.answered = True
+        now = self._last_active = self._loop.time()  # the keep-alive clock starts again
+        self._account(cycle, now - cycle.started_at)
+        if cycle.received:
+            self._end_cycle()
+
+    def _close_cycle(self) -> None:
+        """End the current request now, whatever state it is in (idempotent)."""
+        self._answered()
+        self._end_cycle()
+
+    def _end_cycle(self) -> None:
+        """The request was read and answered: let go of it, then go on reading."""
+        cycle = self._cycle
+        if cycle is None:
+            return
+        self._cycle = None
         self._state.active_connections -= 1
-        now = self._loop.time()
-        container, self._routed_to = self._routed_to, None
-        self._account(container, now - self._started_at)
-        self._request = None  # an idle connection keeps nothing of its last request
-        self._replay = None
-        self._last_active = now
+        container = cycle.container
         upstream = self._upstream
         if upstream is not None:
-            upstream.busy = False
+            upstream.release()
             if container is not None and container.state == "draining" and upstream.idle:
                 # The container is being drained: it gets no further request from here.
-                upstream.close()
                 self._upstream = None
+                upstream.close()
         if container is not None:
             container.request_finished()
         if self._closed or self._discarding:
@@ -667,23 +715,25 @@ class ClientConnection(asyncio.Protocol):
             self.resume_reading("answer")
         if exchange.has_buffered_bytes and not exchange.request_in_progress:
             # A pipelined request is waiting; parse it once the caller is done with
-            # the pieces of this one.
+            # the pieces of this one. Its head is on the clock from now.
+            self._head_since = self._loop.time()
             self._loop.call_soon(self._receive, None)
 
-    def _account(self, container: Container | None, seconds: float) -> None:
+    def _account(self, cycle: RequestCycle, seconds: float) -> None:
         """Count the finished request, and log it if there is an access log."""
+        container = cycle.container
         revision = container.config.revision if container is not None else NO_REVISION
-        status = self._status or CLIENT_CLOSED_REQUEST
-        self._state.request_finished(revision, status, seconds, self._bytes_in, self._bytes_out)
+        status = cycle.status or CLIENT_CLOSED_REQUEST
+        self._state.request_finished(revision, status, seconds, cycle.bytes_in, cycle.bytes_out)
         if self._access_log is not None:
-            request = self._request or _UNREADABLE_REQUEST
+            request = cycle.request
             self._access_log.request(
                 self._client_host,
                 request.data,
                 request.method,
                 request.target,
                 status,
-                self._bytes_out,
+                cycle.bytes_out,
                 seconds,
                 revision,
             )
@@ -693,11 +743,9 @@ class ClientConnection(asyncio.Protocol):
         return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
 
-def _take_spare(container: Container) -> _Upstream | None:
-    """An idle connection to ``container`` left by an earlier client, if one is open."""
-    while container.spare:
-        upstream = cast(_Upstream, container.spare.pop())
-        transport = upstream.transport
-        if not upstream.ended and transport is not None and not transport.is_closing():
-            return upstream
-    return None
+def _request_line(cycle: RequestCycle | None) -> str:
+    """The request's method and target for a log line, or '-' before a head was read."""
+    if cycle is None:
+        return "-"
+    request = cycle.request
+    return f"{request.method.decode('latin-1')} {request.target.decode('latin-1')[:200]}"

@@ -13,7 +13,7 @@ from wunderproxy import __version__, manager
 from wunderproxy.accesslog import AccessLog
 from wunderproxy.config import Address, Config
 from wunderproxy.controller import Controller, Engine
-from wunderproxy.forwarder import ClientConnection
+from wunderproxy.forwarder import ClientConnection, sweep_interval
 from wunderproxy.listeners import (
     ACCEPT_LINGER,
     Listener,
@@ -31,9 +31,6 @@ log = logging.getLogger("wunderproxy")
 # (served with "Connection: close"): closing it at once could cut a request in flight
 # on the wire.
 IDLE_CLOSE_GRACE = 1.0
-# Seconds between two sweeps for idle keep-alive connections: the timeout is kept to
-# within this much.
-IDLE_SWEEP_INTERVAL = 1.0
 
 
 class TakeOverFailed(Exception):
@@ -104,7 +101,7 @@ class Server:
             startup = asyncio.create_task(self.controller.start())
         if self._pid_file is not None:
             self._pid_file.write()
-        sweeper = asyncio.create_task(self._expire_idle_connections())
+        sweeper = asyncio.create_task(self._enforce_timeouts())
         try:
             await stop.wait()
             sweeper.cancel()
@@ -144,18 +141,19 @@ class Server:
         await self.controller.shutdown(timeout)
         log.info("stopped; the app container keeps running")
 
-    async def _expire_idle_connections(self) -> None:
-        """Close keep-alive connections idle past ``--keepalive-timeout``, once a second."""
+    async def _enforce_timeouts(self) -> None:
+        """Sweep every client connection for expired timeouts (about once a second)."""
         loop = asyncio.get_running_loop()
+        interval = sweep_interval(self.config.edge)
         while True:
-            await asyncio.sleep(IDLE_SWEEP_INTERVAL)
+            await asyncio.sleep(interval)
             now = loop.time()
             for connection in list(self._connections):
-                connection.expire_if_idle(now)
+                connection.check_timeouts(now)
 
     def _new_client(self) -> ClientConnection:
         connection = ClientConnection(
-            self.state, self.config.edge.keepalive_timeout, self._client_closed, self.access_log
+            self.state, self.config.edge, self._client_closed, self.access_log
         )
         if self._stopping:
             connection.close_when_idle(IDLE_CLOSE_GRACE)

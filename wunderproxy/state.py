@@ -190,14 +190,15 @@ class ProxyState:
         self.requests.total += 1
         self.requests.since_switch += 1
 
-    def response_started(self, status: int) -> None:
-        """A response status was sent to a client (from a container or the proxy)."""
-        self.requests.by_status[status] += 1
-
     def request_finished(
         self, revision: str, status: int, seconds: float, bytes_in: int, bytes_out: int
     ) -> None:
-        """A request to ``revision`` was answered with ``status`` in ``seconds``."""
+        """A request to ``revision`` was answered with ``status`` in ``seconds``.
+
+        ``status`` is what the request came to: the answer's status, or the proxy's own
+        (408, 499, 502, 504) when it failed, even after part of an answer went out.
+        """
+        self.requests.by_status[status] += 1
         self.requests.time_since_switch += seconds
         self.traffic.record(revision, status, seconds, bytes_in, bytes_out)
 

@@ -9,6 +9,8 @@ No image can be pulled from the internet on the test machines, so the app is bus
 - ``/cgi-bin/whoami`` answers ``revision=$REVISION container=$HOSTNAME`` (the container's
   short id, which Docker sets as its host name).
 - ``/cgi-bin/slow?SECONDS`` sleeps (default 2, fractions allowed), then answers like whoami.
+- ``/cgi-bin/drip`` sends a head with ``Content-Length: 100`` and 5 bytes of body, then
+  sleeps 60 s: an answer cut short if the container dies meanwhile.
 - ``/cgi-bin/echo`` reads ``CONTENT_LENGTH`` bytes of request body and answers
   ``received=N revision=$REVISION``.
 
@@ -54,6 +56,9 @@ CGI_SCRIPTS = {
     "revision": 'respond "revision=$REVISION${APP_GREETING:+ greeting=$APP_GREETING}"\n',
     "whoami": 'respond "revision=$REVISION container=$HOSTNAME"\n',
     "slow": 'sleep "${QUERY_STRING:-2}"\nrespond "revision=$REVISION container=$HOSTNAME"\n',
+    "drip": (
+        "printf 'Content-Type: text/plain\\r\\nContent-Length: 100\\r\\n\\r\\nhalf.'\nsleep 60\n"
+    ),
     "echo": (
         'received=$(head -c "${CONTENT_LENGTH:-0}" | wc -c)\n'
         'respond "received=$received revision=$REVISION"\n'

@@ -4,7 +4,9 @@ Paths: ``/`` answers its name; ``/status/N`` answers N; ``/echo`` answers the re
 body; ``/chunked`` answers in chunks; ``/slow/S`` waits S seconds; ``/close`` answers
 with ``Connection: close``; ``/then-drop`` answers, then closes its connection on the
 next request without answering (as a server's idle timeout does); ``/ws`` accepts an
-upgrade and then echoes raw bytes.
+upgrade and then echoes raw bytes; ``/big/N`` answers N bytes; ``/stall`` sends a head and
+half its body, then nothing; ``/events`` answers a ``text/event-stream`` without a length,
+three events 0.1 s apart, and ends it by closing the connection.
 Every answer carries ``X-Backend: NAME`` so tests can tell which server answered.
 """
 
@@ -98,6 +100,16 @@ class Backend:
                 writer.write(data)
                 await writer.drain()
             return False
+        if path == "/stall":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf.")
+            await asyncio.sleep(3600)
+        if path == "/events":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
+            for number in range(3):
+                writer.write(b"data: %d\n\n" % number)
+                await writer.drain()
+                await asyncio.sleep(0.1)
+            return False  # the end of the answer is the end of the connection
         status, payload = 200, self.name.encode()
         if path.startswith("/status/"):
             status = int(path.removeprefix("/status/"))
@@ -105,6 +117,8 @@ class Backend:
             payload = body
         elif path.startswith("/slow/"):
             await asyncio.sleep(float(path.removeprefix("/slow/")))
+        elif path.startswith("/big/"):
+            payload = b"x" * int(path.removeprefix("/big/"))
         elif path == "/close":
             headers.append((b"connection", b"close"))
         if path == "/chunked":

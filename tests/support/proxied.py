@@ -1,0 +1,145 @@
+"""An in-process proxy for tests: the forwarder on a real 127.0.0.1 listener, real backends.
+
+The fixtures ``proxy``, ``blue`` and ``green`` give a proxy with no container yet and two
+h11 app servers to route it to; :meth:`Proxy.sweep` runs the timeout sweep on a clock the
+test controls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import h11
+import pytest
+
+from tests.support.backend import Backend
+from tests.support.waiting import eventually
+from tests.support.wire import read_answer, send_request
+from wunderproxy.accesslog import AccessLog
+from wunderproxy.config import Edge
+from wunderproxy.forwarder import ClientConnection
+from wunderproxy.launchconfig import md5_hex, parse_launch_config
+from wunderproxy.state import Container, ProxyState
+
+
+def make_container(backend: Backend, revision: str) -> Container:
+    raw = json.dumps({"Revision": revision, "HealthCheckPath": "/"}).encode()
+    return Container(
+        config=parse_launch_config(raw, md5_hex(raw)),
+        image=f"test/{revision}",
+        container_id=f"{revision}-container",
+        host="127.0.0.1",
+        port=backend.port,
+        started_at=datetime.now(UTC),
+    )
+
+
+class Proxy:
+    def __init__(self, state: ProxyState, server: asyncio.Server, access_log: AccessLog) -> None:
+        self.state = state
+        self.server = server
+        self.access_log = access_log
+        self.port: int = server.sockets[0].getsockname()[1]
+        self.clients: list[Client] = []
+        self.connections: set[ClientConnection] = set()
+        self.edge = Edge()  # for the connections accepted from now on
+
+    def sweep(self, seconds_later: float) -> None:
+        """Run the timeout sweep as if ``seconds_later`` had passed (a controlled clock)."""
+        now = asyncio.get_running_loop().time() + seconds_later
+        for connection in list(self.connections):
+            connection.check_timeouts(now)
+
+    def serve(self, container: Container) -> None:
+        self.state.add(container)
+        self.state.switch_to(container)
+
+    async def logged_lines(self, count: int) -> list[str]:
+        """The access log's lines, once there are ``count``."""
+        path = Path(self.access_log.destination)
+        lines: list[str] = []
+
+        def enough() -> bool:
+            lines[:] = path.read_text().splitlines()
+            return len(lines) >= count
+
+        await eventually(enough)
+        return lines
+
+    async def connect(self) -> Client:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        client = Client(reader, writer)
+        self.clients.append(client)
+        return client
+
+
+class Client:
+    """A raw client socket plus an h11 parser for the answers."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.conn = h11.Connection(h11.CLIENT)
+
+    def send_raw(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def request(
+        self, method: str, target: str, body: bytes = b""
+    ) -> tuple[int, dict[str, str], bytes]:
+        send_request(self.conn, self.writer, method, target, body)
+        return await self.response()
+
+    async def response(self) -> tuple[int, dict[str, str], bytes]:
+        answer = await read_answer(self.conn, self.reader)
+        return answer.status, answer.headers, answer.body
+
+    async def read_all(self) -> bytes:
+        return await asyncio.wait_for(self.reader.read(), 10)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@pytest.fixture
+async def proxy(tmp_path: Path) -> AsyncIterator[Proxy]:
+    state = ProxyState("testapp", "test")
+    connections: set[ClientConnection] = set()
+    access_log = AccessLog(str(tmp_path / "access.log"))
+    access_log.start()
+
+    def new_connection() -> ClientConnection:
+        connection = ClientConnection(state, proxy.edge, connections.discard, access_log)
+        connections.add(connection)
+        return connection
+
+    server = await asyncio.get_running_loop().create_server(new_connection, "127.0.0.1", 0)
+    proxy = Proxy(state, server, access_log)
+    proxy.connections = connections
+    yield proxy
+    for client in proxy.clients:
+        client.close()
+    for connection in connections:
+        connection.abort()
+    await asyncio.sleep(0.05)
+    server.close()
+    await server.wait_closed()
+    await access_log.close()
+
+
+@pytest.fixture
+async def blue() -> AsyncIterator[Backend]:
+    backend = await Backend("blue").start()
+    yield backend
+    await backend.stop()
+
+
+@pytest.fixture
+async def green() -> AsyncIterator[Backend]:
+    backend = await Backend("green").start()
+    yield backend
+    await backend.stop()

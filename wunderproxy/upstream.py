@@ -1,0 +1,196 @@
+"""One connection from the proxy to a container, and the idle ones kept for reuse.
+
+An :class:`Upstream` serves one client connection at a time. The client connection takes it
+with :meth:`Upstream.attach` for a request, marks it idle with :meth:`Upstream.release` when
+the answer is complete, and gives it up with :meth:`Upstream.park` when the client leaves:
+a kept-alive connection then waits in its container's ``spare`` list for the next client,
+since opening one per client costs the container an accept and a close, and us a connect.
+Nothing outside this class sets its fields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol, cast
+
+from wunderproxy.state import Container
+
+# Idle connections kept open to a container for the next client connection (nginx's
+# upstream keepalive default in its documentation's example).
+MAX_SPARE = 64
+
+
+class UpstreamClient(Protocol):
+    """The client connection an upstream connection serves, as the upstream sees it."""
+
+    def upstream_data(self, upstream: Upstream, data: bytes) -> None:
+        """Bytes from the container."""
+
+    def upstream_ended(self, upstream: Upstream, reason: str) -> None:
+        """The container's side ended (EOF or closed)."""
+
+    def pause_reading(self, reason: str) -> None:
+        """Stop reading from the client."""
+
+    def resume_reading(self, reason: str) -> None:
+        """Read from the client again."""
+
+    def close(self) -> None:
+        """Close the client connection."""
+
+
+class Upstream(asyncio.Protocol):
+    """One connection to a container, serving one client connection at a time.
+
+    It is a :class:`~wunderproxy.state.Link` of its container, so that a drain can close
+    it between requests, or cut it (with its upgraded client) at the drain deadline.
+    """
+
+    # Slots: one of these per client connection, so its size counts in memory per connection.
+    __slots__ = ("_busy", "_client", "_ended", "_upgraded", "container", "transport")
+
+    def __init__(self, container: Container) -> None:
+        self.container = container
+        self.transport: asyncio.Transport | None = None
+        self._client: UpstreamClient | None = None
+        # Made for a request: busy from the start, or a drain could close it while it
+        # is still being connected.
+        self._busy = True
+        self._upgraded = False
+        self._ended = False
+        container.links.add(self)
+
+    # -- what the client connection does with it -----------------------------------
+
+    def attach(self, client: UpstreamClient) -> None:
+        """Carry a request of ``client`` (this connection's client from now on)."""
+        self._client = client
+        self._busy = True
+
+    def release(self) -> None:
+        """The answer is complete: idle, still kept by its client for the next request."""
+        self._busy = False
+
+    def upgrade(self) -> None:
+        """The container switched protocols: bytes flow both ways until either side closes."""
+        self._upgraded = True
+        self.container.upgrade_started()
+
+    def park(self) -> None:
+        """The client left: keep this idle connection for another one, or close it."""
+        container = self.container
+        transport = self.transport
+        if (
+            self._busy
+            or self._upgraded
+            or self._ended
+            or transport is None
+            or transport.is_closing()
+            or container.state != "serving"
+            or len(container.spare) >= MAX_SPARE
+        ):
+            self.close()
+            return
+        self._client = None
+        transport.resume_reading()
+        container.spare.append(self)
+
+    def end(self) -> bool:
+        """The container's side ended; False when that was already known."""
+        if self._ended:
+            return False
+        self._ended = True
+        return True
+
+    def fail(self) -> None:
+        """The connection broke or went out of step: never use it again."""
+        self._ended = True
+        self.close()
+
+    def write(self, data: bytes) -> None:
+        """Send bytes to the container (dropped if the connection is not open yet)."""
+        if self.transport is not None and data:
+            self.transport.write(data)
+
+    def write_eof(self) -> None:
+        """Half-close toward the container (an upgraded client half-closed)."""
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def pause_reading(self) -> None:
+        """Stop reading the container's answer (the client reads slower than it comes)."""
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read the container's answer again."""
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    @property
+    def ended(self) -> bool:
+        """True once the container closed its side, or the connection failed."""
+        return self._ended
+
+    @property
+    def idle(self) -> bool:
+        """True between requests: closing it now loses nothing."""
+        return not self._busy and not self._upgraded
+
+    def close(self) -> None:
+        """Close it now (and the client too if upgraded: it has no other way to go on)."""
+        self._forget()
+        if self.transport is not None:
+            self.transport.close()
+        if self._upgraded and self._client is not None:
+            self._client.close()
+
+    def _forget(self) -> None:
+        self.container.links.discard(self)
+        if self in self.container.spare:
+            self.container.spare.remove(self)
+
+    # -- asyncio.Protocol --------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        if self._client is None:
+            self.fail()  # a spare connection is talked to: out of step
+            return
+        self._client.upstream_data(self, data)
+
+    def eof_received(self) -> bool:
+        if self._client is None:
+            self._ended = True
+            self._forget()
+        else:
+            self._client.upstream_ended(self, "the container closed the connection")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._forget()
+        if self._upgraded:
+            self._upgraded = False
+            self.container.upgrade_finished()
+        if self._client is not None:
+            self._client.upstream_ended(self, str(exc) if exc else "the connection was closed")
+
+    def pause_writing(self) -> None:  # the container reads an upload slower than it comes
+        if self._client is not None:
+            self._client.pause_reading("upstream")
+
+    def resume_writing(self) -> None:
+        if self._client is not None:
+            self._client.resume_reading("upstream")
+
+
+def take_spare(container: Container) -> Upstream | None:
+    """An idle connection to ``container`` left by an earlier client, if one is open."""
+    while container.spare:
+        upstream = cast(Upstream, container.spare.pop())
+        transport = upstream.transport
+        if not upstream.ended and transport is not None and not transport.is_closing():
+            return upstream
+    return None
