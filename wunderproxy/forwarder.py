@@ -442,14 +442,13 @@ class ClientConnection(asyncio.Protocol):
             if timed_out:
                 self._state.timeouts["connect"] += 1
             log.warning(
-                "container %s at %s:%d %s: %s",
+                "container %s at %s:%d %s",
                 container.container_id[:12],
                 container.host,
                 container.port,
                 f"did not accept a connection in {self._edge.connect_timeout:g} s"
                 if timed_out
-                else "is unreachable",
-                exc or "timed out",
+                else f"is unreachable: {exc}",
             )
             if self._cycle is cycle:
                 self._connect_failed(
