@@ -427,3 +427,54 @@ async def test_an_answer_that_ends_when_the_container_closes_ends_the_client_con
     received = await asyncio.wait_for(client.reader.read(-1), 3)  # EOF, or a timeout
     assert received.endswith(b"\r\n\r\ndata: 0\n\ndata: 1\n\ndata: 2\n\n")
     assert proxy.state.requests.by_status == {200: 1}
+
+
+async def _early_answering_container(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Answers a POST from its head alone, then (unless it closes) reads the body it was
+    sent and answers the next request: as an app that refuses an upload early does."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+    close = b"/close" in head.split(b"\r\n")[0]
+    writer.write(
+        b"HTTP/1.1 413 Too Large\r\nContent-Length: 4\r\n"
+        + (b"Connection: close\r\n" if close else b"")
+        + b"\r\nnope"
+    )
+    if close:
+        writer.close()
+        return
+    body = await reader.readexactly(length)
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%d" % (len(str(len(body))), len(body))
+    )
+    await writer.drain()
+    writer.close()
+
+
+@pytest.mark.parametrize("closes", [False, True])
+async def test_a_container_answering_before_the_whole_body_still_gets_the_rest_or_closes(
+    proxy: Proxy, closes: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await asyncio.start_server(_early_answering_container, "127.0.0.1", 0)
+    backend = Backend("early")
+    backend.server = server
+    proxy.serve(make_container(backend, "rev1"))
+    client = await proxy.connect()
+    path = "/close" if closes else "/"
+    client.send_raw(f"POST {path} HTTP/1.1\r\nhost: t\r\ncontent-length: 100000\r\n\r\n".encode())
+    client.send_raw(b"x" * 1000)
+    status, _, body = await client.response()
+    assert (status, body) == (413, b"nope")
+    client.send_raw(b"x" * 99_000)
+    if closes:
+        assert await client.read_all() == b"", "the client connection closes too"
+        assert proxy.state.requests.by_status == {413: 1}
+    else:
+        client.conn = h11.Connection(h11.CLIENT)  # the POST went raw: a parser for the GET
+        assert (await client.request("GET", "/"))[2] == b"100000", "the container got it all"
+        assert proxy.state.requests.by_status == {413: 1, 200: 1}
+    assert "failed" not in caplog.text, "an answer that ended is no failure"
+    server.close()

@@ -635,8 +635,10 @@ class ClientConnection(asyncio.Protocol):
             self._upstream = None
         upstream.fail()
         cycle = self._cycle
-        if cycle is None or cycle.container is None:
-            return  # idle keep-alive connection closed by the container: nothing lost
+        if cycle is None or cycle.container is None or cycle.answered:
+            # An idle keep-alive connection closed by the container, or one it closed
+            # after answering early (the rest of the body is dropped): nothing lost.
+            return
         if cycle.answer_begun:
             # Part of an answer went out: the client can only learn of the failure by
             # the connection closing.

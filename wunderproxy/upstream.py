@@ -108,9 +108,10 @@ class Upstream(asyncio.Protocol):
         self.close()
 
     def write(self, data: bytes) -> None:
-        """Send bytes to the container (dropped if the connection is not open yet)."""
-        if self.transport is not None and data:
-            self.transport.write(data)
+        """Send bytes to the container (dropped if the connection is not open)."""
+        transport = self.transport
+        if transport is not None and data and not transport.is_closing():
+            transport.write(data)
 
     def write_eof(self) -> None:
         """Half-close toward the container (an upgraded client half-closed)."""
