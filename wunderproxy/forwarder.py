@@ -220,8 +220,10 @@ class ClientConnection(asyncio.Protocol):
         elif cycle.target is not None and not cycle.answered and self._send_mark is None:
             # Bytes of the request still going up are progress too: the container is
             # reading it, and owes its answer only after.
-            since = self._last_upstream if cycle.received else self._last_active
-            if now - max(since, self._last_upstream) > edge.upstream_timeout:
+            progress = self._last_upstream
+            if not cycle.received:
+                progress = max(progress, self._last_active)
+            if now - progress > edge.upstream_timeout:
                 self._time_out("upstream", answers.UPSTREAM_TIMEOUT)
 
     def _send_stalled(self, now: float, timeout: float) -> bool:
