@@ -275,7 +275,7 @@ class GreedyListener:
             "(--max-connections %d)",
             self._name,
             count,
-            self._limit.count_open(),
+            self._limit.count_open() + self._starting,
             self._limit.maximum,
         )
 
