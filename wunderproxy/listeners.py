@@ -12,17 +12,22 @@ for a moment (:data:`ACCEPT_LINGER`), then closes. Nothing is reset.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import errno
 import logging
 import os
 import signal
 import socket
+import stat
 import struct
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from wunderproxy.config import Address
+from wunderproxy.forwarder import plain_response
 
 log = logging.getLogger("wunderproxy")
 
@@ -41,6 +46,40 @@ ProtocolFactory = Callable[[], asyncio.Protocol]
 
 BACKLOG = 4096  # a burst of a thousand new connections must not overflow the queue
 
+# accept() failing for want of descriptors or kernel memory: the next call fails the same
+# way until something is freed, so the listener pauses instead of trying again at once.
+OUT_OF_RESOURCES = {
+    errno.EMFILE: "this process has no file descriptor left",
+    errno.ENFILE: "the host has no file descriptor left",
+    errno.ENOBUFS: "the host is short of socket memory",
+    errno.ENOMEM: "the host is short of memory",
+}
+# accept() failing for one queued connection only (accept(2): "Linux passes already-pending
+# network errors on the new socket as an error code"): go on with the next one.
+CONNECTION_ERRORS = frozenset(
+    (
+        errno.ECONNABORTED,
+        errno.ECONNRESET,
+        errno.EPROTO,
+        errno.EPERM,  # a firewall rule refused it
+        errno.ENETDOWN,
+        errno.ENETUNREACH,
+        errno.EHOSTDOWN,
+        errno.EHOSTUNREACH,
+        errno.ENOPROTOOPT,
+        errno.EOPNOTSUPP,
+        errno.ENONET,
+    )
+)
+# Seconds between two tries to accept while out of resources: the first pause is short
+# (a descriptor is often freed within milliseconds), later ones grow to the longest.
+FIRST_PAUSE = 0.1
+LONGEST_PAUSE = 1.0
+# Seconds between two log lines about refused connections or failed accepts.
+LOG_INTERVAL = 1.0
+# Bytes of a refused connection's request dropped before closing it (see _refuse).
+_DROP_BUFFER = 65536
+
 
 class Listener(Protocol):
     """What the server needs of a listener: its sockets, and a way to stop it."""
@@ -51,19 +90,94 @@ class Listener(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionLimit:
+    """At most ``maximum`` client connections open at once; past it, new ones get a 503.
+
+    ``count_open`` tells how many connections the factory built and are still open;
+    ``refused`` is called for each connection refused.
+    """
+
+    maximum: int
+    count_open: Callable[[], int]
+    refused: Callable[[], None]
+
+
+class Tally:
+    """Counts one kind of event and reports it at most once per ``interval`` seconds.
+
+    The first event is reported at once (count 1); later ones are added up and reported
+    when the interval ends, until an interval passes without any.
+    """
+
+    def __init__(self, interval: float, report: Callable[[int], None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._interval = interval
+        self._report = report
+        self._count = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self) -> None:
+        self._count += 1
+        if self._timer is None:
+            self._flush()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _flush(self) -> None:
+        if not self._count:
+            self._timer = None
+            return
+        count, self._count = self._count, 0
+        self._report(count)
+        self._timer = self._loop.call_later(self._interval, self._flush)
+
+
 class GreedyListener:
     """Accepts every connection waiting in the queue, each time it becomes readable.
 
     uvloop's own server accepts one connection per turn of the loop: a thousand clients
     connecting at once then wait behind a thousand turns, each busy with the requests of
     those already in, and their first requests time out.
+
+    With a :class:`ConnectionLimit`, a connection past the limit is answered with a 503
+    right here, without a protocol object or a read of its request. When accept fails for
+    want of descriptors or memory, the listener stops watching its socket and tries again
+    after a pause (:data:`FIRST_PAUSE` doubling up to :data:`LONGEST_PAUSE`): the socket
+    stays readable all that time, and watching it would spin the loop.
     """
 
-    def __init__(self, sock: socket.socket, factory: ProtocolFactory) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        factory: ProtocolFactory,
+        limit: ConnectionLimit | None = None,
+    ) -> None:
         self._sock = sock
         self._factory = factory
+        self._limit = limit
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Accepted connections whose protocol the factory has not built yet: they count
+        # toward the limit as much as open ones.
+        self._starting = 0
+        self._name = _describe(sock)
+        self._pause = FIRST_PAUSE
+        self._retry: asyncio.TimerHandle | None = None
+        self._last_error: OSError | None = None
+        self._refusal = b""
+        if limit is not None:
+            self._refusal = plain_response(
+                503,
+                f"too many connections: this proxy serves at most {limit.maximum} at once "
+                "(--max-connections); try again shortly",
+                close=True,
+            )
+        self._refused_log = Tally(LOG_INTERVAL, self._log_refused)
+        self._failed_log = Tally(LOG_INTERVAL, self._log_failed)
         sock.setblocking(False)
         self._loop.add_reader(sock.fileno(), self._accept_all)
 
@@ -72,6 +186,11 @@ class GreedyListener:
         return [self._sock]
 
     def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        self._refused_log.cancel()
+        self._failed_log.cancel()
         if self._sock.fileno() != -1:
             self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
@@ -81,29 +200,144 @@ class GreedyListener:
             try:
                 conn, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                if exc.errno in CONNECTION_ERRORS:
+                    continue
+                self._back_off(exc)  # out of resources, or an error we do not know: pause
                 return
-            except OSError as exc:  # out of descriptors, a connection reset while queued
-                log.warning("accepting a connection failed: %s", exc)
-                return
-            conn.setblocking(False)
+            if self._at_limit():
+                self._refuse(conn)
+            else:
+                self._serve(conn)
+        self._pause = FIRST_PAUSE
+
+    def _at_limit(self) -> bool:
+        limit = self._limit
+        return limit is not None and limit.count_open() + self._starting >= limit.maximum
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        if conn.family != socket.AF_UNIX:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = self._loop.create_task(self._loop.connect_accepted_socket(self._factory, conn))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        built = False
+
+        def factory() -> asyncio.Protocol:
+            nonlocal built
+            built = True
+            self._starting -= 1
+            return self._factory()
+
+        def started(task: asyncio.Task[Any]) -> None:
+            self._tasks.discard(task)
+            if not built:  # failed or cancelled before the factory ran
+                self._starting -= 1
+
+        self._starting += 1
+        task = self._loop.create_task(self._loop.connect_accepted_socket(factory, conn))
+        self._tasks.add(task)
+        task.add_done_callback(started)
+
+    def _refuse(self, conn: socket.socket) -> None:
+        """Answer 503 and close, without reading the request.
+
+        Closing a socket with unread bytes makes the kernel send a reset, which can make
+        the client lose the answer: so the 503 goes out with a FIN first, and whatever the
+        client has sent by then is dropped unread before the close. (Bytes that arrive
+        later still draw a reset, but the client has the whole answer by then.)
+        """
+        assert self._limit is not None
+        self._limit.refused()
+        self._refused_log.add()
+        with contextlib.suppress(OSError), conn:
+            conn.send(self._refusal, socket.MSG_DONTWAIT)
+            conn.shutdown(socket.SHUT_WR)
+            conn.recv(_DROP_BUFFER, socket.MSG_DONTWAIT)
+
+    def _back_off(self, exc: OSError) -> None:
+        self._last_error = exc
+        self._failed_log.add()
+        self._loop.remove_reader(self._sock.fileno())
+        self._retry = self._loop.call_later(self._pause, self._resume)
+        self._pause = min(self._pause * 2, LONGEST_PAUSE)
+
+    def _resume(self) -> None:
+        self._retry = None
+        if self._sock.fileno() == -1:
+            return
+        self._loop.add_reader(self._sock.fileno(), self._accept_all)
+        self._accept_all()  # the socket may have been readable all along
+
+    def _log_refused(self, count: int) -> None:
+        assert self._limit is not None
+        log.warning(
+            "%s: refused %d new connection(s) with 503: %d open, the most allowed "
+            "(--max-connections %d)",
+            self._name,
+            count,
+            self._limit.count_open() + self._starting,
+            self._limit.maximum,
+        )
+
+    def _log_failed(self, count: int) -> None:
+        exc = self._last_error
+        code = exc.errno if exc is not None else None
+        reason = OUT_OF_RESOURCES.get(code or 0, "unexpected error")
+        advice = (
+            "raise the open-file limit (LimitNOFILE= in the systemd unit, ulimit -n) or "
+            "lower --max-connections"
+            if code in (errno.EMFILE, errno.ENFILE)
+            else "free memory on the host or lower --max-connections"
+        )
+        log.warning(
+            "%s: cannot accept connections (%s: %s; %d failure(s) since the last report); "
+            "new clients wait in the kernel's queue, retrying every %g s at most; %s",
+            self._name,
+            reason,
+            exc,
+            count,
+            LONGEST_PAUSE,
+            advice,
+        )
 
 
-async def listen(address: Address, factory: ProtocolFactory) -> Listener:
+async def listen(
+    address: Address, factory: ProtocolFactory, limit: ConnectionLimit | None = None
+) -> Listener:
     """Listen on a TCP address (shareable with a successor) or a Unix socket path."""
-    loop = asyncio.get_running_loop()
     if address.path is not None:
-        return await loop.create_unix_server(factory, path=address.path, backlog=BACKLOG)
+        return GreedyListener(_unix_socket(address.path), factory, limit)
     family = socket.AF_INET6 if ":" in (address.host or "") else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((address.host or "0.0.0.0", address.port or 0))
     sock.listen(BACKLOG)
-    return GreedyListener(sock, factory)
+    return GreedyListener(sock, factory, limit)
+
+
+def _unix_socket(path: str) -> socket.socket:
+    """A listening Unix socket at ``path``; a socket file left there before is replaced
+    (as asyncio's own Unix server does), any other file is left alone and refused."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.remove(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _describe(sock: socket.socket) -> str:
+    """How the log names a listening socket: its address, or unix:PATH."""
+    name = sock.getsockname()
+    if isinstance(name, tuple):
+        return f"{name[0]}:{name[1]}"
+    return f"unix:{name}"
 
 
 def streams(handler: ConnectionHandler) -> ProtocolFactory:

@@ -9,13 +9,14 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from wunderproxy import __version__, manager
+from wunderproxy import __version__, fdlimit, manager
 from wunderproxy.accesslog import AccessLog
 from wunderproxy.config import Address, Config
 from wunderproxy.controller import Controller, Engine
 from wunderproxy.forwarder import ClientConnection, sweep_interval
 from wunderproxy.listeners import (
     ACCEPT_LINGER,
+    ConnectionLimit,
     Listener,
     PidFile,
     listen,
@@ -77,7 +78,7 @@ class Server:
                 "not taking over: this process could not serve current.json (see the "
                 "log above); the running wunderproxy was left alone"
             )
-        proxy = await listen(self.config.proxy, self._new_client)
+        proxy = await listen(self.config.proxy, self._new_client, self._connection_limit())
         api = await listen(self.config.api, streams(self._serve_api))
         log.info(
             "wunderproxy %s for app %s: proxy on %s, API on %s",
@@ -150,6 +151,19 @@ class Server:
             now = loop.time()
             for connection in list(self._connections):
                 connection.check_timeouts(now)
+
+    def _connection_limit(self) -> ConnectionLimit:
+        """Raise the open-file limit and settle ``--max-connections`` (both logged)."""
+        return ConnectionLimit(
+            maximum=fdlimit.max_connections(self.config.edge.max_connections),
+            # The set holds a connection from its protocol's creation to its close: the
+            # listener adds those it accepted whose protocol is not built yet.
+            count_open=lambda: len(self._connections),
+            refused=self._connection_refused,
+        )
+
+    def _connection_refused(self) -> None:
+        self.state.connections_refused += 1
 
     def _new_client(self) -> ClientConnection:
         connection = ClientConnection(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -119,11 +120,13 @@ def wunderproxy(
     *extra: str,
     env: Mapping[str, str] | None = None,
     ports: tuple[int, int] | None = None,
+    open_files: int | None = None,
 ) -> Iterator[WunderproxyProcess]:
     """Start ``python -m wunderproxy run``; stop it at the end.
 
     It listens on ``ports`` (proxy, API) if given, e.g. to take over from another
-    process, else on free loopback ports.
+    process, else on free loopback ports. ``open_files`` sets its open-file limit (soft
+    and hard) before it starts.
     """
     proxy_port, api_port = ports or (free_port(), free_port())
     log_path = tmp_path / f"wunderproxy-{api_port}-{time.monotonic_ns()}.log"
@@ -149,7 +152,11 @@ def wunderproxy(
     ]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            preexec_fn=None if open_files is None else lambda: _limit_open_files(open_files),
         )
     running = WunderproxyProcess(process, proxy_port, api_port, log_path)
     try:
@@ -158,6 +165,11 @@ def wunderproxy(
     finally:
         if process.poll() is None:
             running.stop()
+
+
+def _limit_open_files(count: int) -> None:
+    """In the child, before exec: at most ``count`` open files, with no way to raise it."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
 
 
 def _wait_for_api(running: WunderproxyProcess) -> None:
