@@ -21,7 +21,7 @@ from tests.support.backend import Backend
 from tests.support.waiting import eventually
 from tests.test_proxy import Client, make_container
 from wunderproxy import fdlimit
-from wunderproxy.config import Address
+from wunderproxy.config import Address, Edge
 from wunderproxy.forwarder import ClientConnection
 from wunderproxy.listeners import (
     FIRST_PAUSE,
@@ -145,7 +145,7 @@ async def limited_proxy(address: Address, backend: Backend) -> AsyncIterator[Lim
         state.connections_refused += 1
 
     def new_client() -> ClientConnection:
-        connection = ClientConnection(state, 30, connections.discard)
+        connection = ClientConnection(state, Edge(), connections.discard)
         connections.add(connection)
         return connection
 

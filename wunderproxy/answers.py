@@ -37,7 +37,7 @@ NO_ANSWER = Failure(502, "the app container failed to answer")
 UPSTREAM_TIMEOUT = Failure(504, "the app container did not answer in time")
 HEADER_TIMEOUT = Failure(408, "the request head did not arrive in time")
 BODY_TIMEOUT = Failure(408, "the request body stopped arriving")
-TOO_MANY_CONNECTIONS = Failure(503, "too many connections; try again shortly")
+TOO_MANY_CONNECTIONS = Failure(503, "too many connections")
 
 
 def plain_response(status: int, message: str, close: bool) -> bytes:

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from wunderproxy.answers import TOO_MANY_CONNECTIONS, plain_response
 from wunderproxy.config import Address
-from wunderproxy.forwarder import plain_response
 
 log = logging.getLogger("wunderproxy")
 
@@ -171,9 +171,9 @@ class GreedyListener:
         self._refusal = b""
         if limit is not None:
             self._refusal = plain_response(
-                503,
-                f"too many connections: this proxy serves at most {limit.maximum} at once "
-                "(--max-connections); try again shortly",
+                TOO_MANY_CONNECTIONS.status,
+                f"{TOO_MANY_CONNECTIONS.message}: this proxy serves at most {limit.maximum} "
+                "at once (--max-connections); try again shortly",
                 close=True,
             )
         self._refused_log = Tally(LOG_INTERVAL, self._log_refused)
