@@ -563,6 +563,18 @@ async def test_a_launch_of_an_unknown_hash_is_a_failed_deploy_event_naming_why(
     assert failed.detail == error_of(reply)
 
 
+async def test_deploy_events_are_timed_in_the_same_format_as_every_other_moment_in_status(
+    manager: Manager, serving: Container
+) -> None:
+    status = json.loads((await manager.handle(request("GET", "/status"))).body)
+    moments = [event["at"] for event in status["events"]]
+    assert len(moments) == 3  # launch, healthy, switch
+    rfc3339_seconds = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+    assert rfc3339_seconds.fullmatch(status["current"]["started_at"])
+    for moment in moments:
+        assert rfc3339_seconds.fullmatch(moment), moment
+
+
 async def test_a_failure_to_remove_the_unhealthy_container_still_answers_504(
     manager: Manager, store: MemoryStore, engine: FakeEngine, serving: Container, state: ProxyState
 ) -> None:

@@ -119,7 +119,14 @@ def test_status_metrics_and_access_log_count_exactly_the_traffic_sent(
     ]
     assert all(e["seconds"] > 0 for e in status["events"] if e["event"] in ("healthy", "drained"))
     assert status["deploys"][0]["Revision"] == "rev2"
-    assert set(status["connections"]) == {"open", "active", "idle", "upgraded", "draining", "refused"}
+    assert set(status["connections"]) == {
+        "open",
+        "active",
+        "idle",
+        "upgraded",
+        "draining",
+        "refused",
+    }
 
     # /metrics
     assert metrics.status == 200
