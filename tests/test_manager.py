@@ -1271,6 +1271,32 @@ async def test_switching_back_to_a_draining_container_revives_it(
     await eventually(lambda: replaced.container_id in engine.removed_ids)
 
 
+async def test_shutdown_waits_for_a_drain_that_replaced_a_cancelled_drain_of_the_same_container(
+    manager: Manager,
+    controller: Controller,
+    store: MemoryStore,
+    engine: FakeEngine,
+    serving: Container,
+) -> None:
+    other = upload(store, "rev1")
+    assert (await post(manager, "/launch", other)).status == 200
+    serving.request_started()  # a long request keeps rev0 draining
+    assert (await post(manager, "/switch", other)).status == 200
+    # Back to rev0 (its drain is cancelled) and at once to rev1 again (rev0 drains anew),
+    # before the cancelled drain has even finished.
+    replies = await asyncio.gather(
+        post(manager, "/switch", serving.hash), post(manager, "/switch", other)
+    )
+    assert [reply.status for reply in replies] == [200, 200]
+    assert serving.state == "draining"
+    shutdown = asyncio.create_task(controller.shutdown(grace=5.0))
+    await asyncio.sleep(0.2)
+    assert not shutdown.done(), "shutdown must wait for rev0's drain"
+    serving.request_finished()
+    await asyncio.wait_for(shutdown, 5)
+    assert serving.container_id in engine.removed_ids
+
+
 async def test_drain_closes_idle_connections_at_once_and_cuts_upgraded_ones_at_the_deadline(
     state: ProxyState, store: MemoryStore, engine: FakeEngine
 ) -> None:

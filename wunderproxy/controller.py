@@ -262,8 +262,14 @@ class Controller:
             self._previous_image = previous.image
             task = asyncio.create_task(self._drain(previous))
             self._drains[previous] = task
-            task.add_done_callback(lambda _: self._drains.pop(previous, None))
+            task.add_done_callback(functools.partial(self._drain_done, previous))
         return previous
+
+    def _drain_done(self, container: Container, task: asyncio.Task[None]) -> None:
+        # A drain cancelled by a switch back may end after a newer drain of the same
+        # container was registered: only the drain that ended leaves the registry.
+        if self._drains.get(container) is task:
+            del self._drains[container]
 
     async def _record(self, container: Container, deployed_by: str) -> str | None:
         """Write current.json and history.json; a failure is reported, not fatal."""
