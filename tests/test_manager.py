@@ -12,12 +12,14 @@ import json
 import logging
 import re
 import socket
-from collections.abc import AsyncIterator, Coroutine, Iterator
+import struct
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import h11
 import pytest
+import uvloop
 
 from tests.support.backend import Backend, running_backend
 from tests.support.configs import encode_config, example_config, upload_launch_config
@@ -28,9 +30,17 @@ from wunderproxy import manager as manager_module
 from wunderproxy.config import Address, Config
 from wunderproxy.controller import Controller
 from wunderproxy.engine import LABEL_APP, LABEL_HASH, ContainerRecord
-from wunderproxy.manager import MAX_BODY, ApiRequest, Manager, Reply, serve_connection
+from wunderproxy.manager import (
+    MAX_BODY,
+    ApiRequest,
+    Manager,
+    Reply,
+    json_reply,
+    serve_connection,
+)
 from wunderproxy.state import Container, ProxyState
 from wunderproxy.store import CURRENT_KEY, HISTORY_KEY, config_key
+from wunderproxy.streams import close_after_refusal
 
 APP = "myapp"
 VERSION = "0.1.0"
@@ -1095,6 +1105,86 @@ async def test_api_closes_when_the_client_hangs_up_between_requests(api: ApiServ
     writer.close()
     await writer.wait_closed()
     await eventually(lambda: not api.tasks)
+
+
+# -- clients that leave before their answer ---------------------------------------------
+# wunderproxy runs on uvloop when installed, else on asyncio's own loop; they report a peer
+# that has gone in different ways, so these tests run on both.
+
+BOTH_LOOPS = pytest.mark.parametrize(
+    "loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"]
+)
+
+
+@contextlib.asynccontextmanager
+async def accepted_connection() -> AsyncIterator[
+    tuple[socket.socket, asyncio.StreamReader, asyncio.StreamWriter]
+]:
+    """A client socket on 127.0.0.1 and the server's streams of its connection."""
+    accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accepted.put((reader, writer))
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    client = socket.create_connection(server.sockets[0].getsockname())
+    try:
+        reader, writer = await asyncio.wait_for(accepted.get(), 5)
+        yield client, reader, writer
+        writer.close()
+    finally:
+        client.close()
+        server.close()
+        await server.wait_closed()
+
+
+def reset(client: socket.socket) -> None:
+    """Close with RST, as a client that gives up does (SO_LINGER on, for zero seconds)."""
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+
+
+def run_on(loop_factory: Callable[[], asyncio.AbstractEventLoop], scenario: Any) -> None:
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(scenario())
+
+
+@BOTH_LOOPS
+def test_a_refusal_to_a_client_that_has_already_reset_ends_without_an_error(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        async with accepted_connection() as (client, reader, writer):
+            # Reading is paused (as when a client sent more than the buffer holds), so the
+            # loop has not noticed the reset when the refusal half-closes the connection.
+            writer.transport.pause_reading()
+            reset(client)
+            await asyncio.sleep(0.1)
+            await asyncio.wait_for(close_after_refusal(reader, writer), 5)
+
+    with caplog.at_level(logging.WARNING):
+        run_on(loop_factory, scenario)
+    assert caplog.records == []
+
+
+@BOTH_LOOPS
+def test_a_client_that_resets_while_its_request_is_handled_ends_the_connection_quietly(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        async with accepted_connection() as (client, reader, writer):
+
+            async def handler(request: ApiRequest) -> Reply:
+                reset(client)
+                await asyncio.sleep(0.1)  # the reset arrives while the answer is prepared
+                return json_reply(200, {"path": request.path})
+
+            client.sendall(b"GET /status HTTP/1.1\r\nHost: api\r\n\r\n")
+            await asyncio.wait_for(serve_connection(reader, writer, handler), 5)
+
+    with caplog.at_level(logging.WARNING):
+        run_on(loop_factory, scenario)
+    assert caplog.records == []
 
 
 # -- Controller.start ---------------------------------------------------------------------

@@ -247,7 +247,7 @@ async def serve_connection(
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
-    except (ConnectionError, TimeoutError):
+    except OSError:  # ConnectionError, TimeoutError, ENOTCONN: the client has gone
         pass
     finally:
         writer.close()
@@ -297,4 +297,7 @@ def _write_reply(
     if not head_only:
         data += conn.send(h11.Data(data=reply.body))
     data += conn.send(h11.EndOfMessage())
-    writer.write(data)
+    # A client that left while its request was handled has a closed transport: writing to
+    # it raises on uvloop and logs on asyncio's loop, and nobody would read the answer.
+    if not writer.is_closing():
+        writer.write(data)
