@@ -1107,6 +1107,52 @@ async def test_api_closes_when_the_client_hangs_up_between_requests(api: ApiServ
     await eventually(lambda: not api.tasks)
 
 
+def _raise_bug(*args: object) -> Any:
+    raise KeyError("NetworkSettings")
+
+
+async def test_a_bug_in_a_handler_answers_500_json_is_logged_once_and_the_api_goes_on(
+    api: ApiServer,
+    store: MemoryStore,
+    engine: FakeEngine,
+    serving: Container,
+    state: ProxyState,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(engine, "start", _raise_bug)  # a seam: the engine hits a bug
+    config_hash = upload(store, "rev1")
+    reader, writer = await api.connect()
+    conn = h11.Connection(h11.CLIENT)
+    with caplog.at_level(logging.INFO):
+        answer = await exchange(conn, reader, writer, "POST", "/launch", config_hash.encode())
+        assert answer.status == 500
+        assert answer.headers["content-type"] == "application/json"
+        message = json.loads(answer.body)["error"]
+        assert "POST /launch" in message and "KeyError" in message and "log" in message
+        # The same connection and the API go on.
+        assert (await exchange(conn, reader, writer, "GET", "/status")).status == 200
+    with_traceback = [r for r in caplog.records if r.exc_info is not None]
+    assert len(with_traceback) == 1, caplog.text
+    assert with_traceback[0].name == "wunderproxy.manager"
+    assert "KeyError: 'NetworkSettings'" in caplog.text
+    assert caplog.text.count("Traceback") == 1
+    assert_still_serving(state, engine, serving)
+
+
+async def test_a_bug_while_reading_the_state_answers_500_json_and_the_next_request_works(
+    api: ApiServer, state: ProxyState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(state, "snapshot", _raise_bug)
+    reader, writer = await api.connect()
+    conn = h11.Connection(h11.CLIENT)
+    answer = await exchange(conn, reader, writer, "GET", "/status")
+    assert answer.status == 500
+    assert "GET /status" in json.loads(answer.body)["error"]
+    monkeypatch.undo()
+    assert (await exchange(conn, reader, writer, "GET", "/status")).status == 200
+
+
 # -- clients that leave before their answer ---------------------------------------------
 # wunderproxy runs on uvloop when installed, else on asyncio's own loop; they report a peer
 # that has gone in different ways, so these tests run on both.

@@ -14,6 +14,13 @@ class WunderproxyError(Exception):
     status = 500
 
 
+class InternalError(WunderproxyError):
+    """A fault in wunderproxy itself (500), not in the request or the host; the log has
+    its traceback."""
+
+    status = 500
+
+
 class BadRequest(WunderproxyError):
     """The request itself is malformed (400): a bad hash, an empty body."""
 
