@@ -26,6 +26,7 @@ from tests.support.configs import encode_config, example_config, upload_launch_c
 from tests.support.fakes import FakeEngine, MemoryStore
 from tests.support.waiting import eventually
 from tests.support.wire import Answer, read_answer, send_request
+from wunderproxy import dockerwatch
 from wunderproxy import manager as manager_module
 from wunderproxy.config import Address, Config
 from wunderproxy.controller import Controller
@@ -252,6 +253,77 @@ async def test_metrics_are_prometheus_text_with_the_proxy_figures(
     assert 'wunderproxy_request_duration_seconds_bucket{le="0.005",revision="rev0"} 1.0' in text
     assert "wunderproxy_current_revision_info{" in text and 'revision="rev0"' in text
     assert "process_resident_memory_bytes" in text
+
+
+# -- Docker unreachable ----------------------------------------------------------------
+
+
+async def docker_seen(manager: Manager) -> tuple[dict[str, str], str, str]:
+    """What /status (``docker``, ``DockerState``) and /metrics say of the engine."""
+    status = json.loads((await manager.handle(request("GET", "/status"))).body)
+    metrics = (await manager.handle(request("GET", "/metrics"))).body.decode()
+    up = re.search(r"^wunderproxy_docker_up (\S+)$", metrics, re.MULTILINE)
+    assert up is not None, metrics
+    return status["docker"], status["DockerState"], up.group(1)
+
+
+async def test_an_engine_that_does_not_answer_shows_in_status_and_metrics_until_it_answers(
+    manager: Manager,
+    store: MemoryStore,
+    engine: FakeEngine,
+    serving: Container,
+    state: ProxyState,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    assert await docker_seen(manager) == ({"state": "ok"}, "Ok", "1.0")
+    new_hash = upload(store, "rev1")
+    engine.unreachable()
+    with caplog.at_level(logging.INFO, logger="wunderproxy.manager"):
+        for _ in range(2):
+            reply = await post(manager, "/launch", new_hash)
+            assert reply.status == 502
+            assert "Docker engine unreachable" in error_of(reply)
+        docker, docker_state, up = await docker_seen(manager)
+        assert docker == {"state": "error", "error": error_of(reply)}
+        assert (docker_state, up) == ("Error", "0.0")
+        assert "is dockerd running?" in docker["error"]
+        assert_still_serving(state, engine, serving)
+        engine.reachable()
+        assert (await post(manager, "/launch", new_hash)).status == 200
+    assert await docker_seen(manager) == ({"state": "ok"}, "Ok", "1.0")
+    # Logged once when it went, once when it came back; not once per failed call.
+    went = [r for r in caplog.records if "Until it answers" in r.getMessage()]
+    assert [r.levelname for r in went] == ["ERROR"]
+    assert caplog.text.count("the Docker engine answers again") == 1
+
+
+async def test_an_engine_that_answers_with_a_refusal_is_up(
+    manager: Manager, store: MemoryStore, engine: FakeEngine, serving: Container
+) -> None:
+    engine.fail_on("ensure_image", "pull access denied")
+    assert (await post(manager, "/launch", upload(store, "rev1"))).status == 502
+    assert await docker_seen(manager) == ({"state": "ok"}, "Ok", "1.0")
+
+
+async def test_the_probe_follows_the_engine_going_and_coming_back_with_no_request_at_all(
+    manager: Manager,
+    controller: Controller,
+    engine: FakeEngine,
+    state: ProxyState,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dockerwatch, "PROBE_INTERVAL_OK", 0.05)
+    monkeypatch.setattr(dockerwatch, "PROBE_INTERVAL_ERROR", 0.05)
+    controller.watch_docker()
+    await eventually(lambda: len(engine.called("ping")) >= 2)
+    assert state.docker_error is None
+    engine.unreachable()
+    await eventually(lambda: state.docker_error is not None)
+    assert (await docker_seen(manager))[1:] == ("Error", "0.0")
+    engine.reachable()
+    await eventually(lambda: state.docker_error is None)
+    assert await docker_seen(manager) == ({"state": "ok"}, "Ok", "1.0")
+    assert {call.method for call in engine.calls} == {"ping"}, "nothing but pings"
 
 
 async def test_status_with_nothing_deployed_shows_no_current_container(

@@ -1,8 +1,10 @@
 """Launch (load, pull, start, wait healthy) and switch (swap, drain, stop, tidy up).
 
 Docker and S3 calls block, so each runs in a small thread pool through
-:meth:`Controller._blocking`; the event loop keeps proxying meanwhile. Whatever fails,
-the container serving now is left alone: a failed launch only removes what it started.
+:meth:`Controller._blocking`; the event loop keeps proxying meanwhile. Docker calls go
+through a :class:`~wunderproxy.dockerwatch.DockerWatch`, which keeps ``/status`` told whether
+the engine answers. Whatever fails, the container serving now is left alone: a failed
+launch only removes what it started.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Protocol, TypeVar
 
 from wunderproxy import store as stores
 from wunderproxy.config import Config
+from wunderproxy.dockerwatch import DockerWatch
 from wunderproxy.engine import (
     LABEL_APP,
     LABEL_HASH,
@@ -46,6 +49,7 @@ ADOPT_PROBE_TIMEOUT = 5.0  # seconds one health request of a container to adopt 
 class Engine(Protocol):
     """What the controller needs of a container engine (see :mod:`wunderproxy.engine`)."""
 
+    def ping(self) -> None: ...
     def ensure_image(self, image: str) -> None: ...
     def start(self, spec: ContainerSpec) -> StartedContainer: ...
     def status(self, container_id: str) -> str: ...
@@ -81,6 +85,9 @@ class Controller:
         self._store = store
         self._engine = engine
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="wunderproxy-io")
+        # Every engine call goes through it, so that /status knows whether Docker answers.
+        self._docker = DockerWatch(state, engine.ping, self._blocking)
+        self._docker_probe: asyncio.Task[None] | None = None
         self._launches: dict[str, asyncio.Task[LaunchResult]] = {}
         self._drains: dict[Container, asyncio.Task[None]] = {}
         self._stale_removals: set[asyncio.Task[None]] = set()
@@ -97,7 +104,7 @@ class Controller:
         config_hash = parse_hash(raw_hash)
         known = self._state.find(config_hash, "launched", "serving")
         if known is not None:
-            if await self._blocking(self._engine.status, known.container_id) == "running":
+            if await self._docker.call(self._engine.status, known.container_id) == "running":
                 return LaunchResult(known, started=False)
             log.warning(
                 "container %s of revision %s is no longer running; launching it again",
@@ -146,7 +153,7 @@ class Controller:
     async def _start_healthy(self, config: LaunchConfig) -> LaunchResult:
         image = config.image or f"{self._config.repository}:{config.revision}"
         log.info("launching revision %s (%s) from %s", config.revision, config.hash, image)
-        await self._blocking(self._engine.ensure_image, image)
+        await self._docker.call(self._engine.ensure_image, image)
         spec = ContainerSpec(
             image=image,
             app_port=config.app_port,
@@ -159,7 +166,7 @@ class Controller:
                 LABEL_HASH: config.hash,
             },
         )
-        started = await self._blocking(self._engine.start, spec)
+        started = await self._docker.call(self._engine.start, spec)
         for warning in started.warnings:
             log.warning("%s", warning)
         try:
@@ -197,10 +204,10 @@ class Controller:
 
     async def _exit_report(self, container_id: str, revision: str) -> str | None:
         """Why the container stopped while starting, with its last log lines; None if up."""
-        status = await self._blocking(self._engine.status, container_id)
+        status = await self._docker.call(self._engine.status, container_id)
         if status in ("running", "created", "restarting"):
             return None
-        logs = await self._blocking(self._engine.logs, container_id, LOG_LINES_ON_FAILURE)
+        logs = await self._docker.call(self._engine.logs, container_id, LOG_LINES_ON_FAILURE)
         tail = "\n".join(logs.strip().splitlines()[-LOG_LINES_ON_FAILURE:]) or "(no output)"
         return (
             f"container {container_id[:8]} of revision {revision} stopped while starting "
@@ -336,7 +343,7 @@ class Controller:
         if self._previous_image is not None:
             keep.add(self._previous_image)
         try:
-            removed = await self._blocking(
+            removed = await self._docker.call(
                 self._engine.remove_images, self._config.repository, keep
             )
         except WunderproxyError as exc:
@@ -347,7 +354,7 @@ class Controller:
 
     async def _remove_quietly(self, container_id: str) -> None:
         try:
-            await self._blocking(self._engine.remove, container_id, self._config.stop_timeout)
+            await self._docker.call(self._engine.remove, container_id, self._config.stop_timeout)
         except WunderproxyError as exc:
             log.error("could not remove container %s: %s", container_id[:12], exc)
 
@@ -362,7 +369,7 @@ class Controller:
         await self._read_history()
         try:
             config = await self._blocking(stores.load_current, self._store)
-            records = await self._blocking(
+            records = await self._docker.call(
                 self._engine.list_containers, {LABEL_APP: self._config.app}
             )
             adopted = None
@@ -392,6 +399,10 @@ class Controller:
         except WunderproxyError as exc:
             log.error("could not start current.json: %s", exc)
             return False
+
+    def watch_docker(self) -> None:
+        """Probe the Docker engine in the background until shutdown (see DockerWatch)."""
+        self._docker_probe = asyncio.create_task(self._docker.run())
 
     async def _read_history(self) -> None:
         """Load history.json for the status page; without it the page shows no deploys."""
@@ -460,6 +471,8 @@ class Controller:
 
     async def shutdown(self, grace: float) -> None:
         """Finish drains under way (within ``grace`` seconds) and stop the thread pool."""
+        if self._docker_probe is not None:
+            self._docker_probe.cancel()
         for task in [*self._launches.values(), *self._stale_removals]:
             task.cancel()
         pending = list(self._launches.values()) + list(self._drains.values())

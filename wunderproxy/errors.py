@@ -73,6 +73,12 @@ class UpstreamFailed(WunderproxyError):
     status = 502
 
 
+class DockerUnreachable(UpstreamFailed):
+    """The Docker engine did not answer at all (502): not running, its socket missing, the
+    connection refused or reset, or no answer in time. ``/status`` shows it until the
+    engine answers again."""
+
+
 class HealthTimeout(WunderproxyError):
     """The new container did not answer its health check in time (504)."""
 

@@ -73,6 +73,7 @@ class Server:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         startup: asyncio.Task[bool] | None = None
+        self.controller.watch_docker()
         # With --take-over, listen only once serving: from its first connection on, this
         # process must answer as well as the one it replaces.
         if self._take_over and not await self.controller.start():
