@@ -68,6 +68,15 @@ class LaunchResult:
 
 
 @dataclass(frozen=True)
+class Startup:
+    """What start-up's first step found: whether the proxy is ready (serving current.json,
+    or nothing deployed), and the config still to launch, if any."""
+
+    ready: bool
+    to_launch: LaunchConfig | None = None
+
+
+@dataclass(frozen=True)
 class SwitchResult:
     """The container serving now; ``changed`` is False when it already served."""
 
@@ -363,10 +372,18 @@ class Controller:
     async def start(self) -> bool:
         """Serve ``current.json``: adopt its running container, or launch it.
 
-        Returns True when the proxy is ready to take all traffic (serving current.json, or
-        nothing deployed yet); failures are logged and the proxy answers 503 meanwhile.
+        Both steps of start-up at once (see :meth:`adopt_current` and
+        :meth:`launch_current`); True when the proxy is ready to take all traffic.
         """
-        await self._read_history()
+        return await self.launch_current(await self.adopt_current())
+
+    async def adopt_current(self) -> Startup:
+        """Start-up's first step, quick enough to finish before listening: read
+        ``current.json`` and adopt its container if one runs healthy (left by a predecessor,
+        or by a process running beside this one); remove this app's other containers.
+
+        A failure is logged and reported in the result: the proxy then answers 503.
+        """
         try:
             config = await self._blocking(stores.load_current, self._store)
             records = await self._docker.call(
@@ -378,27 +395,39 @@ class Controller:
             self._remove_stale(
                 [r for r in records if adopted is None or r.id != adopted.container_id]
             )
-            if config is None:
-                log.warning(
-                    "no %s in %s: nothing deployed yet, the proxy answers 503 until a switch",
-                    stores.CURRENT_KEY,
-                    self._store.description,
-                )
-                return True
-            if adopted is None:
-                task = asyncio.create_task(self._launch(config.hash, config))
-                self._launches[config.hash] = task
-                try:
-                    result = await task
-                finally:
-                    self._launches.pop(config.hash, None)
-                adopted = result.container
-            if self._state.current is None:
-                self._switch_to(adopted)
-            return True
+        except WunderproxyError as exc:
+            log.error("could not start current.json: %s", exc)
+            return Startup(ready=False)
+        if config is None:
+            log.warning(
+                "no %s in %s: nothing deployed yet, the proxy answers 503 until a switch",
+                stores.CURRENT_KEY,
+                self._store.description,
+            )
+        elif adopted is not None:
+            self._switch_to(adopted)
+            return Startup(ready=True)
+        return Startup(ready=config is None, to_launch=config)
+
+    async def launch_current(self, startup: Startup) -> bool:
+        """Start-up's second step, which may take as long as a deploy: launch what
+        :meth:`adopt_current` left to launch, and switch to it. True when ready."""
+        await self._read_history()
+        config = startup.to_launch
+        if config is None:
+            return startup.ready
+        task = asyncio.create_task(self._launch(config.hash, config))
+        self._launches[config.hash] = task
+        try:
+            result = await task
         except WunderproxyError as exc:
             log.error("could not start current.json: %s", exc)
             return False
+        finally:
+            self._launches.pop(config.hash, None)
+        if self._state.current is None:  # no switch came through the API meanwhile
+            self._switch_to(result.container)
+        return True
 
     def watch_docker(self) -> None:
         """Probe the Docker engine in the background until shutdown (see DockerWatch)."""
