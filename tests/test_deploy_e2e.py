@@ -17,7 +17,7 @@ import pytest
 
 from tests.support.configs import encode_config
 from tests.support.docker import AppImages, containers_of, forget_local_images
-from tests.support.process import WunderproxyProcess, wunderproxy
+from tests.support.process import Answer, WunderproxyProcess, http_call, wunderproxy
 from wunderproxy.engine import LABEL_REVISION
 from wunderproxy.store import FileStore, S3Store, Store, config_key
 
@@ -144,6 +144,65 @@ def test_restarted_wunderproxy_serves_current_again_and_the_app_kept_running(
     with wunderproxy(tmp_path, s3_bucket, PREFIX, app_name, app_images.registry_port) as second:
         second.wait_until_serving("rev1")
         assert revision_served(second) == "revision=rev1"
+
+
+def first_answer(port: int, path: str, within: float = 30.0) -> Answer:
+    """The answer to ``path`` on the first connection ``port`` accepts."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return http_call(port, "GET", path, timeout=10)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+
+
+def test_a_second_wunderproxy_started_beside_a_running_one_serves_from_its_first_connection(
+    s3_bucket: str,
+    app_name: str,
+    app_images: AppImages,
+    docker_client: docker.DockerClient,
+    tmp_path: Path,
+) -> None:
+    store = S3Store(s3_bucket, PREFIX)
+    upload(store, app_config(app_images, "rev1"), current=True)
+    with wunderproxy(tmp_path, s3_bucket, PREFIX, app_name, app_images.registry_port) as first:
+        first.wait_until_serving("rev1")
+        # Not --take-over: a plain second process, as an operator might start by mistake
+        # or a supervisor might while the first still runs.
+        with wunderproxy(
+            tmp_path, s3_bucket, PREFIX, app_name, app_images.registry_port, wait_for_api=False
+        ) as second:
+            answer = first_answer(second.proxy_port, "/cgi-bin/revision")
+            assert (answer.status, answer.text) == (200, "revision=rev1\n")
+            adopted = second.status()["current"]["container_id"]
+            assert adopted == first.status()["current"]["container_id"]
+            assert "adopted running container" in second.log()
+    running = [c for c in containers_of(docker_client, app_name) if c.status == "running"]
+    assert [c.id for c in running] == [adopted], "adopted, not launched again"
+
+
+def test_while_current_json_launches_slowly_the_api_answers_and_the_proxy_says_503(
+    s3_bucket: str,
+    app_name: str,
+    app_images: AppImages,
+    tmp_path: Path,
+) -> None:
+    store = S3Store(s3_bucket, PREFIX)
+    config = app_config(app_images, "rev1")
+    # The app takes 4 s to listen, as a real one booting does.
+    config["ContainerConfig"]["Cmd"] = [
+        "sh",
+        "-c",
+        "sleep 4; exec busybox httpd -f -p 9292 -h /www",
+    ]
+    upload(store, config, current=True)
+    with wunderproxy(tmp_path, s3_bucket, PREFIX, app_name, app_images.registry_port) as running:
+        assert running.status()["current"] is None, "the API answers while it launches"
+        assert running.get("/cgi-bin/revision").status == 503
+        running.wait_until_serving("rev1")
+        assert revision_served(running) == "revision=rev1"
 
 
 def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(

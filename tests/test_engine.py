@@ -27,7 +27,7 @@ from wunderproxy.engine import (
     DockerEngine,
     StartedContainer,
 )
-from wunderproxy.errors import UpstreamFailed
+from wunderproxy.errors import DockerUnreachable, UpstreamFailed
 
 pytestmark = pytest.mark.e2e
 
@@ -185,6 +185,7 @@ def test_ensure_image_names_the_registry_when_the_image_is_not_in_it(
     with pytest.raises(UpstreamFailed) as failure:
         engine.ensure_image(image)
 
+    assert not isinstance(failure.value, DockerUnreachable), "the engine answered"
     assert str(failure.value) == (
         f"image {image} is not in the registry at {registry.address}: "
         f"push it there first (docker push {image})"
@@ -198,13 +199,14 @@ def test_ensure_image_names_a_registry_that_does_not_answer(engine: DockerEngine
         engine.ensure_image(f"{address}/testapp:rev1")
 
     assert "is the registry running there?" in str(failure.value)
+    assert not isinstance(failure.value, DockerUnreachable), "the engine answered"
 
 
 # The docker SDK leaves the socket of a failed unix-socket connect unclosed
 # (docker/transport/unixconn.py); it is finalised by the gc.collect() below.
 @pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
 @pytest.mark.parametrize("how", ["base_url", "DOCKER_HOST"])
-def test_an_engine_that_does_not_answer_fails_fast_with_upstream_failed(
+def test_an_engine_that_does_not_answer_fails_fast_with_docker_unreachable(
     how: str, monkeypatch: pytest.MonkeyPatch, app_name: str
 ) -> None:
     if how == "base_url":
@@ -225,10 +227,12 @@ def test_an_engine_that_does_not_answer_fails_fast_with_upstream_failed(
 
     began = time.monotonic()
     for call in calls:
-        with pytest.raises(UpstreamFailed) as failure:
+        with pytest.raises(DockerUnreachable) as failure:
             call()
         assert str(failure.value).startswith(f"Docker engine unreachable at {address}: ")
-        assert str(failure.value).endswith("; is dockerd running?")
+        assert str(failure.value).endswith(
+            "; is dockerd running? Start it, or point DOCKER_HOST at it"
+        )
 
     assert time.monotonic() - began < 2
     del failure

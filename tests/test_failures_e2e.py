@@ -3,9 +3,13 @@ serving now keeps answering 200."""
 
 from __future__ import annotations
 
+import re
 import socket
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -13,9 +17,11 @@ import docker
 import pytest
 
 from tests.support.docker import AppImages, containers_of, remove_containers
+from tests.support.load import LoadGenerator, Worker
 from tests.support.process import Answer, WunderproxyProcess, http_call, wunderproxy
 from tests.support.relay import Relay
 from tests.test_deploy_e2e import PREFIX, app_config, revision_served, upload
+from wunderproxy.dockerwatch import PROBE_INTERVAL_ERROR, PROBE_INTERVAL_OK
 from wunderproxy.engine import LABEL_APP
 from wunderproxy.store import S3Store, config_key
 
@@ -51,14 +57,14 @@ class Serving:
         return upload(self.store, config)
 
 
-@pytest.fixture(scope="module")
-def serving(
+@contextmanager
+def serving_through_relays(
     s3_server: str,
     app_images: AppImages,
     docker_client: docker.DockerClient,
-    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path: Path,
 ) -> Iterator[Serving]:
-    tmp_path = tmp_path_factory.mktemp("failures")
+    """A wunderproxy serving rev1 of a new app; its containers are removed at the end."""
     app = f"wp-test-{uuid.uuid4().hex[:8]}"
     bucket = f"failures-{uuid.uuid4().hex[:8]}"
     credentials = {
@@ -101,6 +107,18 @@ def serving(
         docker_relay.cut()
         s3_relay.cut()
         remove_containers(docker_client, f"{LABEL_APP}={app}")
+
+
+@pytest.fixture(scope="module")
+def serving(
+    s3_server: str,
+    app_images: AppImages,
+    docker_client: docker.DockerClient,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Serving]:
+    tmp_path = tmp_path_factory.mktemp("failures")
+    with serving_through_relays(s3_server, app_images, docker_client, tmp_path) as started:
+        yield started
 
 
 @pytest.fixture(autouse=True)
@@ -211,3 +229,72 @@ def test_status_answers_without_the_token(serving: Serving) -> None:
     answer = serving.running.api("GET", "/status")
     assert answer.status == 200
     assert answer.json()["current"]["revision"] == "rev1"
+
+
+# -- Docker unreachable, and back --------------------------------------------------------
+
+
+# One client asking again as soon as it has its answer, a new connection each time.
+ONE_CLIENT = (Worker("new-connection", "GET", "/cgi-bin/revision", keep_alive=False),)
+
+
+def docker_seen(running: WunderproxyProcess) -> tuple[dict[str, str], str, str]:
+    """What /status (``docker``, ``DockerState``) and /metrics say of the engine."""
+    status = running.status()
+    metrics = running.api("GET", "/metrics").text
+    up = re.search(r"^wunderproxy_docker_up (\S+)$", metrics, re.MULTILINE)
+    assert up is not None, metrics
+    return status["docker"], status["DockerState"], up.group(1)
+
+
+def wait_for(condition: Callable[[], bool], within: float, what: str) -> float:
+    """Poll ``condition`` every 0.1 s; return the seconds it took to hold."""
+    began = time.monotonic()
+    while not condition():
+        assert time.monotonic() - began < within, f"not {what} after {within} s"
+        time.sleep(0.1)
+    return time.monotonic() - began
+
+
+def test_docker_going_away_shows_in_status_and_metrics_and_all_recovers_by_itself(
+    s3_server: str,
+    app_images: AppImages,
+    docker_client: docker.DockerClient,
+    tmp_path: Path,
+) -> None:
+    with serving_through_relays(s3_server, app_images, docker_client, tmp_path) as serving:
+        running = serving.running
+        rev2 = serving.upload(app_config(app_images, "rev2"))
+        assert docker_seen(running) == ({"state": "ok"}, "Ok", "1.0")
+        with LoadGenerator(running.proxy_port, ONE_CLIENT, max_seconds=120) as traffic:
+            serving.docker_relay.cut()
+            # Nothing asks Docker anything: the probe notices by itself.
+            noticed = wait_for(
+                lambda: docker_seen(running)[0]["state"] == "error",
+                PROBE_INTERVAL_OK + 10,
+                "seen as down",
+            )
+            docker, docker_state, up = docker_seen(running)
+            assert (docker_state, up) == ("Error", "0.0")
+            assert docker["error"].startswith(f"Docker engine unreachable at unix://{tmp_path}")
+            assert "is dockerd running?" in docker["error"]
+            assert_error(serving.launch(rev2), 502, "Docker engine unreachable")
+            serving.docker_relay.restore()
+            recovered = wait_for(
+                lambda: docker_seen(running) == ({"state": "ok"}, "Ok", "1.0"),
+                PROBE_INTERVAL_ERROR + 10,
+                "seen as back",
+            )
+            launched = serving.launch(rev2)
+            assert launched.status == 200, launched.text
+            assert serving.running.api("POST", "/switch", rev2, headers=AUTH).status == 200
+            time.sleep(0.3)  # a few requests reach rev2
+        log = running.log()
+    print(f"noticed after {noticed:.1f} s, recovered after {recovered:.1f} s")
+    failed = [outcome for outcome in traffic.outcomes if outcome.failed]
+    assert failed == []
+    assert len(traffic.outcomes) > 20
+    assert traffic.outcomes[-1].body == "revision=rev2"
+    assert log.count("Until it answers, /launch answers 502") == 1
+    assert log.count("the Docker engine answers again") == 1
+    assert "Traceback" not in log

@@ -12,25 +12,36 @@ import json
 import logging
 import re
 import socket
-from collections.abc import AsyncIterator, Coroutine, Iterator
+import struct
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import h11
 import pytest
+import uvloop
 
 from tests.support.backend import Backend, running_backend
 from tests.support.configs import encode_config, example_config, upload_launch_config
 from tests.support.fakes import FakeEngine, MemoryStore
 from tests.support.waiting import eventually
 from tests.support.wire import Answer, read_answer, send_request
+from wunderproxy import dockerwatch
 from wunderproxy import manager as manager_module
 from wunderproxy.config import Address, Config
 from wunderproxy.controller import Controller
 from wunderproxy.engine import LABEL_APP, LABEL_HASH, ContainerRecord
-from wunderproxy.manager import MAX_BODY, ApiRequest, Manager, Reply, serve_connection
+from wunderproxy.manager import (
+    MAX_BODY,
+    ApiRequest,
+    Manager,
+    Reply,
+    json_reply,
+    serve_connection,
+)
 from wunderproxy.state import Container, ProxyState
 from wunderproxy.store import CURRENT_KEY, HISTORY_KEY, config_key
+from wunderproxy.streams import close_after_refusal
 
 APP = "myapp"
 VERSION = "0.1.0"
@@ -242,6 +253,77 @@ async def test_metrics_are_prometheus_text_with_the_proxy_figures(
     assert 'wunderproxy_request_duration_seconds_bucket{le="0.005",revision="rev0"} 1.0' in text
     assert "wunderproxy_current_revision_info{" in text and 'revision="rev0"' in text
     assert "process_resident_memory_bytes" in text
+
+
+# -- Docker unreachable ----------------------------------------------------------------
+
+
+async def docker_seen(manager: Manager) -> tuple[dict[str, str], str, str]:
+    """What /status (``docker``, ``DockerState``) and /metrics say of the engine."""
+    status = json.loads((await manager.handle(request("GET", "/status"))).body)
+    metrics = (await manager.handle(request("GET", "/metrics"))).body.decode()
+    up = re.search(r"^wunderproxy_docker_up (\S+)$", metrics, re.MULTILINE)
+    assert up is not None, metrics
+    return status["docker"], status["DockerState"], up.group(1)
+
+
+async def test_an_engine_that_does_not_answer_shows_in_status_and_metrics_until_it_answers(
+    manager: Manager,
+    store: MemoryStore,
+    engine: FakeEngine,
+    serving: Container,
+    state: ProxyState,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    assert await docker_seen(manager) == ({"state": "ok"}, "Ok", "1.0")
+    new_hash = upload(store, "rev1")
+    engine.unreachable()
+    with caplog.at_level(logging.INFO, logger="wunderproxy.manager"):
+        for _ in range(2):
+            reply = await post(manager, "/launch", new_hash)
+            assert reply.status == 502
+            assert "Docker engine unreachable" in error_of(reply)
+        docker, docker_state, up = await docker_seen(manager)
+        assert docker == {"state": "error", "error": error_of(reply)}
+        assert (docker_state, up) == ("Error", "0.0")
+        assert "is dockerd running?" in docker["error"]
+        assert_still_serving(state, engine, serving)
+        engine.reachable()
+        assert (await post(manager, "/launch", new_hash)).status == 200
+    assert await docker_seen(manager) == ({"state": "ok"}, "Ok", "1.0")
+    # Logged once when it went, once when it came back; not once per failed call.
+    went = [r for r in caplog.records if "Until it answers" in r.getMessage()]
+    assert [r.levelname for r in went] == ["ERROR"]
+    assert caplog.text.count("the Docker engine answers again") == 1
+
+
+async def test_an_engine_that_answers_with_a_refusal_is_up(
+    manager: Manager, store: MemoryStore, engine: FakeEngine, serving: Container
+) -> None:
+    engine.fail_on("ensure_image", "pull access denied")
+    assert (await post(manager, "/launch", upload(store, "rev1"))).status == 502
+    assert await docker_seen(manager) == ({"state": "ok"}, "Ok", "1.0")
+
+
+async def test_the_probe_follows_the_engine_going_and_coming_back_with_no_request_at_all(
+    manager: Manager,
+    controller: Controller,
+    engine: FakeEngine,
+    state: ProxyState,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dockerwatch, "PROBE_INTERVAL_OK", 0.05)
+    monkeypatch.setattr(dockerwatch, "PROBE_INTERVAL_ERROR", 0.05)
+    controller.watch_docker()
+    await eventually(lambda: len(engine.called("ping")) >= 2)
+    assert state.docker_error is None
+    engine.unreachable()
+    await eventually(lambda: state.docker_error is not None)
+    assert (await docker_seen(manager))[1:] == ("Error", "0.0")
+    engine.reachable()
+    await eventually(lambda: state.docker_error is None)
+    assert await docker_seen(manager) == ({"state": "ok"}, "Ok", "1.0")
+    assert {call.method for call in engine.calls} == {"ping"}, "nothing but pings"
 
 
 async def test_status_with_nothing_deployed_shows_no_current_container(
@@ -561,6 +643,18 @@ async def test_a_launch_of_an_unknown_hash_is_a_failed_deploy_event_naming_why(
     failed = state.events.newest_first()[0]
     assert (failed.kind, failed.revision) == ("failed", "?")
     assert failed.detail == error_of(reply)
+
+
+async def test_deploy_events_are_timed_in_the_same_format_as_every_other_moment_in_status(
+    manager: Manager, serving: Container
+) -> None:
+    status = json.loads((await manager.handle(request("GET", "/status"))).body)
+    moments = [event["at"] for event in status["events"]]
+    assert len(moments) == 3  # launch, healthy, switch
+    rfc3339_seconds = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+    assert rfc3339_seconds.fullmatch(status["current"]["started_at"])
+    for moment in moments:
+        assert rfc3339_seconds.fullmatch(moment), moment
 
 
 async def test_a_failure_to_remove_the_unhealthy_container_still_answers_504(
@@ -1085,6 +1179,132 @@ async def test_api_closes_when_the_client_hangs_up_between_requests(api: ApiServ
     await eventually(lambda: not api.tasks)
 
 
+def _raise_bug(*args: object) -> Any:
+    raise KeyError("NetworkSettings")
+
+
+async def test_a_bug_in_a_handler_answers_500_json_is_logged_once_and_the_api_goes_on(
+    api: ApiServer,
+    store: MemoryStore,
+    engine: FakeEngine,
+    serving: Container,
+    state: ProxyState,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(engine, "start", _raise_bug)  # a seam: the engine hits a bug
+    config_hash = upload(store, "rev1")
+    reader, writer = await api.connect()
+    conn = h11.Connection(h11.CLIENT)
+    with caplog.at_level(logging.INFO):
+        answer = await exchange(conn, reader, writer, "POST", "/launch", config_hash.encode())
+        assert answer.status == 500
+        assert answer.headers["content-type"] == "application/json"
+        message = json.loads(answer.body)["error"]
+        assert "POST /launch" in message and "KeyError" in message and "log" in message
+        # The same connection and the API go on.
+        assert (await exchange(conn, reader, writer, "GET", "/status")).status == 200
+    with_traceback = [r for r in caplog.records if r.exc_info is not None]
+    assert len(with_traceback) == 1, caplog.text
+    assert with_traceback[0].name == "wunderproxy.manager"
+    assert "KeyError: 'NetworkSettings'" in caplog.text
+    assert caplog.text.count("Traceback") == 1
+    assert_still_serving(state, engine, serving)
+
+
+async def test_a_bug_while_reading_the_state_answers_500_json_and_the_next_request_works(
+    api: ApiServer, state: ProxyState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(state, "snapshot", _raise_bug)
+    reader, writer = await api.connect()
+    conn = h11.Connection(h11.CLIENT)
+    answer = await exchange(conn, reader, writer, "GET", "/status")
+    assert answer.status == 500
+    assert "GET /status" in json.loads(answer.body)["error"]
+    monkeypatch.undo()
+    assert (await exchange(conn, reader, writer, "GET", "/status")).status == 200
+
+
+# -- clients that leave before their answer ---------------------------------------------
+# wunderproxy runs on uvloop when installed, else on asyncio's own loop; they report a peer
+# that has gone in different ways, so these tests run on both.
+
+BOTH_LOOPS = pytest.mark.parametrize(
+    "loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"]
+)
+
+
+@contextlib.asynccontextmanager
+async def accepted_connection() -> AsyncIterator[
+    tuple[socket.socket, asyncio.StreamReader, asyncio.StreamWriter]
+]:
+    """A client socket on 127.0.0.1 and the server's streams of its connection."""
+    accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accepted.put((reader, writer))
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    client = socket.create_connection(server.sockets[0].getsockname())
+    try:
+        reader, writer = await asyncio.wait_for(accepted.get(), 5)
+        yield client, reader, writer
+        writer.close()
+    finally:
+        client.close()
+        server.close()
+        await server.wait_closed()
+
+
+def reset(client: socket.socket) -> None:
+    """Close with RST, as a client that gives up does (SO_LINGER on, for zero seconds)."""
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+
+
+def run_on(loop_factory: Callable[[], asyncio.AbstractEventLoop], scenario: Any) -> None:
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(scenario())
+
+
+@BOTH_LOOPS
+def test_a_refusal_to_a_client_that_has_already_reset_ends_without_an_error(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        async with accepted_connection() as (client, reader, writer):
+            # Reading is paused (as when a client sent more than the buffer holds), so the
+            # loop has not noticed the reset when the refusal half-closes the connection.
+            writer.transport.pause_reading()
+            reset(client)
+            await asyncio.sleep(0.1)
+            await asyncio.wait_for(close_after_refusal(reader, writer), 5)
+
+    with caplog.at_level(logging.WARNING):
+        run_on(loop_factory, scenario)
+    assert caplog.records == []
+
+
+@BOTH_LOOPS
+def test_a_client_that_resets_while_its_request_is_handled_ends_the_connection_quietly(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        async with accepted_connection() as (client, reader, writer):
+
+            async def handler(request: ApiRequest) -> Reply:
+                reset(client)
+                await asyncio.sleep(0.1)  # the reset arrives while the answer is prepared
+                return json_reply(200, {"path": request.path})
+
+            client.sendall(b"GET /status HTTP/1.1\r\nHost: api\r\n\r\n")
+            await asyncio.wait_for(serve_connection(reader, writer, handler), 5)
+
+    with caplog.at_level(logging.WARNING):
+        run_on(loop_factory, scenario)
+    assert caplog.records == []
+
+
 # -- Controller.start ---------------------------------------------------------------------
 
 
@@ -1257,6 +1477,32 @@ async def test_switching_back_to_a_draining_container_revives_it(
     await asyncio.sleep(0.1)
     assert serving.container_id not in engine.removed_ids
     await eventually(lambda: replaced.container_id in engine.removed_ids)
+
+
+async def test_shutdown_waits_for_a_drain_that_replaced_a_cancelled_drain_of_the_same_container(
+    manager: Manager,
+    controller: Controller,
+    store: MemoryStore,
+    engine: FakeEngine,
+    serving: Container,
+) -> None:
+    other = upload(store, "rev1")
+    assert (await post(manager, "/launch", other)).status == 200
+    serving.request_started()  # a long request keeps rev0 draining
+    assert (await post(manager, "/switch", other)).status == 200
+    # Back to rev0 (its drain is cancelled) and at once to rev1 again (rev0 drains anew),
+    # before the cancelled drain has even finished.
+    replies = await asyncio.gather(
+        post(manager, "/switch", serving.hash), post(manager, "/switch", other)
+    )
+    assert [reply.status for reply in replies] == [200, 200]
+    assert serving.state == "draining"
+    shutdown = asyncio.create_task(controller.shutdown(grace=5.0))
+    await asyncio.sleep(0.2)
+    assert not shutdown.done(), "shutdown must wait for rev0's drain"
+    serving.request_finished()
+    await asyncio.wait_for(shutdown, 5)
+    assert serving.container_id in engine.removed_ids
 
 
 async def test_drain_closes_idle_connections_at_once_and_cuts_upgraded_ones_at_the_deadline(

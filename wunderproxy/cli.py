@@ -322,7 +322,14 @@ def status(api_url: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(document, indent=2))
         return
-    click.echo(_summary(document))
+    try:
+        summary = _summary(document)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise click.ClickException(
+            f"{api_url}/status answered JSON that is not a wunderproxy status; is --api the "
+            "address of the wunderproxy manager? (--json prints the answer as it came)"
+        ) from exc
+    click.echo(summary)
 
 
 @main.command()

@@ -1,8 +1,10 @@
 """Launch (load, pull, start, wait healthy) and switch (swap, drain, stop, tidy up).
 
 Docker and S3 calls block, so each runs in a small thread pool through
-:meth:`Controller._blocking`; the event loop keeps proxying meanwhile. Whatever fails,
-the container serving now is left alone: a failed launch only removes what it started.
+:meth:`Controller._blocking`; the event loop keeps proxying meanwhile. Docker calls go
+through a :class:`~wunderproxy.dockerwatch.DockerWatch`, which keeps ``/status`` told whether
+the engine answers. Whatever fails, the container serving now is left alone: a failed
+launch only removes what it started.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Protocol, TypeVar
 
 from wunderproxy import store as stores
 from wunderproxy.config import Config
+from wunderproxy.dockerwatch import DockerWatch
 from wunderproxy.engine import (
     LABEL_APP,
     LABEL_HASH,
@@ -46,6 +49,7 @@ ADOPT_PROBE_TIMEOUT = 5.0  # seconds one health request of a container to adopt 
 class Engine(Protocol):
     """What the controller needs of a container engine (see :mod:`wunderproxy.engine`)."""
 
+    def ping(self) -> None: ...
     def ensure_image(self, image: str) -> None: ...
     def start(self, spec: ContainerSpec) -> StartedContainer: ...
     def status(self, container_id: str) -> str: ...
@@ -61,6 +65,15 @@ class LaunchResult:
 
     container: Container
     started: bool
+
+
+@dataclass(frozen=True)
+class Startup:
+    """What start-up's first step found: whether the proxy is ready (serving current.json,
+    or nothing deployed), and the config still to launch, if any."""
+
+    ready: bool
+    to_launch: LaunchConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,9 @@ class Controller:
         self._store = store
         self._engine = engine
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="wunderproxy-io")
+        # Every engine call goes through it, so that /status knows whether Docker answers.
+        self._docker = DockerWatch(state, engine.ping, self._blocking)
+        self._docker_probe: asyncio.Task[None] | None = None
         self._launches: dict[str, asyncio.Task[LaunchResult]] = {}
         self._drains: dict[Container, asyncio.Task[None]] = {}
         self._stale_removals: set[asyncio.Task[None]] = set()
@@ -97,7 +113,7 @@ class Controller:
         config_hash = parse_hash(raw_hash)
         known = self._state.find(config_hash, "launched", "serving")
         if known is not None:
-            if await self._blocking(self._engine.status, known.container_id) == "running":
+            if await self._docker.call(self._engine.status, known.container_id) == "running":
                 return LaunchResult(known, started=False)
             log.warning(
                 "container %s of revision %s is no longer running; launching it again",
@@ -146,7 +162,7 @@ class Controller:
     async def _start_healthy(self, config: LaunchConfig) -> LaunchResult:
         image = config.image or f"{self._config.repository}:{config.revision}"
         log.info("launching revision %s (%s) from %s", config.revision, config.hash, image)
-        await self._blocking(self._engine.ensure_image, image)
+        await self._docker.call(self._engine.ensure_image, image)
         spec = ContainerSpec(
             image=image,
             app_port=config.app_port,
@@ -159,7 +175,7 @@ class Controller:
                 LABEL_HASH: config.hash,
             },
         )
-        started = await self._blocking(self._engine.start, spec)
+        started = await self._docker.call(self._engine.start, spec)
         for warning in started.warnings:
             log.warning("%s", warning)
         try:
@@ -197,10 +213,10 @@ class Controller:
 
     async def _exit_report(self, container_id: str, revision: str) -> str | None:
         """Why the container stopped while starting, with its last log lines; None if up."""
-        status = await self._blocking(self._engine.status, container_id)
+        status = await self._docker.call(self._engine.status, container_id)
         if status in ("running", "created", "restarting"):
             return None
-        logs = await self._blocking(self._engine.logs, container_id, LOG_LINES_ON_FAILURE)
+        logs = await self._docker.call(self._engine.logs, container_id, LOG_LINES_ON_FAILURE)
         tail = "\n".join(logs.strip().splitlines()[-LOG_LINES_ON_FAILURE:]) or "(no output)"
         return (
             f"container {container_id[:8]} of revision {revision} stopped while starting "
@@ -262,8 +278,14 @@ class Controller:
             self._previous_image = previous.image
             task = asyncio.create_task(self._drain(previous))
             self._drains[previous] = task
-            task.add_done_callback(lambda _: self._drains.pop(previous, None))
+            task.add_done_callback(functools.partial(self._drain_done, previous))
         return previous
+
+    def _drain_done(self, container: Container, task: asyncio.Task[None]) -> None:
+        # A drain cancelled by a switch back may end after a newer drain of the same
+        # container was registered: only the drain that ended leaves the registry.
+        if self._drains.get(container) is task:
+            del self._drains[container]
 
     async def _record(self, container: Container, deployed_by: str) -> str | None:
         """Write current.json and history.json; a failure is reported, not fatal."""
@@ -330,7 +352,7 @@ class Controller:
         if self._previous_image is not None:
             keep.add(self._previous_image)
         try:
-            removed = await self._blocking(
+            removed = await self._docker.call(
                 self._engine.remove_images, self._config.repository, keep
             )
         except WunderproxyError as exc:
@@ -341,7 +363,7 @@ class Controller:
 
     async def _remove_quietly(self, container_id: str) -> None:
         try:
-            await self._blocking(self._engine.remove, container_id, self._config.stop_timeout)
+            await self._docker.call(self._engine.remove, container_id, self._config.stop_timeout)
         except WunderproxyError as exc:
             log.error("could not remove container %s: %s", container_id[:12], exc)
 
@@ -350,13 +372,21 @@ class Controller:
     async def start(self) -> bool:
         """Serve ``current.json``: adopt its running container, or launch it.
 
-        Returns True when the proxy is ready to take all traffic (serving current.json, or
-        nothing deployed yet); failures are logged and the proxy answers 503 meanwhile.
+        Both steps of start-up at once (see :meth:`adopt_current` and
+        :meth:`launch_current`); True when the proxy is ready to take all traffic.
         """
-        await self._read_history()
+        return await self.launch_current(await self.adopt_current())
+
+    async def adopt_current(self) -> Startup:
+        """Start-up's first step, quick enough to finish before listening: read
+        ``current.json`` and adopt its container if one runs healthy (left by a predecessor,
+        or by a process running beside this one); remove this app's other containers.
+
+        A failure is logged and reported in the result: the proxy then answers 503.
+        """
         try:
             config = await self._blocking(stores.load_current, self._store)
-            records = await self._blocking(
+            records = await self._docker.call(
                 self._engine.list_containers, {LABEL_APP: self._config.app}
             )
             adopted = None
@@ -365,27 +395,43 @@ class Controller:
             self._remove_stale(
                 [r for r in records if adopted is None or r.id != adopted.container_id]
             )
-            if config is None:
-                log.warning(
-                    "no %s in %s: nothing deployed yet, the proxy answers 503 until a switch",
-                    stores.CURRENT_KEY,
-                    self._store.description,
-                )
-                return True
-            if adopted is None:
-                task = asyncio.create_task(self._launch(config.hash, config))
-                self._launches[config.hash] = task
-                try:
-                    result = await task
-                finally:
-                    self._launches.pop(config.hash, None)
-                adopted = result.container
-            if self._state.current is None:
-                self._switch_to(adopted)
-            return True
+        except WunderproxyError as exc:
+            log.error("could not start current.json: %s", exc)
+            return Startup(ready=False)
+        if config is None:
+            log.warning(
+                "no %s in %s: nothing deployed yet, the proxy answers 503 until a switch",
+                stores.CURRENT_KEY,
+                self._store.description,
+            )
+        elif adopted is not None:
+            self._switch_to(adopted)
+            return Startup(ready=True)
+        return Startup(ready=config is None, to_launch=config)
+
+    async def launch_current(self, startup: Startup) -> bool:
+        """Start-up's second step, which may take as long as a deploy: launch what
+        :meth:`adopt_current` left to launch, and switch to it. True when ready."""
+        await self._read_history()
+        config = startup.to_launch
+        if config is None:
+            return startup.ready
+        task = asyncio.create_task(self._launch(config.hash, config))
+        self._launches[config.hash] = task
+        try:
+            result = await task
         except WunderproxyError as exc:
             log.error("could not start current.json: %s", exc)
             return False
+        finally:
+            self._launches.pop(config.hash, None)
+        if self._state.current is None:  # no switch came through the API meanwhile
+            self._switch_to(result.container)
+        return True
+
+    def watch_docker(self) -> None:
+        """Probe the Docker engine in the background until shutdown (see DockerWatch)."""
+        self._docker_probe = asyncio.create_task(self._docker.run())
 
     async def _read_history(self) -> None:
         """Load history.json for the status page; without it the page shows no deploys."""
@@ -454,6 +500,8 @@ class Controller:
 
     async def shutdown(self, grace: float) -> None:
         """Finish drains under way (within ``grace`` seconds) and stop the thread pool."""
+        if self._docker_probe is not None:
+            self._docker_probe.cancel()
         for task in [*self._launches.values(), *self._stale_removals]:
             task.cancel()
         pending = list(self._launches.values()) + list(self._drains.values())

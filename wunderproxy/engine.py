@@ -3,7 +3,8 @@
 Every method is synchronous and blocks on the engine; the manager runs them in a thread
 executor. Every failure of the engine or the registry comes out as
 :class:`~wunderproxy.errors.UpstreamFailed` with a message that names what failed and what to
-do, so the manager can answer 502 with it unchanged.
+do, so the manager can answer 502 with it unchanged; an engine that does not answer at all
+comes out as its subclass :class:`~wunderproxy.errors.DockerUnreachable`.
 
 Containers are created through the low-level API (``create_container_from_config``) so that the
 launch config's ``ContainerConfig`` and ``HostConfig`` reach the engine in exactly the Engine
@@ -24,7 +25,7 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from wunderproxy.errors import UpstreamFailed
+from wunderproxy.errors import DockerUnreachable, UpstreamFailed
 
 LABEL_APP = "wunderproxy.app"
 LABEL_REVISION = "wunderproxy.revision"
@@ -192,9 +193,10 @@ class DockerEngine:
                     raise self._unreachable(e) from e
             return self._client.api
 
-    def _unreachable(self, error: BaseException) -> UpstreamFailed:
-        return UpstreamFailed(
-            f"Docker engine unreachable at {self.address}: {_reason(error)}; is dockerd running?"
+    def _unreachable(self, error: BaseException) -> DockerUnreachable:
+        return DockerUnreachable(
+            f"Docker engine unreachable at {self.address}: {_reason(error)}; is dockerd "
+            "running? Start it, or point DOCKER_HOST at it"
         )
 
     @contextlib.contextmanager
@@ -205,7 +207,7 @@ class DockerEngine:
         except docker.errors.APIError as e:
             raise UpstreamFailed(f"Docker failed {action}: {_explanation(e)}; {hint}") from e
         except requests.exceptions.ReadTimeout as e:
-            raise UpstreamFailed(
+            raise DockerUnreachable(
                 f"Docker engine at {self.address} did not answer in time while {action}; "
                 "check that dockerd is not overloaded or stuck"
             ) from e

@@ -14,6 +14,13 @@ class WunderproxyError(Exception):
     status = 500
 
 
+class InternalError(WunderproxyError):
+    """A fault in wunderproxy itself (500), not in the request or the host; the log has
+    its traceback."""
+
+    status = 500
+
+
 class BadRequest(WunderproxyError):
     """The request itself is malformed (400): a bad hash, an empty body."""
 
@@ -64,6 +71,12 @@ class UpstreamFailed(WunderproxyError):
     """Docker, the registry or S3 failed, or the container died while starting (502)."""
 
     status = 502
+
+
+class DockerUnreachable(UpstreamFailed):
+    """The Docker engine did not answer at all (502): not running, its socket missing, the
+    connection refused or reset, or no answer in time. ``/status`` shows it until the
+    engine answers again."""
 
 
 class HealthTimeout(WunderproxyError):

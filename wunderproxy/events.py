@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from wunderproxy.timestamps import rfc3339
+
 EventKind = Literal["launch", "healthy", "switch", "drained", "failed"]
 # Deploy results counted for /metrics (wunderproxy_deploys_total{result}).
 DeployResult = Literal["switched", "failed"]
@@ -29,7 +31,7 @@ class DeployEvent:
     def describe(self) -> dict[str, Any]:
         """The event as ``/status`` shows it."""
         return {
-            "at": self.at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z",
+            "at": rfc3339(self.at),
             "event": self.kind,
             "revision": self.revision,
             "hash": self.config_hash,

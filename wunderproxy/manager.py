@@ -22,6 +22,7 @@ from wunderproxy.controller import Controller, LaunchResult, SwitchResult, defau
 from wunderproxy.errors import (
     BadRequest,
     Forbidden,
+    InternalError,
     MethodNotAllowed,
     NotFound,
     Unauthorized,
@@ -108,7 +109,7 @@ class Manager:
         self._metrics = Metrics(state)
 
     async def handle(self, request: ApiRequest) -> Reply:
-        """Route one request; never raises for the client's or the host's faults."""
+        """Route one request; never raises, not even for a bug of wunderproxy's own."""
         try:
             return await self._route(request)
         except WunderproxyError as exc:
@@ -117,6 +118,17 @@ class Manager:
             else:
                 log.info("%s %s refused (%d): %s", request.method, request.path, exc.status, exc)
             return error_response(exc)
+        except Exception as exc:
+            # A bug: answer it like any other error, log its traceback this once, and go on
+            # serving. A failed launch has removed what it started; what serves is untouched.
+            log.exception("%s %s failed unexpectedly", request.method, request.path)
+            return error_response(
+                InternalError(
+                    f"{request.method} {request.path} failed unexpectedly inside wunderproxy "
+                    f"({type(exc).__name__}: {exc}); the container serving now is unaffected; "
+                    "the manager's log has the traceback: please report it"
+                )
+            )
 
     async def _route(self, request: ApiRequest) -> Reply:
         allowed = _ROUTES.get(request.path)
@@ -247,7 +259,7 @@ async def serve_connection(
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
-    except (ConnectionError, TimeoutError):
+    except OSError:  # ConnectionError, TimeoutError, ENOTCONN: the client has gone
         pass
     finally:
         writer.close()
@@ -297,4 +309,7 @@ def _write_reply(
     if not head_only:
         data += conn.send(h11.Data(data=reply.body))
     data += conn.send(h11.EndOfMessage())
-    writer.write(data)
+    # A client that left while its request was handled has a closed transport: writing to
+    # it raises on uvloop and logs on asyncio's loop, and nobody would read the answer.
+    if not writer.is_closing():
+        writer.write(data)

@@ -70,10 +70,15 @@ class Server:
             self.access_log.start()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        startup: asyncio.Task[bool] | None = None
+        launching: asyncio.Task[bool] | None = None
+        self.controller.watch_docker()
+        # Adopt current.json's running container before listening, in every mode: a process
+        # started beside a running one (same addresses, SO_REUSEPORT) then answers like it
+        # from its first connection instead of 503. Nothing running is quick to find out.
+        startup = await self.controller.adopt_current()
         # With --take-over, listen only once serving: from its first connection on, this
         # process must answer as well as the one it replaces.
-        if self._take_over and not await self.controller.start():
+        if self._take_over and not await self.controller.launch_current(startup):
             raise TakeOverFailed(
                 "not taking over: this process could not serve current.json (see the "
                 "log above); the running wunderproxy was left alone"
@@ -99,7 +104,9 @@ class Server:
             if self._pid_file is not None:
                 self._pid_file.stop_predecessor()
         else:
-            startup = asyncio.create_task(self.controller.start())
+            # A launch may take minutes (pulling, a slow health check): listen meanwhile, so
+            # that /status answers and the proxy says 503 rather than refusing connections.
+            launching = asyncio.create_task(self.controller.launch_current(startup))
         if self._pid_file is not None:
             self._pid_file.write()
         sweeper = asyncio.create_task(self._enforce_timeouts())
@@ -107,8 +114,8 @@ class Server:
             await stop.wait()
             sweeper.cancel()
             log.info("shutting down: finishing requests in flight, then exiting")
-            if startup is not None:
-                startup.cancel()
+            if launching is not None:
+                launching.cancel()
             await self._shutdown(proxy, api)
         finally:
             if self._pid_file is not None:

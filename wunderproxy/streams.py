@@ -18,15 +18,21 @@ async def close_after_refusal(reader: asyncio.StreamReader, writer: asyncio.Stre
     Closing a socket with unread input makes the kernel send RST, and the client may then
     lose the answer still in flight (RFC 9112 section 9.6 asks for a half-close first): so
     flush, half-close, drop what the client still sends for a moment, then close.
+
+    A client may have gone already. The kernel then refuses the half-close (ENOTCONN), or
+    the loop has closed the transport: either way there is nobody left to tell, so this
+    returns quietly.
     """
     try:
         await writer.drain()
+        if writer.is_closing():
+            return
         if writer.can_write_eof():
             writer.write_eof()
         async with asyncio.timeout(LINGER):
             while await reader.read(65536):
                 pass
-    except (ConnectionError, TimeoutError):
+    except OSError:  # ConnectionError, TimeoutError, ENOTCONN: the client has gone
         pass
     finally:
         writer.close()

@@ -1,7 +1,7 @@
 """The one way wunderproxy writes a moment: RFC 3339 in UTC, to the second.
 
-``/status`` (containers, minutes) and ``history.json`` use it, so that a deploy recorded in
-the store and the container it started read the same.
+``/status`` (containers, minutes, deploy events) and ``history.json`` use it, so that a
+deploy recorded in the store and the container it started read the same.
 """
 
 from __future__ import annotations

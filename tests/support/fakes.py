@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 
 from wunderproxy.engine import ContainerRecord, ContainerSpec, StartedContainer
-from wunderproxy.errors import UpstreamFailed
+from wunderproxy.errors import DockerUnreachable, UpstreamFailed
 
 
 class MemoryStore:
@@ -56,7 +56,9 @@ class FakeEngine:
       ``exited`` with ``logs`` (their health check must fail for this to be noticed);
     - ``exit(container_id, logs)`` makes one container report ``exited`` from now on;
     - ``hold_images()`` makes ``ensure_image`` block until ``release()``, so that a launch
-      stays pending; ``image_requested`` is set once a launch is blocked there.
+      stays pending; ``image_requested`` is set once a launch is blocked there;
+    - ``unreachable()`` makes every call fail as when the engine does not answer
+      (DockerUnreachable), until ``reachable()``.
     """
 
     def __init__(self, host: str, port: int) -> None:
@@ -70,6 +72,7 @@ class FakeEngine:
         self._gate: threading.Event | None = None
         self._exited: dict[str, str] = {}
         self.left_running: list[ContainerRecord] = []  # found at start-up, as after a restart
+        self.down = False
         self._lock = threading.Lock()
 
     # -- steering ------------------------------------------------------------------
@@ -84,6 +87,12 @@ class FakeEngine:
         """The container stopped on its own (crashed, OOM-killed) after it started."""
         with self._lock:
             self._exited[container_id] = logs
+
+    def unreachable(self) -> None:
+        self.down = True
+
+    def reachable(self) -> None:
+        self.down = False
 
     def hold_images(self) -> None:
         self._gate = threading.Event()
@@ -109,6 +118,10 @@ class FakeEngine:
         return [str(args[0]) for args in self.called("remove")]
 
     # -- the Engine protocol -------------------------------------------------------
+
+    def ping(self) -> None:
+        self._record("ping")
+        self._maybe_fail("ping")
 
     def ensure_image(self, image: str) -> None:
         self._record("ensure_image", image)
@@ -180,6 +193,11 @@ class FakeEngine:
             self.calls.append(Call(method, args))
 
     def _maybe_fail(self, method: str) -> None:
+        if self.down:
+            raise DockerUnreachable(
+                "Docker engine unreachable at unix:///fake.sock: Connection refused; "
+                "is dockerd running? Start it, or point DOCKER_HOST at it"
+            )
         message = self.failures.get(method)
         if message is not None:
             raise UpstreamFailed(f"Docker {method} failed: {message}")

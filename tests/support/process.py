@@ -121,12 +121,14 @@ def wunderproxy(
     env: Mapping[str, str] | None = None,
     ports: tuple[int, int] | None = None,
     open_files: int | None = None,
+    wait_for_api: bool = True,
 ) -> Iterator[WunderproxyProcess]:
     """Start ``python -m wunderproxy run``; stop it at the end.
 
     It listens on ``ports`` (proxy, API) if given, e.g. to take over from another
     process, else on free loopback ports. ``open_files`` sets its open-file limit (soft
-    and hard) before it starts.
+    and hard) before it starts. It is handed over once its API answers, or at once without
+    ``wait_for_api`` (to watch what its first connections get).
     """
     proxy_port, api_port = ports or (free_port(), free_port())
     log_path = tmp_path / f"wunderproxy-{api_port}-{time.monotonic_ns()}.log"
@@ -160,7 +162,8 @@ def wunderproxy(
         )
     running = WunderproxyProcess(process, proxy_port, api_port, log_path)
     try:
-        _wait_for_api(running)
+        if wait_for_api:
+            _wait_for_api(running)
         yield running
     finally:
         if process.poll() is None:

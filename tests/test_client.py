@@ -1,0 +1,135 @@
+"""The client commands against servers that are not a wunderproxy manager, or not only:
+whatever answers, the operator reads a message, never a Python traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+HASH = "0123456789abcdef0123456789abcdef"
+
+WELCOME_PAGE = b"""<!DOCTYPE html>
+<html><head><title>Welcome to nginx!</title></head>
+<body><h1>Welcome to nginx!</h1><p>If you see this page, the web server works.</p></body>
+</html>
+"""
+BAD_GATEWAY_PAGE = b"""<html>\r
+<head><title>502 Bad Gateway</title></head>\r
+<body>\r
+<center><h1>502 Bad Gateway</h1></center>\r
+<hr><center>nginx/1.22.1</center>\r
+</body>\r
+</html>\r
+"""
+
+
+@dataclass
+class Canned:
+    """What the server answers to every request."""
+
+    status: int
+    content_type: str
+    body: bytes
+
+
+class CannedServer:
+    """A real HTTP server on 127.0.0.1 that answers every request with ``canned``."""
+
+    def __init__(self) -> None:
+        self.canned = Canned(200, "text/plain", b"")
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                self.send_response(outer.canned.status)
+                self.send_header("Content-Type", outer.canned.content_type)
+                self.send_header("Content-Length", str(len(outer.canned.body)))
+                self.end_headers()
+                self.wfile.write(outer.canned.body)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def answer(self, status: int, content_type: str, body: bytes) -> None:
+        self.canned = Canned(status, content_type, body)
+
+
+@pytest.fixture
+def canned() -> Iterator[CannedServer]:
+    server = CannedServer()
+    server.thread.start()
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
+def wunderproxy_client(*args: str) -> subprocess.CompletedProcess[str]:
+    """A client command run as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "wunderproxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def assert_says(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr, result.stderr
+    for word in words:
+        assert word in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "command", [("status",), ("launch", HASH), ("switch", HASH)], ids=lambda c: c[0]
+)
+def test_a_page_of_html_answered_200_is_named_by_its_title_not_a_traceback(
+    canned: CannedServer, command: tuple[str, ...]
+) -> None:
+    canned.answer(200, "text/html", WELCOME_PAGE)
+    result = wunderproxy_client(*command, "--api", canned.url)
+    assert_says(result, "answered 200 but not with a JSON object", "text/html", "Welcome to nginx!")
+    assert "<title>" not in result.stderr
+    assert "--api" in result.stderr
+
+
+def test_an_error_page_of_a_proxy_in_front_is_shown_by_its_status_and_title(
+    canned: CannedServer,
+) -> None:
+    canned.answer(502, "text/html", BAD_GATEWAY_PAGE)
+    result = wunderproxy_client("launch", HASH, "--api", canned.url)
+    assert_says(result, "Error: 502: 502 Bad Gateway")
+    assert "<" not in result.stderr
+
+
+def test_a_long_plain_text_answer_is_cut_short(canned: CannedServer) -> None:
+    canned.answer(200, "text/plain", b"not json " * 1000)
+    result = wunderproxy_client("status", "--api", canned.url)
+    assert_says(result, "not json not json")
+    assert len(result.stderr) < 600
+
+
+def test_json_that_is_not_a_wunderproxy_status_is_named_as_such(canned: CannedServer) -> None:
+    canned.answer(200, "application/json", b'{"status": "green"}')
+    result = wunderproxy_client("status", "--api", canned.url)
+    assert_says(result, "not a wunderproxy status", "--json")
+
+
+def test_json_without_a_message_after_a_launch_is_named_as_such(canned: CannedServer) -> None:
+    canned.answer(200, "application/json", b'{"started": true}')
+    result = wunderproxy_client("launch", HASH, "--api", canned.url)
+    assert_says(result, "without a message")
