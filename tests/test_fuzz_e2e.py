@@ -104,14 +104,6 @@ def test_random_bytes_on_both_ports_leave_no_traceback_no_leak_and_normal_reques
     assert_no_traceback(log)
 
 
-@pytest.mark.xfail(
-    raises=TracebackInLog,
-    strict=True,
-    reason="forwarder.py, not yet fixed: with nothing deployed the proxy answers 503 itself, "
-    "and a client gone by then makes _refuse read the peer of a closed transport "
-    "(AttributeError), write after write_eof (RuntimeError), or parse after a refusal "
-    "(ClientProtocolError escaping _receive)",
-)
 def test_random_bytes_on_the_proxy_port_with_nothing_deployed_leave_no_traceback(
     tmp_path: Path,
 ) -> None:

@@ -317,6 +317,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _receive(self, data: bytes | None) -> None:
         """Parse what the client sent (None: what is buffered) and forward it."""
+        if self._closed or self._discarding:
+            return  # a deferred parse of a connection that has ended meanwhile
         cycle = self._cycle
         if cycle is not None and cycle.held:  # a connection to the container is being made
             if data is not None:
@@ -499,8 +501,9 @@ class ClientConnection(asyncio.Protocol):
         if cycle is not None:
             cycle.status = failure.status
             cycle.bytes_out += len(data)
-        if self._transport is not None:
-            self._transport.write(data)
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
 
     def _refuse(self, failure: answers.Failure) -> None:
         """Answer (unless an answer already began) and close, reading no further request.
@@ -512,7 +515,11 @@ class ClientConnection(asyncio.Protocol):
         cycle = self._cycle
         if cycle is not None and cycle.target is not None:
             self._drop_upstream()  # a request went out on it: it is out of step now
-        if transport is None or (cycle is not None and cycle.answer_begun):
+        if (
+            transport is None
+            or transport.is_closing()
+            or (cycle is not None and cycle.answer_begun)
+        ):
             self._close_cycle()
             self.close()
             return
@@ -742,8 +749,12 @@ class ClientConnection(asyncio.Protocol):
             )
 
     def _peer(self) -> str:
-        peer = self._transport.get_extra_info("peername") if self._transport else None
-        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        """The client's address for a log line (looked up only then: it costs a call)."""
+        transport = self._transport
+        peer = None
+        if transport is not None and not transport.is_closing():
+            peer = transport.get_extra_info("peername")
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "a client that has gone"
 
 
 def _request_line(cycle: RequestCycle | None) -> str:
