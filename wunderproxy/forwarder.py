@@ -48,8 +48,9 @@ _UNREADABLE_REQUEST = framing.RequestStarted(method=b"-", target=b"-", data=b"")
 def sweep_interval(edge: Edge) -> float:
     """Seconds between two timeout sweeps: a timeout is enforced within this much.
 
-    A second for the defaults (nginx's timers are as coarse), finer when an operator sets
-    a timeout of a few seconds.
+    Half a second for the defaults, so that an expiry is acted on within a second of its
+    deadline even while the sweep itself takes a while; finer when an operator sets a
+    timeout of a few seconds. A sweep of 10,000 idle connections costs a few milliseconds.
     """
     shortest = min(
         edge.keepalive_timeout,
@@ -58,7 +59,7 @@ def sweep_interval(edge: Edge) -> float:
         edge.upstream_timeout,
         edge.send_timeout,
     )
-    return min(1.0, max(0.05, shortest / 10))
+    return min(0.5, max(0.05, shortest / 10))
 
 
 class RequestCycle:
