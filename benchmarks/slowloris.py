@@ -318,23 +318,33 @@ class Attack:
 # --- what the target does ---------------------------------------------------------------
 
 
-class PeakRss:
-    """Reads a process tree's resident memory every ``every`` seconds in a thread."""
+class RssSampler:
+    """Reads a process tree's resident memory every ``every`` seconds in a thread: its
+    peak, and every reading (seconds since the start, KiB) to see whether it levels off."""
 
     def __init__(self, pid: int, every: float = 0.2) -> None:
         self.pid = pid
         self.every = every
-        self.peak_kib = 0
+        self.samples: list[tuple[float, int]] = []
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
+    @property
+    def peak_kib(self) -> int:
+        return max((kib for _, kib in self.samples), default=0)
+
+    def peak_between(self, start: float, end: float) -> int:
+        """The highest reading from ``start`` to ``end`` seconds after sampling began."""
+        return max((kib for at, kib in self.samples if start <= at <= end), default=0)
+
     def _sample(self) -> None:
+        began = time.monotonic()
         while not self._done.is_set():
-            self.peak_kib = max(self.peak_kib, rss_kib(process_tree(self.pid)))
+            self.samples.append((time.monotonic() - began, rss_kib(process_tree(self.pid))))
             self._done.wait(self.every)
 
     @contextlib.contextmanager
-    def sampling(self) -> Iterator[PeakRss]:
+    def sampling(self) -> Iterator[RssSampler]:
         self._thread.start()
         try:
             yield self
@@ -371,6 +381,7 @@ class TargetResult:
     header_timeout: float
     rss_before_kib: int
     rss_peak_kib: int
+    rss_halves_kib: tuple[int, int]  # the peak in the attack's first and second half
     rss_after_kib: int
     status_header_timeouts: int | None
 
@@ -438,6 +449,8 @@ class TargetResult:
             "rss_kib": {
                 "before": self.rss_before_kib,
                 "peak": self.rss_peak_kib,
+                "peak_first_half": self.rss_halves_kib[0],
+                "peak_second_half": self.rss_halves_kib[1],
                 "after": self.rss_after_kib,
             },
             "status_header_timeouts": self.status_header_timeouts,
@@ -477,7 +490,7 @@ def run_target(
     attack = Attack(target.port, args.attackers, args.interval, args.ramp, args.header_timeout)
     how = f"over {args.ramp:g} s" if args.ramp else "in a burst"
     progress(f"{target.name}: (B) {args.attackers} trickling connections opened {how}")
-    with PeakRss(target.process.pid).sampling() as peak:
+    with RssSampler(target.process.pid).sampling() as rss:
         started = time.monotonic()
         attack.start(time_limit=args.seconds + args.ramp + 120)
         attacked = measure_own(target, backend, args.seconds)
@@ -494,7 +507,11 @@ def run_target(
         attack_seconds=attack_seconds,
         header_timeout=args.header_timeout,
         rss_before_kib=rss_before,
-        rss_peak_kib=peak.peak_kib,
+        rss_peak_kib=rss.peak_kib,
+        rss_halves_kib=(
+            rss.peak_between(0, attack_seconds / 2),
+            rss.peak_between(attack_seconds / 2, attack_seconds),
+        ),
         rss_after_kib=rss_kib(process_tree(target.process.pid)),
         status_header_timeouts=(
             timeouts_after - timeouts_before
@@ -605,17 +622,18 @@ def attack_table(results: Sequence[TargetResult], header_timeout: float) -> str:
                 _number(r.late_max, 2),
                 "/".join(
                     _number(kib / MIB, 1)
-                    for kib in (r.rss_before_kib, r.rss_peak_kib, r.rss_after_kib)
+                    for kib in (r.rss_before_kib, *r.rss_halves_kib, r.rss_after_kib)
                 ),
                 _number(r.status_header_timeouts),
             ]
         )
     headers = ["target", "heads", "408", "bare close", "other", "never closed", "conn. errors"]
-    headers += ["end p50 s", "late p99 s", "late max s", "RSS MiB before/peak/after"]
+    headers += ["end p50 s", "late p99 s", "late max s", "RSS MiB before/peak 1st, 2nd half/after"]
     headers += ["/status header"]
     legend = (
         "(end: seconds from a head's first byte to the answer or close it saw; late: end "
-        f"minus the header timeout, target <= {LATE_TARGET_SECONDS:g} s)"
+        f"minus the header timeout, target <= {LATE_TARGET_SECONDS:g} s; RSS: the highest "
+        "reading in each half of the attack, to see whether it levels off)"
     )
     title = f"== trickling heads, header timeout {header_timeout:g} s"
     lag = ", ".join(f"{r.name} {r.attack.max_loop_lag * 1000:.0f} ms" for r in results)
