@@ -16,14 +16,16 @@ attackers (this process) to core 1. Then, for each proxy in turn:
   one, it reconnects at once, so the attack lasts the whole wrk run; after it, nobody
   reconnects and the last round is waited for (at most header timeout + 10 s).
 
-It prints the normal clients' req/s, p50 and p99 in (A) and (B) and the ratio of the p99s;
-wrk's errors; the proxy's resident memory (VmRSS from /proc) before the attack, at its peak
-(read every 0.2 s) and after it; for every trickling connection the time from its first
-byte to the end it saw (an answer or a close): the maximum and the 99th percentile, and
-both minus the header timeout (the target: at most 1 s); how many were answered 408 and how
-many were closed bare; how many were never closed; and wunderproxy's ``/status`` count of
-header timeouts. "other %" is the CPU that processes outside this benchmark used during
-each wrk run, in % of one core, as ``suite.py`` reports it (above 10 %: flagged).
+It prints the normal clients' req/s, p50 and p99 in (A) and (B) and the ratio of the
+p99s; wrk's errors; the proxy's resident memory (VmRSS from /proc) before the attack, its
+peak in each half of the attack (read every 0.2 s: does it level off?) and after it; for
+every trickling connection the time from its first byte to the end it saw (an answer or a
+close): the maximum and the 99th percentile, and both minus the header timeout (the target:
+at most 1 s); how many were answered 408 and how many were closed bare; how many were never
+closed; wunderproxy's ``/status`` count of header timeouts; and how late the attackers' own
+loop ran (it would delay the ends they time) and how much CPU they used. "other %" is the
+CPU that processes outside this benchmark used during each wrk run, in % of one core, as
+``suite.py`` reports it (above 10 %: flagged).
 Everything it starts is stopped by PID at the end, also on failure or Ctrl-C.
 """
 
@@ -91,7 +93,7 @@ GIVE_UP_AFTER_TIMEOUT = 10.0
 # connection ended at most a second after the header timeout.
 P99_RATIO_TARGET = 2.0
 LATE_TARGET_SECONDS = 1.0
-MIB = 1024
+KIB_PER_MIB = 1024
 
 
 # --- the attackers --------------------------------------------------------------------
@@ -241,7 +243,7 @@ class Attack:
             for protocol in list(self._open):  # given up on: counted as never closed
                 if protocol.transport is not None:
                     protocol.transport.abort()
-            await asyncio.sleep(0)  # their connection_lost runs
+            await asyncio.sleep(0.1)  # their connection_lost runs and records them
             for task in [*tickers, *self._tasks]:
                 task.cancel()
             await asyncio.gather(*tickers, *self._tasks, return_exceptions=True)
@@ -621,7 +623,7 @@ def attack_table(results: Sequence[TargetResult], header_timeout: float) -> str:
                 _number(r.late_p99, 2),
                 _number(r.late_max, 2),
                 "/".join(
-                    _number(kib / MIB, 1)
+                    _number(kib / KIB_PER_MIB, 1)
                     for kib in (r.rss_before_kib, *r.rss_halves_kib, r.rss_after_kib)
                 ),
                 _number(r.status_header_timeouts),
