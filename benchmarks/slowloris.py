@@ -25,7 +25,8 @@ at most 1 s); how many were answered 408 and how many were closed bare; how many
 closed; wunderproxy's ``/status`` count of header timeouts; and how late the attackers' own
 loop ran (it would delay the ends they time) and how much CPU they used. "other %" is the
 CPU that processes outside this benchmark used during each wrk run, in % of one core, as
-``suite.py`` reports it (above 10 %: flagged).
+``suite.py`` reports it (above 10 %: flagged). Last, whether a proxy logged a warning or
+an error (a traceback under attack would show there).
 Everything it starts is stopped by PID at the end, also on failure or Ctrl-C.
 """
 
@@ -74,6 +75,8 @@ from benchmarks.suite import (
     SERVER_CPU,
     WRK_CPU,
     Measurement,
+    log_problems,
+    logs_report,
     measure,
     progress,
     render,
@@ -745,6 +748,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"\n{normal_table(results, args.attackers, args.seconds)}", flush=True)
         print(f"\n{attack_table(results, args.header_timeout)}", flush=True)
         print(f"\n{verdict(results)}", flush=True)
+        figures["logs"] = log_problems({name: peer for name, (peer, _) in proxies.items()})
+        print(f"\n{logs_report(figures['logs'])}", flush=True)
     figures["elapsed_seconds"] = time.monotonic() - started
     print(f"\ntotal {figures['elapsed_seconds']:.0f} s", flush=True)
     if args.json:
