@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -342,12 +342,20 @@ def backend_nginx_conf(work: Path, port: int, content: Path) -> str:
     )
 
 
-def proxy_nginx_conf(work: Path, port: int, upstream_port: int) -> str:
+def proxy_nginx_conf(
+    work: Path, port: int, upstream_port: int, header_timeout: float | None = None
+) -> str:
     """nginx as a reverse proxy: kept-alive upstream connections, default buffering.
 
     ``client_body_buffer_size`` holds a 64 KiB request body in memory rather than in a
     temporary file, as a proxy in front of uploads is usually configured.
+    ``header_timeout`` (seconds) sets ``client_header_timeout``; None keeps nginx's 60 s.
     """
+    header_directive = (
+        f"client_header_timeout {round(header_timeout * 1000)}ms;"
+        if header_timeout is not None
+        else ""
+    )
     return _nginx_main(
         work,
         f"""
@@ -359,6 +367,7 @@ def proxy_nginx_conf(work: Path, port: int, upstream_port: int) -> str:
         listen {HOST}:{port} backlog=4096;
         client_max_body_size 16m;
         client_body_buffer_size 128k;
+        {header_directive}
         location / {{
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -412,10 +421,16 @@ def start_backend(work: Path, cpu: int) -> Peer:
     )
 
 
-def start_nginx_proxy(work: Path, upstream: Peer, cpu: int) -> Peer:
-    """nginx as a reverse proxy in front of ``upstream``."""
+def start_nginx_proxy(
+    work: Path, upstream: Peer, cpu: int, header_timeout: float | None = None
+) -> Peer:
+    """nginx as a reverse proxy in front of ``upstream`` (``client_header_timeout`` set to
+    ``header_timeout`` seconds when given)."""
     return _start_nginx(
-        "nginx", work / "nginx", lambda d, port: proxy_nginx_conf(d, port, upstream.port), cpu
+        "nginx",
+        work / "nginx",
+        lambda d, port: proxy_nginx_conf(d, port, upstream.port, header_timeout),
+        cpu,
     )
 
 
@@ -444,9 +459,19 @@ def start_haproxy(work: Path, upstream: Peer, cpu: int) -> Peer:
     return peer
 
 
-def start_wunderproxy(work: Path, upstream: Peer, cpu: int, access_log: bool = False) -> Peer:
+def start_wunderproxy(
+    work: Path,
+    upstream: Peer,
+    cpu: int,
+    access_log: bool = False,
+    extra: Sequence[str] = (),
+) -> Peer:
     """wunderproxy's real proxy (``benchmarks/proxy_only.py``) in front of ``upstream``;
-    with ``access_log``, it writes one (common format) line per request to a file."""
+    with ``access_log``, it writes one (common format) line per request to a file.
+
+    ``extra`` are more options of ``proxy_only.py`` (``--header-timeout 5``, say). They
+    come last, so that one given twice wins: ``--api HOST:PORT`` replaces port 0.
+    """
     name = "wunderproxy+log" if access_log else "wunderproxy"
     wunder_dir = work / name
     wunder_dir.mkdir()
@@ -463,6 +488,7 @@ def start_wunderproxy(work: Path, upstream: Peer, cpu: int, access_log: bool = F
     ]
     if access_log:
         command += ["--access-log", str(wunder_dir / "access.log")]
+    command += extra
     peer = start_peer(name, port, command, wunder_dir / "wunderproxy.log", cpu)
     peer.versions = f"Python {sys.version.split()[0]}"
     return peer

@@ -1,16 +1,20 @@
 """wunderproxy's proxy, in front of a fixed upstream instead of a Docker container.
 
-    python3 benchmarks/proxy_only.py --listen 127.0.0.1:8000 --upstream 127.0.0.1:9000
+    python3 benchmarks/proxy_only.py --listen 127.0.0.1:8000 --upstream 127.0.0.1:9000 \
+        [--header-timeout 5 ...]
 
 The benchmarks compare proxies in front of the same fast backend (nginx), where a
 container would add Docker's own proxy to every row. This runs the production
 :class:`~wunderproxy.server.Server` (listeners, forwarder, framing, counters) with the
 upstream installed as the serving container; the manager answers too, on ``--api``.
+Every field of :class:`~wunderproxy.config.Edge` is an option named as ``wunderproxy run``
+names it (``--header-timeout``, ``--max-header-size``, ...), with the same default.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -20,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from wunderproxy.accesslog import ACCESS_LOG_FORMATS, AccessLog
-from wunderproxy.config import Address, Config
+from wunderproxy.config import Address, Config, Edge
 from wunderproxy.engine import ContainerRecord, ContainerSpec, StartedContainer
 from wunderproxy.errors import UpstreamFailed
 from wunderproxy.launchconfig import md5_hex, parse_launch_config
@@ -66,6 +70,26 @@ class NoEngine:
         return []
 
 
+def add_edge_options(parser: argparse.ArgumentParser) -> None:
+    """An option per :class:`Edge` field, typed as its default (a None default: bytes or
+    connections, so an integer), defaulting to Edge's own."""
+    for setting in dataclasses.fields(Edge):
+        default = setting.default
+        parser.add_argument(
+            "--" + setting.name.replace("_", "-"),
+            type=int if default is None else type(default),
+            default=default,
+            help=f"as wunderproxy run's (default {default})",
+        )
+
+
+def edge_from(args: argparse.Namespace) -> Edge:
+    """The :class:`Edge` that the options of :func:`add_edge_options` say."""
+    return Edge(
+        **{setting.name: getattr(args, setting.name) for setting in dataclasses.fields(Edge)}
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen", required=True, help="proxy address HOST:PORT")
@@ -74,6 +98,7 @@ def main() -> None:
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
     parser.add_argument("--access-log", help="write one line per request here (- for stdout)")
     parser.add_argument("--access-log-format", default="common", choices=ACCESS_LOG_FORMATS)
+    add_edge_options(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     host, _, port = args.upstream.rpartition(":")
@@ -84,6 +109,7 @@ def main() -> None:
         app="bench",
         proxy=Address.parse(args.listen, "--listen"),
         api=Address.parse(args.api, "--api"),
+        edge=edge_from(args),
     )
     access_log = AccessLog(args.access_log, args.access_log_format) if args.access_log else None
     server = Server(config, NoStore(), NoEngine(), access_log=access_log)
