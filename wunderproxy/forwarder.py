@@ -559,14 +559,15 @@ class ClientConnection(asyncio.Protocol):
         self._state.timeouts[kind] += 1
         cycle = self._cycle
         container = cycle.container if cycle is not None else None
-        log.info(
-            "%s timeout: client %s, revision %s, request %s: %s",
-            kind,
-            self._peer(),
-            container.revision if container is not None else NO_REVISION,
-            _request_line(cycle),
-            "closing the connection" if failure is None else f"{failure.status}, then closing",
-        )
+        if log.isEnabledFor(logging.INFO):  # a wave of expiries: the arguments cost too
+            log.info(
+                "%s timeout: client %s, revision %s, request %s: %s",
+                kind,
+                self._peer(),
+                container.revision if container is not None else NO_REVISION,
+                _request_line(cycle),
+                "closing the connection" if failure is None else f"{failure.status}, then closing",
+            )
         if failure is None:  # the client does not read: nothing more can reach it
             self._drop_upstream()
             self._close_cycle()  # counted with the status of the answer it stopped reading
