@@ -45,7 +45,7 @@ class HeadError(ValueError):
 
 
 def framing_fields(head: bytes, names: re.Pattern[bytes]) -> Iterator[tuple[bytes, bytes]]:
-    """(lower-cased name, value without surrounding whitespace) of every field line of a
+    """(lower-cased name, value as sent, whitespace included) of every field line of a
     well-formed ``head`` whose name ``names`` matches."""
     for field in names.finditer(head):
         yield field.group(1).lower(), field.group(2)
@@ -54,7 +54,22 @@ def framing_fields(head: bytes, names: re.Pattern[bytes]) -> Iterator[tuple[byte
 def fields_pattern(*names: str) -> re.Pattern[bytes]:
     """A pattern finding the given fields' lines in a head already checked as well-formed."""
     alternatives = "|".join(names).encode()
-    return re.compile(rb"\r\n(" + alternatives + rb"):[ \t]*([^\r]*?)[ \t]*(?=\r\n)", re.IGNORECASE)
+    return re.compile(rb"\r\n(" + alternatives + rb"):([^\r]*)", re.IGNORECASE)
+
+
+def stripped(value: bytes) -> bytes:
+    """A field value without the optional whitespace around it (RFC 9110 section 5.5)."""
+    return value.strip(b" \t")
+
+
+def _framing_value(value: bytes) -> bytes:
+    """A framing field's value, which may follow its colon after one space and no other
+    whitespace: a tab, or spaces around it, are allowed by RFC 9110 but read differently
+    by naive parsers, and a parser that sees no valid framing field frames no body."""
+    bare = value[1:] if value[:1] == b" " else value
+    if bare.strip(b" \t") != bare:
+        raise HeadError(f"whitespace around the framing value {value!r}; send 'Name: value'")
+    return bare
 
 
 def content_length(value: bytes, seen: bytes | None) -> bytes:
@@ -63,6 +78,7 @@ def content_length(value: bytes, seen: bytes | None) -> bytes:
         # RFC 9110 section 8.6 lets a recipient accept a list of equal values; parsers
         # differ on it, and no honest sender repeats the field.
         raise HeadError("Content-Length is given twice; send it once")
+    value = _framing_value(value)
     if DIGITS.fullmatch(value) is None:
         raise HeadError(
             f"Content-Length {value!r} is not a decimal number (no sign, space, hex or list)"
@@ -81,6 +97,7 @@ def transfer_encoding(value: bytes, seen: bytes | None) -> bytes:
     """
     if seen is not None:
         raise HeadError("Transfer-Encoding is given twice; send it once, as 'chunked'")
+    value = _framing_value(value)
     if value.lower() != b"chunked":
         raise HeadError(
             f"Transfer-Encoding {value!r} is not supported; only 'chunked' is (RFC 9112 6.1)"

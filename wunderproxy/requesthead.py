@@ -35,6 +35,7 @@ from wunderproxy.fields import (
     explain,
     fields_pattern,
     framing_fields,
+    stripped,
     transfer_encoding,
 )
 
@@ -79,16 +80,17 @@ def read_request_head(head: bytes) -> RequestHead:
     for name, value in framing_fields(head, _FRAMING_FIELD):
         if name == b"host":
             hosts += 1
-            host = value
+            host = stripped(value)
         elif name == b"content-length":
             length = content_length(value, length)
         elif name == b"transfer-encoding":
             chunked = transfer_encoding(value, chunked)
         elif name == b"connection":
             # Several Connection fields are one comma-separated list (RFC 9110 5.3).
+            value = stripped(value)
             connection = value if connection is None else connection + b", " + value
         else:
-            upgrade = upgrade or bool(value)
+            upgrade = upgrade or bool(stripped(value))
     if hosts > 1 or (hosts == 0 and minor == b"1"):
         raise HeadError("an HTTP/1.1 request needs exactly one Host field (RFC 9112 3.2)")
     _check_target(method, target, host)
