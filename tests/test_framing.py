@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from benchmarks import fuzz_framing
 from tests.support.framing_driver import (
     Forwarder,
     Side,
@@ -784,3 +785,14 @@ def test_an_answer_with_ambiguous_framing_spends_the_upstream_and_goes_no_furthe
     with pytest.raises(UpstreamProtocolError, match="Content-Length"):
         exchange.upstream_data(BROKEN_ANSWERS["content-length-and-chunked"])
     assert not exchange.upstream_reusable
+
+
+# -- differential fuzz against llhttp (benchmarks/fuzz_framing.py runs a million) -----------
+
+
+def test_a_seeded_sample_of_the_differential_fuzz_leaves_no_disagreement_unrefused() -> None:
+    totals = fuzz_framing.run(count=3000, seconds=300, seed=11)
+    assert totals.inputs == 3000
+    assert totals.disagreements > 0  # the inputs do reach where parsers differ
+    assert totals.not_refused == 0, totals.examples[:3]
+    assert totals.split_differs == 0, totals.examples[:3]
