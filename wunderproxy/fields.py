@@ -21,7 +21,6 @@ A field value may hold visible ASCII, spaces and tabs between words, and obs-tex
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 # Visible ASCII, or obs-text; a value is such words with single runs of SP/HTAB between.
 _VALUE = rb"(?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?"
@@ -42,13 +41,6 @@ BLANK_LINE = re.compile(rb"\n\r?\n")
 
 class HeadError(ValueError):
     """A head breaks the grammar or its framing is ambiguous; the message says how."""
-
-
-def framing_fields(head: bytes, names: re.Pattern[bytes]) -> Iterator[tuple[bytes, bytes]]:
-    """(lower-cased name, value as sent, whitespace included) of every field line of a
-    well-formed ``head`` whose name ``names`` matches."""
-    for field in names.finditer(head):
-        yield field.group(1).lower(), field.group(2)
 
 
 def fields_pattern(*names: str) -> re.Pattern[bytes]:

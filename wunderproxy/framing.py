@@ -144,24 +144,30 @@ class _ResponseReader:
     def _head(self, data: bytes) -> list[UpstreamPiece]:
         pieces: list[UpstreamPiece] = []
         buffer = self._buffer
-        buffer += data
+        if buffer:  # the start of a head came in an earlier read
+            buffer += data
+            received = bytes(buffer)
+            buffer.clear()
+        else:  # the common case: read heads in place, no copy
+            received = data
+        at = 0
         while True:
-            end = BLANK_LINE.search(buffer)
-            if end is None or end.end() > MAX_HEAD:
-                if len(buffer) > MAX_HEAD:
+            end = BLANK_LINE.search(received, at)
+            if end is None or end.end() - at > MAX_HEAD:
+                if len(received) - at > MAX_HEAD:
                     raise HeadError(f"the answer's head is over {MAX_HEAD} bytes")
                 if not data:
                     raise HeadError("the container closed the connection before answering")
+                buffer += received[at:]
                 return pieces
-            head = bytes(buffer[: end.end()])
-            del buffer[: end.end()]
+            head = received[at : end.end()]
+            at = end.end()
             request = self._request
             found = read_response_head(head, request.method, request.upgrade)
             if found.switched:
                 # 101, or a 2xx answer to CONNECT: the rest is opaque bytes.
                 self.switched = self.done = True
-                pieces.append(ProtocolSwitched(found.status, head + bytes(buffer)))
-                buffer.clear()
+                pieces.append(ProtocolSwitched(found.status, received[at - len(head) :]))
                 return pieces
             if found.status < 200:
                 pieces.append(Informational(found.status, head))
@@ -171,10 +177,9 @@ class _ResponseReader:
             self._left = found.body_length
             if found.body_length == CHUNKED:
                 self._chunks = ChunkedReader(None, MAX_HEAD)
-            rest = bytes(buffer)
-            buffer.clear()
+            rest = received[at:]
             if rest or not data or found.body_length == 0:
-                return self._body(rest if data else b"", pieces)
+                return self._body(rest, pieces)
             return pieces
 
     def _body(self, data: bytes, pieces: list[UpstreamPiece]) -> list[UpstreamPiece]:
@@ -454,7 +459,7 @@ class Exchange:
     @property
     def idle(self) -> bool:
         """True between requests with no byte of the next one received yet."""
-        return self._client == cycle.IDLE and not self._pending
+        return self._client in (cycle.IDLE, cycle.CLOSED) and not self._pending
 
     @property
     def has_buffered_bytes(self) -> bool:
