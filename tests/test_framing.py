@@ -687,6 +687,19 @@ def test_a_request_after_a_refused_one_on_the_same_connection_is_never_read() ->
     assert exchange.client_data(HIDDEN) == []
 
 
+def test_a_bad_request_after_an_early_answered_body_spends_the_upstream() -> None:
+    """The body's end and the bad request arrive in one read: the error loses the body's
+    last piece, so the container's connection, which waits for it, is not reused."""
+    exchange = Exchange()
+    exchange.client_data(request("POST /p HTTP/1.1", "Content-Length: 4", body=b"ab"))
+    exchange.request_forwarded(fresh_upstream=True)
+    exchange.upstream_data(response("HTTP/1.1 413 Content Too Large", "Content-Length: 0"))
+    with pytest.raises(ClientProtocolError):
+        exchange.client_data(b"cd" + REFUSED["te-xchunked"])
+    assert not exchange.upstream_reusable
+    assert exchange.must_close
+
+
 def test_a_refused_request_makes_the_connection_close() -> None:
     exchange = Exchange()
     with pytest.raises(ClientProtocolError):

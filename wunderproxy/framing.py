@@ -304,7 +304,7 @@ class Exchange:
                 if line_end >= 0:
                     check_request_line(bytes(pending[: line_end + 1]))
             except HeadError as exc:
-                self._refuse(f"bad request: {exc}", 400)
+                self._refuse(str(exc), 400)
             if self._client_eof and pending:
                 self._refuse("the client closed the connection inside a request head", 400)
             return []  # the rest of the head is still on its way
@@ -312,7 +312,7 @@ class Exchange:
         try:
             found = read_request_head(head)
         except HeadError as exc:
-            self._refuse(f"bad request: {exc}", 400)
+            self._refuse(str(exc), 400)
         length = found.body_length
         if self._max_body is not None and length > self._max_body:
             self._refuse(
@@ -365,7 +365,13 @@ class Exchange:
         self._client = cycle.advance(cycle.CLIENT, self._client, "end")
         self._end_cycle_if_done()
         if self._client == cycle.IDLE and self._pending:  # answered early: go on
-            return pieces + self._read_head()
+            try:
+                return pieces + self._read_head()
+            except ClientProtocolError:
+                # The end of the request that just ended is lost with this error, and
+                # its upstream connection waits for it: never reuse that connection.
+                self._upstream = cycle.advance(cycle.UPSTREAM, self._upstream, "spend")
+                raise
         return pieces
 
     def _refuse(self, message: str, status: int) -> NoReturn:
