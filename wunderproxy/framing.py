@@ -26,13 +26,10 @@ from typing import NoReturn, TypeAlias
 
 from wunderproxy import cycle
 from wunderproxy.chunked import BodyTooLarge, ChunkedReader
+from wunderproxy.config import DEFAULT_MAX_HEADER_SIZE
 from wunderproxy.fields import BLANK_LINE, HeadError
 from wunderproxy.requesthead import CHUNKED, RequestHead, check_request_line, read_request_head
 from wunderproxy.responsehead import MAX_HEAD, UNTIL_CLOSE, read_response_head
-
-# The default limit on a request head, as h11's and nginx's large_client_header_buffers
-# (4 x 8k, per line): 16 KiB holds the largest cookies browsers send.
-DEFAULT_MAX_HEAD_SIZE = 16 * 1024
 
 
 class ProtocolError(Exception):
@@ -258,7 +255,7 @@ class Exchange:
     )
 
     def __init__(
-        self, max_head_size: int = DEFAULT_MAX_HEAD_SIZE, max_body_size: int | None = None
+        self, max_head_size: int = DEFAULT_MAX_HEADER_SIZE, max_body_size: int | None = None
     ) -> None:
         self._max_head = max_head_size
         self._max_body = max_body_size
