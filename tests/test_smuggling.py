@@ -215,6 +215,9 @@ ROWS: dict[str, Row] = {
         f"valid-then-{name}": Row(FIRST + REFUSED[name] + HIDDEN, (200, 400), FIRST)
         for name in ("obs-fold-hidden-request", "content-length-and-chunked", "bare-lf-line-ends")
     },
+    "pipelined-after-a-refused-request": Row(
+        REFUSED["two-differing-content-lengths"] + FIRST + HIDDEN, (400,)
+    ),
     "head-over-16-KiB": Row(head("GET / HTTP/1.1", "Host: app", "X: " + "a" * 17_000), (431,)),
     "valid-chunked-is-forwarded-as-sent": Row(VALID_CHUNKED, (200,), VALID_CHUNKED),
     "absolute-form-naming-the-host-is-forwarded-as-sent": Row(ABSOLUTE, (200,), ABSOLUTE),
