@@ -465,20 +465,25 @@ def start_wunderproxy(
     cpu: int,
     access_log: bool = False,
     extra: Sequence[str] = (),
+    checkout: Path | None = None,
 ) -> Peer:
     """wunderproxy's real proxy (``benchmarks/proxy_only.py``) in front of ``upstream``;
     with ``access_log``, it writes one (common format) line per request to a file.
 
     ``extra`` are more options of ``proxy_only.py`` (``--header-timeout 5``, say). They
     come last, so that one given twice wins: ``--api HOST:PORT`` replaces port 0.
+    ``checkout``: the wunderproxy of another working tree (an earlier commit, to compare
+    before and after in one run), named ``wunderproxy@base``.
     """
     name = "wunderproxy+log" if access_log else "wunderproxy"
+    if checkout is not None:
+        name = "wunderproxy@base"
     wunder_dir = work / name
     wunder_dir.mkdir()
     port = free_port()
     command = [
         sys.executable,
-        str(ROOT / "benchmarks" / "proxy_only.py"),
+        str((checkout or ROOT) / "benchmarks" / "proxy_only.py"),
         "--listen",
         f"{HOST}:{port}",
         "--upstream",

@@ -30,6 +30,7 @@ Everything it starts is stopped by PID at the end, also on failure or Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -57,6 +58,7 @@ from benchmarks.peers import (
     machine_busy_seconds,
     raise_open_files,
     start_backend,
+    start_wunderproxy,
     stolen_seconds,
     version_of,
     wait_until_answers,
@@ -172,14 +174,18 @@ def _finite(value: float) -> float | None:
 
 
 @contextmanager
-def running_targets(work: Path) -> Iterator[dict[str, Peer]]:
-    """The backend and every proxy, started, answering, and stopped at the end."""
+def running_targets(work: Path, baseline: Path | None = None) -> Iterator[dict[str, Peer]]:
+    """The backend and every proxy, started, answering, and stopped at the end; with
+    ``baseline``, also the wunderproxy of that working tree (``wunderproxy@base``)."""
     started: list[Peer] = []
+    starts = list(PROXIES.values())
+    if baseline is not None:
+        starts.append(functools.partial(start_wunderproxy, checkout=baseline))
     try:
         backend = start_backend(work, SERVER_CPU)
         started.append(backend)
         wait_until_answers(backend)
-        for start in PROXIES.values():
+        for start in starts:
             peer = start(work, backend, SERVER_CPU)
             started.append(peer)
             wait_until_answers(peer)
@@ -456,6 +462,12 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="run only these scenarios",
     )
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="also measure the wunderproxy of this working tree (e.g. a `git worktree` of an "
+        "earlier commit) as wunderproxy@base, to compare before and after in one run",
+    )
+    parser.add_argument(
         "--idle-connections",
         type=int,
         help="connections held for idle-memory (default 10,000, fewer if the open-file "
@@ -477,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     figures: dict[str, Any] = {"scenarios": {}}
     with (
         tempfile.TemporaryDirectory(prefix="wunderproxy-suite-") as work_dir,
-        running_targets(Path(work_dir)) as peers,
+        running_targets(Path(work_dir), args.baseline) as peers,
     ):
         work = Path(work_dir)
         facts = machine_facts(peers) | {"open_files_limit": open_files}

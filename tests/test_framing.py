@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from benchmarks import fuzz_framing
 from tests.support.framing_driver import (
     Forwarder,
     Side,
@@ -30,8 +31,10 @@ from tests.support.framing_driver import (
     squeezed,
     upstream,
 )
+from tests.support.hostile import HIDDEN, REFUSED
 from wunderproxy.framing import (
     Body,
+    ClientPiece,
     ClientProtocolError,
     Exchange,
     MessageEnded,
@@ -366,6 +369,7 @@ BROKEN_REQUESTS = {
     "bad-chunk-end": (request("POST / HTTP/1.1", CHUNKED, body=b"1\r\naXX"), 400),
     "body-cut-by-end-of-stream": (request("POST / HTTP/1.1", "Content-Length: 5", body=b"he"), 400),
     "head-over-16-KiB": (b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 17_000, 431),
+    "whole-head-over-16-KiB": (request("GET / HTTP/1.1", "X-Big: " + "a" * 17_000), 431),
 }
 
 
@@ -389,6 +393,20 @@ BROKEN_ANSWERS = {
     "body-cut-by-end-of-stream": response("HTTP/1.1 200 OK", "Content-Length: 5", body=b"ab"),
     "closed-without-answering": b"",
     "head-over-16-KiB": b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 17_000,
+    "content-length-and-chunked": response(
+        "HTTP/1.1 200 OK", "Content-Length: 5", CHUNKED, body=b"0\r\n\r\n"
+    ),
+    "two-content-lengths": response(
+        "HTTP/1.1 200 OK", "Content-Length: 2", "Content-Length: 5", body=b"hello"
+    ),
+    "transfer-encoding-gzip": response("HTTP/1.1 200 OK", "Transfer-Encoding: gzip"),
+    "bare-lf": b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
+    "obs-fold": response("HTTP/1.1 200 OK", "X: a", " Content-Length: 2", body=b"ok"),
+    "nul-in-a-value": response("HTTP/1.1 200 OK", "X: a\x00b", "Content-Length: 2", body=b"ok"),
+    "chunk-size-18-hex-digits": response(
+        "HTTP/1.1 200 OK", CHUNKED, body=b"1" + b"0" * 16 + b"2\r\nok\r\n0\r\n\r\n"
+    ),
+    "chunk-extension-quoted": response("HTTP/1.1 200 OK", CHUNKED, body=b'2;a="b"\r\nok\r\n'),
 }
 
 
@@ -402,6 +420,7 @@ def test_broken_container_bytes_raise_an_upstream_error(answer: bytes) -> None:
             for chunk in [*chunks, b""]:
                 exchange.upstream_data(chunk)
         assert raised.value.status_hint == 502
+        assert not exchange.upstream_reusable
 
 
 # -- fuzzing ---------------------------------------------------------------------------
@@ -619,3 +638,184 @@ def test_with_connection_close_makes_any_answer_head_the_connections_last(head: 
     assert exchange.must_close
     assert rewritten.lower().count(b"connection:") == 1
     assert b"Content-Length: 2" in rewritten
+
+
+# -- hostile bytes: smuggling and desync vectors (tests/support/hostile.py) ----------------
+
+
+@pytest.mark.parametrize("data", REFUSED.values(), ids=REFUSED)
+def test_a_smuggling_vector_is_refused_before_any_of_it_is_handed_back(data: bytes) -> None:
+    exchange = Exchange()
+    with pytest.raises(ClientProtocolError) as raised:
+        exchange.client_data(data)
+    assert raised.value.status_hint == 400
+    assert exchange.must_close
+    assert exchange.client_data(request("GET /after HTTP/1.1")) == []
+
+
+@pytest.mark.parametrize("data", REFUSED.values(), ids=REFUSED)
+def test_a_smuggling_vector_read_byte_by_byte_never_completes_a_request(data: bytes) -> None:
+    """Read by bytes, a head may go up before its body turns out broken: no request
+    ends, and the upstream connection (which holds part of a request) is spent."""
+    exchange = Exchange()
+    emitted: list[ClientPiece] = []
+    with pytest.raises(ClientProtocolError) as raised:
+        for i in range(len(data) + 1):
+            emitted += exchange.client_data(data[i : i + 1])
+            if emitted and isinstance(emitted[0], RequestStarted) and len(emitted) == 1:
+                exchange.request_forwarded(fresh_upstream=True)
+    assert raised.value.status_hint == 400
+    assert not any(isinstance(piece, MessageEnded) for piece in emitted)
+    assert not any(isinstance(piece, RequestStarted) for piece in emitted[1:])
+    assert data.startswith(b"".join(piece.data for piece in emitted))
+    assert exchange.must_close
+    if emitted:
+        assert not exchange.upstream_reusable
+
+
+def test_a_request_after_a_refused_one_on_the_same_connection_is_never_read() -> None:
+    exchange = Exchange()
+    first = request("GET /first HTTP/1.1")
+    pieces = exchange.client_data(first + REFUSED["obs-fold-hidden-request"] + NEXT_REQUEST)
+    assert labels_of(pieces, "client") == "GET /first, > end"
+    exchange.request_forwarded(fresh_upstream=True)
+    assert labels_of(exchange.upstream_data(ok()), "upstream") == "200, < end"
+    with pytest.raises(ClientProtocolError):
+        exchange.client_data(None)
+    assert exchange.must_close
+    assert exchange.client_data(None) == []
+    assert exchange.client_data(HIDDEN) == []
+
+
+def test_a_bad_request_after_an_early_answered_body_spends_the_upstream() -> None:
+    """The body's end and the bad request arrive in one read: the error loses the body's
+    last piece, so the container's connection, which waits for it, is not reused."""
+    exchange = Exchange()
+    exchange.client_data(request("POST /p HTTP/1.1", "Content-Length: 4", body=b"ab"))
+    exchange.request_forwarded(fresh_upstream=True)
+    exchange.upstream_data(response("HTTP/1.1 413 Content Too Large", "Content-Length: 0"))
+    with pytest.raises(ClientProtocolError):
+        exchange.client_data(b"cd" + REFUSED["te-xchunked"])
+    assert not exchange.upstream_reusable
+    assert exchange.must_close
+
+
+def test_a_refused_request_makes_the_connection_close() -> None:
+    exchange = Exchange()
+    with pytest.raises(ClientProtocolError):
+        exchange.client_data(REFUSED["content-length-and-chunked"])
+    assert exchange.must_close
+    assert not exchange.request_in_progress
+
+
+def test_an_absolute_form_target_naming_the_host_is_forwarded_as_sent() -> None:
+    data = request("GET http://app/x?y=1 HTTP/1.1")
+    pieces = Exchange().client_data(data)
+    assert pieces == [RequestStarted(b"GET", b"http://app/x?y=1", data), MessageEnded(b"")]
+
+
+def test_a_refusal_names_what_was_wrong() -> None:
+    with pytest.raises(ClientProtocolError, match="obsolete line folding"):
+        Exchange().client_data(REFUSED["obs-fold-hidden-request"])
+    with pytest.raises(ClientProtocolError, match="1 to 16 hex digits"):
+        Exchange().client_data(REFUSED["chunk-size-18-hex-digits-hidden-request"])
+    with pytest.raises(ClientProtocolError, match="bare LF"):
+        Exchange().client_data(REFUSED["bare-lf-line-ends"])
+
+
+# -- limits ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1024, 16 * 1024])
+def test_a_request_head_over_the_limit_is_refused_with_431_however_it_arrives(size: int) -> None:
+    head = request("GET / HTTP/1.1", "X-Big: " + "a" * size)
+    for chunks in whole_and_byte_by_byte(head):
+        exchange = Exchange(max_head_size=size)
+        with pytest.raises(ClientProtocolError) as raised:
+            for chunk in chunks:
+                assert exchange.client_data(chunk) == []
+        assert raised.value.status_hint == 431
+        assert exchange.must_close
+
+
+def test_a_request_head_at_the_limit_is_read() -> None:
+    head = request("GET / HTTP/1.1", "X-Big: " + "a" * 1000)
+    pieces = Exchange(max_head_size=len(head)).client_data(head)
+    assert labels_of(pieces, "client") == "GET /, > end"
+
+
+def test_a_content_length_over_the_body_limit_is_refused_with_413_at_the_head() -> None:
+    exchange = Exchange(max_body_size=10)
+    head = request("POST /up HTTP/1.1", "Content-Length: 11")
+    for i in range(len(head) - 1):
+        assert exchange.client_data(head[i : i + 1]) == []
+    with pytest.raises(ClientProtocolError) as raised:
+        exchange.client_data(head[-1:])
+    assert raised.value.status_hint == 413
+    assert exchange.must_close
+
+
+def test_a_body_at_the_limit_is_forwarded() -> None:
+    for framing in ("Content-Length: 10", CHUNKED):
+        body = b"0123456789" if framing != CHUNKED else b"a\r\n0123456789\r\n0\r\n\r\n"
+        pieces = Exchange(max_body_size=10).client_data(request("POST / HTTP/1.1", framing) + body)
+        assert isinstance(pieces[-1], MessageEnded)
+
+
+def test_a_chunked_body_passing_the_limit_is_refused_with_413_and_spends_the_upstream() -> None:
+    exchange = Exchange(max_body_size=10)
+    pieces = exchange.client_data(request("POST /up HTTP/1.1", CHUNKED) + b"6\r\nabcdef\r\n")
+    assert labels_of(pieces, "client") == "POST /up, > body"
+    exchange.request_forwarded(fresh_upstream=True)
+    with pytest.raises(ClientProtocolError) as raised:
+        exchange.client_data(b"5\r\nghijk\r\n")
+    assert raised.value.status_hint == 413
+    assert exchange.must_close
+    assert not exchange.upstream_reusable  # the container holds half a request
+    assert exchange.client_data(b"0\r\n\r\n") == []
+
+
+def test_a_413_answered_before_the_upstream_was_used_keeps_the_client_side_closed() -> None:
+    exchange = Exchange(max_body_size=4)
+    with pytest.raises(ClientProtocolError):
+        exchange.client_data(request("POST / HTTP/1.1", CHUNKED) + b"5\r\nhello\r\n0\r\n\r\n")
+    assert exchange.must_close
+
+
+# -- the answer's side ---------------------------------------------------------------------
+
+
+def test_with_connection_close_keeps_the_body_of_a_bare_lf_head_intact() -> None:
+    head = b"HTTP/1.1 200 OK\nConnection: keep-alive\nContent-Length: 2\n\n"
+    rewritten = with_connection_close(head)
+    assert rewritten == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n"
+
+
+def test_an_answer_with_ambiguous_framing_spends_the_upstream_and_goes_no_further() -> None:
+    exchange = Exchange()
+    exchange.client_data(request("GET / HTTP/1.1"))
+    exchange.request_forwarded(fresh_upstream=True)
+    with pytest.raises(UpstreamProtocolError, match="Content-Length"):
+        exchange.upstream_data(BROKEN_ANSWERS["content-length-and-chunked"])
+    assert not exchange.upstream_reusable
+
+
+# -- differential fuzz against llhttp (benchmarks/fuzz_framing.py runs a million) -----------
+
+
+def test_a_seeded_sample_of_the_differential_fuzz_leaves_no_disagreement_unrefused() -> None:
+    totals = fuzz_framing.run(count=3000, seconds=300, seed=11)
+    assert totals.inputs == 3000
+    assert totals.disagreements > 0  # the inputs do reach where parsers differ
+    assert totals.not_refused == 0, totals.examples[:3]
+    assert totals.split_differs == 0, totals.examples[:3]
+
+
+def test_an_answer_of_the_proxys_own_after_the_request_went_up_spends_the_upstream() -> None:
+    exchange = Exchange()
+    exchange.client_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    exchange.request_forwarded(fresh_upstream=True)
+    exchange.answered_locally(502, close=True)  # the container failed before answering
+    assert exchange.must_close
+    assert not exchange.upstream_reusable
+    assert not exchange.request_in_progress

@@ -1,4 +1,5 @@
-"""The fast request-head reader against h11: whatever it accepts, h11 reads the same way."""
+"""The strict request-head reader against h11: whatever it accepts, h11 reads the same way,
+and what it refuses is refused with a message naming the fault."""
 
 from __future__ import annotations
 
@@ -7,69 +8,110 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wunderproxy.requesthead import RequestHead, read_request_head
+from wunderproxy.fields import HeadError
+from wunderproxy.requesthead import CHUNKED, RequestHead, check_request_line, read_request_head
+
+CHUNKED_BODY = b"3\r\nabc\r\n0\r\n\r\n"
 
 
 def verdicts_agree(head: bytes) -> None:
-    """Where the fast reader gives a verdict, h11 reads the request exactly so."""
-    fast = read_request_head(head)
-    if fast is None:
-        return  # declined: h11 decides, whatever it decides
+    """Where the reader accepts a head, h11 reads the request exactly so."""
+    try:
+        found = read_request_head(head)
+    except HeadError:
+        return  # refused: whatever h11 would do, nothing is forwarded
+    chunked = found.body_length == CHUNKED
     conn = h11.Connection(h11.SERVER)
-    conn.receive_data(head + b"x" * fast.body_length)
+    conn.receive_data(head + (CHUNKED_BODY if chunked else b"x" * found.body_length))
     request = conn.next_event()
     assert isinstance(request, h11.Request), request
-    assert (request.method, request.target) == (fast.method, fast.target)
-    assert request.http_version == fast.http_version
-    received = 0
+    assert (request.method, request.target) == (found.method, found.target)
+    assert request.http_version == found.http_version
+    received = b""
     while not isinstance(event := conn.next_event(), h11.EndOfMessage):
-        assert isinstance(event, h11.Data), f"h11 wants more than {fast.body_length} bytes"
-        received += len(event.data)
-    assert received == fast.body_length
+        assert isinstance(event, h11.Data), f"h11 wants more than {found.body_length} bytes"
+        received += event.data
+    assert received == (b"abc" if chunked else b"x" * found.body_length)
     assert conn.trailing_data[0] == b""
-    assert conn._cstate.keep_alive is fast.keep_alive
-    # Not MIGHT_SWITCH_PROTOCOL: an upgrade or CONNECT must be left to h11.
-    assert conn.their_state in (h11.DONE, h11.MUST_CLOSE)
+    assert conn._cstate.keep_alive is found.keep_alive
+    switching = conn.their_state is h11.MIGHT_SWITCH_PROTOCOL
+    assert switching is (found.upgrade or found.method == b"CONNECT")
+
+
+def head(line: str, *fields: str) -> bytes:
+    return "\r\n".join([line, *fields, "", ""]).encode("latin-1")
 
 
 TABLE = [
+    (head("GET / HTTP/1.1", "Host: a"), RequestHead(b"GET", b"/", b"1.1", 0, True, None, False)),
     (
-        b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
-        RequestHead(b"GET", b"/", b"1.1", 0, True, None),
+        head("POST /up?x=1 HTTP/1.1", "Host: a", "Content-Length: 3"),
+        RequestHead(b"POST", b"/up?x=1", b"1.1", 3, True, None, False),
+    ),
+    (head("GET / HTTP/1.0"), RequestHead(b"GET", b"/", b"1.0", 0, False, None, False)),
+    (
+        head("HEAD / HTTP/1.1", "host: a", "Connection: Keep-Alive, close"),
+        RequestHead(b"HEAD", b"/", b"1.1", 0, False, b"Keep-Alive, close", False),
     ),
     (
-        b"POST /up?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\n",
-        RequestHead(b"POST", b"/up?x=1", b"1.1", 3, True, None),
+        head("POST / HTTP/1.1", "Host: a", "Transfer-Encoding: Chunked"),
+        RequestHead(b"POST", b"/", b"1.1", CHUNKED, True, None, False),
     ),
     (
-        b"GET / HTTP/1.0\r\n\r\n",
-        RequestHead(b"GET", b"/", b"1.0", 0, False, None),
+        head("GET /ws HTTP/1.1", "Host: a", "Connection: Upgrade", "Upgrade: websocket"),
+        RequestHead(b"GET", b"/ws", b"1.1", 0, True, b"Upgrade", True),
     ),
     (
-        b"HEAD / HTTP/1.1\r\nhost: a\r\nConnection: Keep-Alive, close\r\n\r\n",
-        RequestHead(b"HEAD", b"/", b"1.1", 0, False, b"Keep-Alive, close"),
+        head("CONNECT a:443 HTTP/1.1", "Host: a:443"),
+        RequestHead(b"CONNECT", b"a:443", b"1.1", 0, True, None, False),
     ),
-    # Declined: h11 reads these (or refuses them).
-    (b"GET / HTTP/1.1\r\n\r\n", None),  # no Host
-    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", None),
-    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", None),
-    (b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", None),
-    (b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", None),
-    (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", None),
-    (b"GET / HTTP/1.1\nHost: a\n\n", None),
-    (b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n", None),
-    (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1, 1\r\n\r\n", None),
-    (b"GET / HTTP/1.1\r\nHost: a\r\nX: \xff\r\n\r\n", None),
-    (b"G\x01T / HTTP/1.1\r\nHost: a\r\n\r\n", None),
+    (
+        head("OPTIONS * HTTP/1.1", "Host: a"),
+        RequestHead(b"OPTIONS", b"*", b"1.1", 0, True, None, False),
+    ),
+    (
+        head("GET http://a/x HTTP/1.1", "Host: a"),
+        RequestHead(b"GET", b"http://a/x", b"1.1", 0, True, None, False),
+    ),
+    (
+        head("GET / HTTP/1.1", "Host: a", "X: caf\xe9"),
+        RequestHead(b"GET", b"/", b"1.1", 0, True, None, False),
+    ),
+    # Refused, each with the fault named.
+    (head("GET / HTTP/1.1"), "exactly one Host"),
+    (head("GET / HTTP/1.1", "Host: a", "Host: b"), "exactly one Host"),
+    (head("GET / HTTP/2.0", "Host: a"), "bad request line"),
+    (b"GET / HTTP/1.1\nHost: a\n\n", "bare LF"),
+    (head("GET  / HTTP/1.1", "Host: a"), "bad request line"),
+    (head("GET / HTTP/1.1", "Host: a", "Content-Length: 1, 1"), "not a decimal number"),
+    (head("G\x01T / HTTP/1.1", "Host: a"), "bad request line"),
+    (head("GET https://a/ HTTP/1.1", "Host: a"), "neither a path nor an http:// URL"),
+    (head("GET http://b/ HTTP/1.1", "Host: a"), "is not the Host field's"),
+    (head("GET a HTTP/1.1", "Host: a"), "neither a path"),
+    (head("GET * HTTP/1.1", "Host: a"), "only for OPTIONS"),
+    (head("CONNECT / HTTP/1.1", "Host: a"), "host:port"),
+    (head("POST / HTTP/1.0", "Transfer-Encoding: chunked"), "HTTP/1.0"),
 ]
 
 
-@pytest.mark.parametrize(("head", "expected"), TABLE)
-def test_reads_plain_request_heads_and_declines_the_rest(
-    head: bytes, expected: RequestHead | None
+@pytest.mark.parametrize(("data", "expected"), TABLE)
+def test_reads_well_formed_request_heads_and_refuses_the_rest(
+    data: bytes, expected: RequestHead | str
 ) -> None:
-    assert read_request_head(head) == expected
-    verdicts_agree(head)
+    if isinstance(expected, str):
+        with pytest.raises(HeadError, match=expected):
+            read_request_head(data)
+    else:
+        assert read_request_head(data) == expected
+        verdicts_agree(data)
+
+
+@pytest.mark.parametrize(
+    "line", [b"GET /\r\n", b"PRI * HTTP/2.0\r\n", b"GET / HTTP/1.1\n", b"\x16\x03\x01\n"]
+)
+def test_a_request_line_of_another_protocol_is_refused_before_its_head_ends(line: bytes) -> None:
+    with pytest.raises(HeadError):
+        check_request_line(line)
 
 
 REQUEST_LINES = st.sampled_from(
@@ -80,6 +122,7 @@ REQUEST_LINES = st.sampled_from(
         b"HEAD / HTTP/1.0",
         b"OPTIONS * HTTP/1.1",
         b"CONNECT h:1 HTTP/1.1",
+        b"GET http://a/ HTTP/1.1",
         b"GET / HTTP/1.2",
         b"GET / HTTP/2.0",
         b"GET  / HTTP/1.1",
@@ -99,7 +142,10 @@ HEADER_LINES = st.sampled_from(
         b"content-length:7 ",
         b"Content-Length: 7,7",
         b"Content-Length: x",
+        b"Content-Length: +7",
         b"Transfer-Encoding: chunked",
+        b"Transfer-Encoding: xchunked",
+        b"Transfer-Encoding: chunked, identity",
         b"Connection: close",
         b"Connection: keep-alive",
         b"Connection: Upgrade",
@@ -109,8 +155,10 @@ HEADER_LINES = st.sampled_from(
         b"X-Empty:",
         b" folded",
         b"NoColon",
+        b"Host : a",
         b"X-High: \xe9",
         b"X-Ctl: \x01",
+        b"X-Vt: \x0bchunked",
     ]
 )
 
@@ -121,7 +169,7 @@ HEADER_LINES = st.sampled_from(
     headers=st.lists(HEADER_LINES, max_size=5),
     newline=st.sampled_from([b"\r\n", b"\r\n", b"\n"]),
 )
-def test_whatever_the_fast_reader_accepts_h11_reads_the_same_way(
+def test_whatever_the_reader_accepts_h11_reads_the_same_way(
     line: bytes, headers: list[bytes], newline: bytes
 ) -> None:
     verdicts_agree(newline.join([line, *headers]) + newline + newline)

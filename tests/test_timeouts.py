@@ -222,3 +222,35 @@ async def test_a_container_that_does_not_accept_a_connection_gets_504_after_the_
     assert proxy.state.timeouts == {"connect": 1}
     # The connection goes on: the next request is tried (and times out) again.
     assert (await client.request("GET", "/"))[0] == 504
+
+
+async def test_a_body_over_the_limit_by_its_length_gets_413_before_reaching_the_container(
+    proxy: Proxy, blue: Backend
+) -> None:
+    proxy.edge = Edge(max_body_size=1000)
+    proxy.serve(make_container(blue, "rev1"))
+    client = await proxy.connect()
+    assert (await client.request("POST", "/echo", b"x" * 1000))[0] == 200, "at the limit"
+    client.send_raw(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1001\r\n\r\n")
+    answer = await client.read_all()
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert blue.requests == 1, "only the request within the limit reached the container"
+    assert proxy.state.requests.by_status == {200: 1, 413: 1}
+
+
+async def test_a_chunked_body_passing_the_limit_gets_413_and_its_container_connection_closed(
+    proxy: Proxy, blue: Backend
+) -> None:
+    proxy.edge = Edge(max_body_size=1000)
+    container = make_container(blue, "rev1")
+    proxy.serve(container)
+    client = await proxy.connect()
+    client.send_raw(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+    client.send_raw(b"200\r\n" + b"x" * 512 + b"\r\n")
+    assert await eventually(lambda: blue.connections == 1)
+    client.send_raw(b"200\r\n" + b"x" * 512 + b"\r\n")  # 1,024 bytes: past the limit
+    answer = await client.read_all()
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert blue.requests == 0, "the container never got a whole request"
+    assert await eventually(lambda: not container.links and not container.spare)
+    assert proxy.state.requests.by_status == {413: 1}

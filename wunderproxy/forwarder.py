@@ -149,7 +149,7 @@ class ClientConnection(asyncio.Protocol):
         # This connection.
         self._transport: asyncio.Transport | None = None
         self._client_host: str | None = None  # only looked up for the access log
-        self._exchange = framing.Exchange()
+        self._exchange = framing.Exchange(edge.max_header_size, edge.max_body_size)
         self._upstream: Upstream | None = None
         self._paused_for: set[str] = set()
         self._closed = False

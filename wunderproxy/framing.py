@@ -5,12 +5,14 @@ ends, so that the forwarder can route every request to the container current whe
 and count every response status. Nothing here knows about sockets: tests drive it with
 bytes alone.
 
-Requests are read by h11 (a fresh server-role connection per request). Answers are read
-by :mod:`wunderproxy.responsehead` when their head is plain (status line, Content-Length),
-which is most of them and much cheaper; anything else goes to an h11 client-role
-connection that was shown the request (a response to ``HEAD`` has no body; a 101 only
-switches protocols if an upgrade was asked for) through a synthetic request whose bytes
-are thrown away. The two paths agree: the tests check the fast one against h11.
+Since the bytes pass untouched, the container reads each request and the client each
+answer with its own parser; where two parsers disagree on where a message ends, one of
+them can be made to see a message the other does not (request smuggling). So heads and
+chunked bodies are read strictly (:mod:`wunderproxy.requesthead`,
+:mod:`wunderproxy.responsehead`, :mod:`wunderproxy.chunked`): only what every HTTP/1.1
+parser reads alike is accepted, the rest is refused before any byte of it is handed
+back to be forwarded. The tests check every reading against h11's, and
+``benchmarks/fuzz_framing.py`` against llhttp's.
 
 Every piece carries ``data``: exactly the bytes consumed for it, so that concatenating the
 pieces of one direction gives back the input byte for byte.
@@ -20,18 +22,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import NoReturn, TypeAlias
 
-import h11
-
-from wunderproxy.requesthead import read_request_head
-from wunderproxy.responsehead import MAX_HEAD, comma_tokens, read_response_head
-
-# Request headers the container-side parser needs to see: they decide keep-alive and
-# whether a 101 / CONNECT answer switches protocols (RFC 9110 section 7.8).
-_HEADERS_THAT_SHAPE_THE_RESPONSE = (b"connection", b"upgrade")
-
-_CLOSED_STATES = (h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)
+from wunderproxy import cycle
+from wunderproxy.chunked import BodyTooLarge, ChunkedReader
+from wunderproxy.config import DEFAULT_MAX_HEADER_SIZE
+from wunderproxy.fields import BLANK_LINE, HeadError
+from wunderproxy.requesthead import CHUNKED, RequestHead, check_request_line, read_request_head
+from wunderproxy.responsehead import MAX_HEAD, UNTIL_CLOSE, read_response_head
 
 
 class ProtocolError(Exception):
@@ -104,79 +102,17 @@ class ProtocolSwitched:
 ClientPiece: TypeAlias = RequestStarted | Body | MessageEnded
 UpstreamPiece: TypeAlias = Informational | ResponseStarted | Body | MessageEnded | ProtocolSwitched
 
-
-def _buffered(conn: h11.Connection) -> int:
-    """How many received bytes ``conn`` has not consumed yet.
-
-    ``trailing_data`` would tell, but copies them on every call; this is the hot path of
-    every request. ``tests/test_framing.py`` checks that both agree.
-    """
-    return len(conn._receive_buffer)
-
-
-class _H11Reader:
-    """An h11 connection plus the bytes it has not consumed yet.
-
-    h11 does not hand back the raw bytes behind an event; comparing the size of its
-    buffer before and after each event tells how many of ours it used.
-    """
-
-    # One per connection that needed h11: slots keep it small.
-    __slots__ = (
-        "_unconsumed",
-        "conn",
-    )
-
-    def __init__(self, role: type[h11.CLIENT] | type[h11.SERVER]) -> None:
-        self.conn = h11.Connection(role)
-        self._unconsumed = bytearray()
-
-    def receive(self, data: bytes) -> None:
-        self.conn.receive_data(data)
-        self._unconsumed += data
-
-    def next_event(self) -> tuple[h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED], bytes]:
-        event = self.conn.next_event()
-        used = len(self._unconsumed) - _buffered(self.conn)
-        raw = bytes(self._unconsumed[:used])
-        del self._unconsumed[:used]
-        return event, raw
-
-    def leftover(self) -> bytes:
-        return bytes(self._unconsumed)
-
-
-@dataclass(frozen=True, slots=True)
-class _RequestFacts:
-    """What the answer's reader must know of the request it answers."""
-
-    method: bytes
-    target: bytes
-    http_version: bytes
-    keep_alive: bool
-    shaping_headers: tuple[tuple[bytes, bytes], ...]  # Connection and Upgrade
-
-
-@dataclass(slots=True)
-class _PlainBody:
-    """A plain request's Content-Length body, as it arrives."""
-
-    remaining: int
+_READING_HEAD = -3  # _ResponseReader._left while a head is being read
 
 
 class _ResponseReader:
-    """Reads the answer to one request: the fast path, else h11.
-
-    The fast path (:func:`~wunderproxy.responsehead.read_response_head`) reads plain heads
-    with a Content-Length; whatever it declines is handed, with every byte not yet
-    consumed, to an h11 client connection that was shown the request.
-    """
+    """Reads the answer to one request, from its head (1xx heads first) to its end."""
 
     # One per connection: slots keep idle connections small.
     __slots__ = (
-        "_h11",
-        "_head",
-        "_remaining",
+        "_buffer",
+        "_chunks",
+        "_left",
         "_request",
         "done",
         "keep_alive",
@@ -184,115 +120,103 @@ class _ResponseReader:
         "switched",
     )
 
-    def __init__(self, request: _RequestFacts) -> None:
+    def __init__(self, request: RequestHead) -> None:
         self._request = request
-        self._head = bytearray()
-        self._remaining = -1  # body bytes still due; -1 while reading a head
-        self._h11: _H11Reader | None = None
+        self._buffer = bytearray()  # a head not yet whole, or chunk framing not yet read
+        self._left = _READING_HEAD  # body bytes still due, or CHUNKED, or UNTIL_CLOSE
+        self._chunks: ChunkedReader | None = None
         self.status = 0
         self.done = False
         self.keep_alive = True
         self.switched = False
 
     def feed(self, data: bytes) -> list[UpstreamPiece]:
-        if self._h11 is not None:
-            return self._feed_h11(data)
+        try:
+            if self._left == _READING_HEAD:
+                return self._head(data)
+            return self._body(data, [])
+        except HeadError as exc:
+            raise UpstreamProtocolError(f"bad answer from the container: {exc}", 502) from exc
+
+    def _head(self, data: bytes) -> list[UpstreamPiece]:
         pieces: list[UpstreamPiece] = []
-        if self._remaining > 0:
-            if not data:
-                raise UpstreamProtocolError(
-                    f"the container closed the connection {self._remaining} bytes before "
-                    "the end of the body",
-                    502,
-                )
-            body, data = data[: self._remaining], data[self._remaining :]
-            self._remaining -= len(body)
-            pieces.append(Body(body))
-            if self._remaining == 0:
-                return self._end(pieces, data)
-            return pieces
-        self._head += data
+        buffer = self._buffer
+        if buffer:  # the start of a head came in an earlier read
+            buffer += data
+            received = bytes(buffer)
+            buffer.clear()
+        else:  # the common case: read heads in place, no copy
+            received = data
+        at = 0
         while True:
-            end = _BLANK_LINE.search(self._head)
-            if end is None:
-                if not data or len(self._head) > MAX_HEAD:
-                    return pieces + self._hand_to_h11(data)
+            end = BLANK_LINE.search(received, at)
+            if end is None or end.end() - at > MAX_HEAD:
+                if len(received) - at > MAX_HEAD:
+                    raise HeadError(f"the answer's head is over {MAX_HEAD} bytes")
+                if not data:
+                    raise HeadError("the container closed the connection before answering")
+                buffer += received[at:]
                 return pieces
-            head = bytes(self._head[: end.end()])
-            found = read_response_head(head, self._request.method)
-            if found is None:
-                return pieces + self._hand_to_h11(data)
-            rest = bytes(self._head[end.end() :])
-            self._head.clear()
+            head = received[at : end.end()]
+            at = end.end()
+            request = self._request
+            found = read_response_head(head, request.method, request.upgrade)
+            if found.switched:
+                # 101, or a 2xx answer to CONNECT: the rest is opaque bytes.
+                self.switched = self.done = True
+                pieces.append(ProtocolSwitched(found.status, received[at - len(head) :]))
+                return pieces
             if found.status < 200:
                 pieces.append(Informational(found.status, head))
-                self._head += rest
                 continue
             self.status, self.keep_alive = found.status, found.keep_alive
             pieces.append(ResponseStarted(found.status, head))
-            self._remaining = found.body_length
-            if self._remaining == 0:
-                return self._end(pieces, rest)
-            return pieces + self.feed(rest) if rest else pieces
+            self._left = found.body_length
+            if found.body_length == CHUNKED:
+                self._chunks = ChunkedReader(None, MAX_HEAD)
+            rest = received[at:]
+            if rest or not data or found.body_length == 0:
+                return self._body(rest, pieces)
+            return pieces
+
+    def _body(self, data: bytes, pieces: list[UpstreamPiece]) -> list[UpstreamPiece]:
+        left = self._left
+        if left > 0:
+            if not data:
+                raise HeadError(
+                    f"the container closed the connection {left} bytes before the end of the body"
+                )
+            body, data = data[:left], data[left:]
+            self._left = left - len(body)
+            pieces.append(Body(body))
+            if self._left:
+                return pieces
+        elif left == UNTIL_CLOSE:
+            pieces.append(Body(data) if data else MessageEnded(b""))
+            self.done = not data
+            return pieces
+        elif self._chunks is not None:
+            buffer = self._buffer
+            buffer += data
+            taken, ending = self._chunks.read(buffer)
+            if taken:
+                pieces.append(Body(taken))
+            if not self._chunks.done:
+                if not data:
+                    raise HeadError("the container closed the connection inside a chunked body")
+                return pieces
+            pieces.append(MessageEnded(ending))
+            data = bytes(buffer)
+            buffer.clear()
+            return self._end(pieces, data)
+        pieces.append(MessageEnded(b""))
+        return self._end(pieces, data)
 
     def _end(self, pieces: list[UpstreamPiece], rest: bytes) -> list[UpstreamPiece]:
-        pieces.append(MessageEnded(b""))
         self.done = True
-        self._remaining = 0
         if rest:
             # Bytes beyond the answer: this connection is out of step; don't reuse it.
             self.keep_alive = False
-        return pieces
-
-    def _hand_to_h11(self, data: bytes) -> list[UpstreamPiece]:
-        reader = self._h11 = _H11Reader(h11.CLIENT)
-        # Built only here: few answers need h11, and building it costs.
-        reader.conn.send(_synthetic_request_for(self._request))
-        reader.conn.send(h11.EndOfMessage())
-        unconsumed = bytes(self._head)
-        self._head.clear()
-        pieces = self._feed_h11(unconsumed) if unconsumed else []
-        if not data:  # the end of the stream is news to h11 as well
-            pieces += self._feed_h11(b"")
-        return pieces
-
-    def _feed_h11(self, data: bytes) -> list[UpstreamPiece]:
-        reader = self._h11
-        assert reader is not None
-        pieces: list[UpstreamPiece] = []
-        reader.receive(data)
-        while not self.done:
-            try:
-                event, raw = reader.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise UpstreamProtocolError(str(exc), 502) from exc
-            state = reader.conn.their_state
-            if isinstance(event, h11.InformationalResponse | h11.Response) and (
-                state is h11.SWITCHED_PROTOCOL
-            ):
-                # 101, or a 2xx answer to CONNECT: the rest is opaque bytes.
-                self.switched = self.done = True
-                pieces.append(ProtocolSwitched(event.status_code, raw + reader.leftover()))
-            elif isinstance(event, h11.InformationalResponse):
-                pieces.append(Informational(event.status_code, raw))
-            elif isinstance(event, h11.Response):
-                self.status = event.status_code
-                pieces.append(ResponseStarted(event.status_code, raw))
-            elif isinstance(event, h11.Data):
-                pieces.append(Body(raw))
-            elif isinstance(event, h11.EndOfMessage):
-                pieces.append(MessageEnded(raw))
-                self.done = True
-                # Bytes beyond the answer put the connection out of step, as in _end. An
-                # answer that the container ended by closing (no length) tells the client
-                # its end only if the client's connection closes too.
-                self.keep_alive = (
-                    bool(data) and state not in _CLOSED_STATES and not reader.leftover()
-                )
-            else:  # NEED_DATA, or ConnectionClosed before any answer.
-                if raw:  # chunk framing h11 consumed without an event
-                    pieces.append(Body(raw))
-                return pieces
         return pieces
 
 
@@ -305,38 +229,46 @@ class Exchange:
     ends, ``client_data(None)`` yields a pipelined request that is already buffered.
     ``b""`` means end of stream, as in h11.
 
-    Each request gets a fresh h11 server connection: cheaper than telling a long-lived one
-    about every answer, and a request that ends the connection leaves the bytes after it
-    unread, as RFC 9112 section 9.6 asks.
+    ``max_head_size`` bounds a request head (431 past it, however it arrives);
+    ``max_body_size``, if set, a request body (413 at the head when Content-Length
+    passes it, or when a chunked body passes it, before those bytes are handed back).
+
+    Each direction, and the upstream connection, has a state moved along the tables of
+    :mod:`wunderproxy.cycle`. A request that ends the connection leaves the bytes after
+    it unread, as RFC 9112 section 9.6 asks.
     """
 
     # One per client connection: slots keep idle connections small.
     __slots__ = (
-        "_answered",
+        "_answer",
+        "_chunks",
+        "_client",
         "_client_eof",
         "_facts",
-        "_keep_upstream",
-        "_must_close",
+        "_keep_alive",
+        "_left",
+        "_max_body",
+        "_max_head",
         "_pending",
-        "_request",
-        "_request_done",
         "_response",
-        "_switched",
-        "_upstream_reusable",
+        "_upstream",
     )
 
-    def __init__(self) -> None:
-        self._pending = bytearray()  # client bytes not yet given to a request parser
+    def __init__(
+        self, max_head_size: int = DEFAULT_MAX_HEADER_SIZE, max_body_size: int | None = None
+    ) -> None:
+        self._max_head = max_head_size
+        self._max_body = max_body_size
+        self._pending = bytearray()  # client bytes not yet parsed
         self._client_eof = False
-        self._request: _H11Reader | _PlainBody | None = None  # the request in progress
-        self._facts: _RequestFacts | None = None
-        self._request_done = False
+        self._client: str = cycle.IDLE
+        self._answer: str = cycle.IDLE
+        self._upstream: str = cycle.UNUSED
+        self._keep_alive = True  # False once the client connection must close
+        self._facts: RequestHead | None = None  # the request in progress
+        self._left = 0  # of its Content-Length body
+        self._chunks: ChunkedReader | None = None  # or of its chunked body
         self._response: _ResponseReader | None = None
-        self._answered = False
-        self._must_close = False
-        self._upstream_reusable = True  # no upstream connection has been used yet
-        self._keep_upstream = False
-        self._switched = False
 
     # -- client side ---------------------------------------------------------------
 
@@ -351,119 +283,139 @@ class Exchange:
         """Feed bytes from the client (``None``: only parse what is buffered)."""
         if data is not None:
             self.buffer_client_data(data)
-        if self._switched or self._request_done:
-            return []  # after the request, bytes wait for its answer (or the upgrade)
-        reader = self._request
-        if reader is None:
-            if self._must_close or not (self._pending or self._client_eof):
-                return []
-            plain = self._read_plain_request()
-            if plain is not None:
-                return plain
-            reader = self._request = _H11Reader(h11.SERVER)
-        if isinstance(reader, _PlainBody):
-            return self._read_plain_body(reader)
-        if self._pending:
-            reader.receive(bytes(self._pending))
-            self._pending.clear()
-        if self._client_eof:
-            reader.receive(b"")
-        pieces: list[ClientPiece] = []
-        while True:
-            try:
-                event, raw = reader.next_event()
-            except h11.RemoteProtocolError as exc:
-                self._must_close = True
-                raise ClientProtocolError(str(exc), exc.error_status_hint) from exc
-            if isinstance(event, h11.Request):
-                self._facts = _facts_of(event)
-                self._answered = False
-                pieces.append(RequestStarted(event.method, event.target, raw))
-            elif isinstance(event, h11.Data):
-                pieces.append(Body(raw))
-            elif isinstance(event, h11.EndOfMessage):
-                pieces.append(MessageEnded(raw))
-                self._request_done = True
-                self._pending[:0] = reader.leftover()  # the next request's bytes
-                self._end_cycle_if_done()
-                if self._facts is None and self._pending:  # answered early: go on
-                    return pieces + self.client_data(None)
-                return pieces
-            else:  # NEED_DATA, or ConnectionClosed between requests.
-                if raw:  # chunk framing h11 consumed without an event
-                    pieces.append(Body(raw))
-                if event is not h11.NEED_DATA:
-                    self._request = None
-                return pieces
+        state = self._client
+        if state == cycle.BODY:
+            return self._read_body()
+        if state == cycle.IDLE and (self._pending or self._client_eof):
+            return self._read_head()
+        return []  # after the request, bytes wait for its answer (or the upgrade)
 
-    def _read_plain_request(self) -> list[ClientPiece] | None:
-        """Read a plain request head without h11; None when h11 must read it."""
+    def _read_head(self) -> list[ClientPiece]:
         pending = self._pending
-        end = _BLANK_LINE.search(pending)
-        if end is None:
-            if self._client_eof or len(pending) > MAX_HEAD:
-                return None
+        end = BLANK_LINE.search(pending)
+        if end is None or end.end() > self._max_head:
+            if len(pending) > self._max_head:
+                self._refuse(f"the request head is over {self._max_head} bytes", 431)
+            line_end = pending.find(b"\n")
+            try:
+                if line_end >= 0:
+                    check_request_line(bytes(pending[: line_end + 1]))
+            except HeadError as exc:
+                self._refuse(str(exc), 400)
+            if self._client_eof and pending:
+                self._refuse("the client closed the connection inside a request head", 400)
             return []  # the rest of the head is still on its way
         head = bytes(pending[: end.end()])
-        found = read_request_head(head)
-        if found is None:
-            return None
+        try:
+            found = read_request_head(head)
+        except HeadError as exc:
+            self._refuse(str(exc), 400)
+        length = found.body_length
+        if self._max_body is not None and length > self._max_body:
+            self._refuse(
+                f"the request body ({length} bytes) is over the {self._max_body}-byte limit",
+                413,
+            )
         del pending[: end.end()]
-        shaping = ((b"connection", found.connection),) if found.connection else ()
-        self._facts = _RequestFacts(
-            found.method, found.target, found.http_version, found.keep_alive, shaping
-        )
-        self._answered = False
-        body = self._request = _PlainBody(found.body_length)
-        return [RequestStarted(found.method, found.target, head), *self._read_plain_body(body)]
+        self._client = cycle.advance(cycle.CLIENT, self._client, "head")
+        self._facts = found
+        self._keep_alive = self._keep_alive and found.keep_alive
+        if length == CHUNKED:
+            self._chunks = ChunkedReader(self._max_body, self._max_head)
+        else:
+            self._left = length
+        return [RequestStarted(found.method, found.target, head), *self._read_body()]
 
-    def _read_plain_body(self, body: _PlainBody) -> list[ClientPiece]:
-        pieces: list[ClientPiece] = []
-        if body.remaining:
-            if not self._pending:
+    def _read_body(self) -> list[ClientPiece]:
+        pending = self._pending
+        chunks = self._chunks
+        if chunks is not None:
+            try:
+                taken, ending = chunks.read(pending)
+            except BodyTooLarge as exc:
+                self._refuse(str(exc), 413)
+            except HeadError as exc:
+                self._refuse(f"bad chunked body: {exc}", 400)
+            pieces: list[ClientPiece] = [Body(taken)] if taken else []
+            if not chunks.done:
                 if self._client_eof:
-                    self._must_close = True
-                    raise ClientProtocolError(
-                        "the client closed the connection before the end of the body", 400
-                    )
+                    self._refuse("the client closed the connection inside the body", 400)
                 return pieces
-            chunk = bytes(self._pending[: body.remaining])
-            del self._pending[: len(chunk)]
-            body.remaining -= len(chunk)
+            self._chunks = None
+            return self._request_ended(MessageEnded(ending), pieces)
+        pieces = []
+        if self._left:
+            if not pending:
+                if self._client_eof:
+                    self._refuse("the client closed the connection inside the body", 400)
+                return pieces
+            chunk = bytes(pending[: self._left])
+            del pending[: len(chunk)]
+            self._left -= len(chunk)
             pieces.append(Body(chunk))
-            if body.remaining:
+            if self._left:
                 return pieces
-        pieces.append(MessageEnded(b""))
-        self._request_done = True
+        return self._request_ended(MessageEnded(b""), pieces)
+
+    def _request_ended(self, last: MessageEnded, pieces: list[ClientPiece]) -> list[ClientPiece]:
+        pieces.append(last)
+        self._client = cycle.advance(cycle.CLIENT, self._client, "end")
         self._end_cycle_if_done()
-        if self._facts is None and self._pending:  # answered early: go on
-            return pieces + self.client_data(None)
+        if self._client == cycle.IDLE and self._pending:  # answered early: go on
+            try:
+                return pieces + self._read_head()
+            except ClientProtocolError:
+                # The end of the request that just ended is lost with this error, and
+                # its upstream connection waits for it: never reuse that connection.
+                self._upstream = cycle.advance(cycle.UPSTREAM, self._upstream, "spend")
+                raise
         return pieces
+
+    def _refuse(self, message: str, status: int) -> NoReturn:
+        """The client broke HTTP/1.1 (or a limit): nothing more is read from it."""
+        if self._client == cycle.BODY:
+            # Part of a request went up: the container waits for the rest of it.
+            self._upstream = cycle.advance(cycle.UPSTREAM, self._upstream, "spend")
+        self._client = cycle.advance(cycle.CLIENT, self._client, "error")
+        self._keep_alive = False
+        raise ClientProtocolError(message, status)
 
     def request_forwarded(self, fresh_upstream: bool) -> None:
         """The current request goes upstream; ``fresh_upstream``: on a new connection."""
         facts = self._facts
-        assert facts is not None, "request_forwarded() before RequestStarted"
-        if not fresh_upstream and not self._upstream_reusable:
+        if facts is None:
+            raise cycle.StateError("request_forwarded() before RequestStarted")
+        if fresh_upstream:
+            self._upstream = cycle.advance(cycle.UPSTREAM, self._upstream, "fresh")
+        elif self._upstream in (cycle.UNUSED, cycle.REUSABLE):
+            self._upstream = cycle.advance(cycle.UPSTREAM, self._upstream, "forward")
+        else:
             raise UpstreamProtocolError("upstream connection not reusable", 502)
-        self._upstream_reusable = False
+        resend = fresh_upstream and self._answer == cycle.WAITING
+        self._answer = cycle.advance(cycle.ANSWER, self._answer, "resend" if resend else "forward")
         self._response = _ResponseReader(facts)
 
     def answered_locally(self, status: int, close: bool) -> None:
-        """The proxy answered the current request itself (503, 502): sync the client side."""
-        self._answered = True
-        self._must_close = self._must_close or close or not self._keep_alive_requested()
+        """The proxy answered the current request itself (503, 502): sync the client side.
+
+        After the request went up, that means the container failed before answering: its
+        connection is spent.
+        """
+        if self._answer == cycle.WAITING:
+            self._upstream = cycle.advance(cycle.UPSTREAM, self._upstream, "spend")
+            self._response = None
+        self._answer = cycle.advance(cycle.ANSWER, self._answer, "local")
+        self._keep_alive = self._keep_alive and not close
         self._end_cycle_if_done()
 
     # -- upstream side -------------------------------------------------------------
 
     def upstream_data(self, data: bytes) -> list[UpstreamPiece]:
         """Feed bytes from the container (``b""``: it closed the connection)."""
-        if self._switched:
-            return []
-        reader = self._response
-        if reader is None or reader.done:
-            self._upstream_reusable = False
+        if self._answer != cycle.WAITING:
+            if self._answer == cycle.SWITCHED:
+                return []
+            self._upstream = cycle.advance(cycle.UPSTREAM, self._upstream, "spend")
             if data:
                 # An answer nobody asked for (e.g. a 408 on an idle keep-alive
                 # connection): this connection must not carry another request.
@@ -471,14 +423,24 @@ class Exchange:
                     "the container sent data while no request was pending", 502
                 )
             return []
-        pieces = reader.feed(data)
+        reader = self._response
+        assert reader is not None
+        try:
+            pieces = reader.feed(data)
+        except UpstreamProtocolError:
+            self._upstream = cycle.advance(cycle.UPSTREAM, self._upstream, "spend")
+            raise
         if reader.switched:
-            self._switched = True
+            self._answer = cycle.advance(cycle.ANSWER, self._answer, "switch")
+            self._client = cycle.advance(cycle.CLIENT, self._client, "switch")
         elif reader.done:
-            self._answered = True
-            keep_alive = reader.keep_alive and self._keep_alive_requested()
-            self._must_close = self._must_close or not keep_alive
-            self._keep_upstream = keep_alive  # once the request's body has gone up too
+            self._answer = cycle.advance(cycle.ANSWER, self._answer, "end")
+            keep = reader.keep_alive and self._keep_alive
+            self._keep_alive = keep
+            # Once the request's body has gone up too, the connection is reusable.
+            self._upstream = cycle.advance(
+                cycle.UPSTREAM, self._upstream, "keep" if keep else "spend"
+            )
             self._end_cycle_if_done()
         return pieces
 
@@ -487,27 +449,27 @@ class Exchange:
     @property
     def switched(self) -> bool:
         """True once the connection left HTTP (upgrade accepted): bytes flow opaque."""
-        return self._switched
+        return self._client == cycle.SWITCHED
 
     @property
     def must_close(self) -> bool:
         """True when the client connection cannot carry another request."""
-        return self._must_close
+        return not self._keep_alive
 
     @property
     def upstream_reusable(self) -> bool:
         """True when the upstream connection may carry the next request (keep-alive)."""
-        return self._upstream_reusable
+        return self._upstream in (cycle.UNUSED, cycle.REUSABLE)
 
     @property
     def request_in_progress(self) -> bool:
         """True between a request's head and the end of its answer."""
-        return self._facts is not None and not (self._request_done and self._answered)
+        return self._client in (cycle.BODY, cycle.DONE, cycle.SWITCHED)
 
     @property
     def idle(self) -> bool:
         """True between requests with no byte of the next one received yet."""
-        return not self.request_in_progress and not self._pending and self._request is None
+        return self._client in (cycle.IDLE, cycle.CLOSED) and not self._pending
 
     @property
     def has_buffered_bytes(self) -> bool:
@@ -522,58 +484,17 @@ class Exchange:
 
     # -- internals -----------------------------------------------------------------
 
-    def _keep_alive_requested(self) -> bool:
-        return self._facts is not None and self._facts.keep_alive
-
     def _end_cycle_if_done(self) -> None:
-        if self._request_done and self._answered:
-            if self._response is not None:
-                self._upstream_reusable = self._keep_upstream
-            self._request = None
-            self._facts = None
-            self._response = None
-            self._request_done = False
-
-
-_BLANK_LINE = re.compile(rb"\n\r?\n")  # where h11 ends a head (h11._receivebuffer)
-
-
-def _facts_of(request: h11.Request) -> _RequestFacts:
-    """Keep-alive and the method, in one pass over the headers.
-
-    A request with both Content-Length and Transfer-Encoding is refused: RFC 9112
-    section 6.3 has a proxy remove Content-Length before forwarding it, since the container
-    might frame the body by it where we framed it as chunked (request smuggling); bytes
-    pass through untouched here, so refusing is the only safe answer.
-    """
-    keep_alive = request.http_version == b"1.1"
-    has_length = has_transfer_encoding = False
-    shaping = []
-    for name, value in request.headers:
-        if name in _HEADERS_THAT_SHAPE_THE_RESPONSE:
-            shaping.append((name, value))
-        if name == b"connection":
-            keep_alive = keep_alive and b"close" not in comma_tokens(value)
-        elif name == b"content-length":
-            has_length = True
-        elif name == b"transfer-encoding":
-            has_transfer_encoding = True
-    if has_length and has_transfer_encoding:
-        raise ClientProtocolError(
-            "both Content-Length and Transfer-Encoding are set; send only one", 400
+        if self._client != cycle.DONE or self._answer != cycle.ANSWERED:
+            return
+        if self._upstream == cycle.KEPT:
+            self._upstream = cycle.advance(cycle.UPSTREAM, self._upstream, "next")
+        self._answer = cycle.advance(cycle.ANSWER, self._answer, "next")
+        self._client = cycle.advance(
+            cycle.CLIENT, self._client, "next" if self._keep_alive else "last"
         )
-    return _RequestFacts(
-        request.method, request.target, request.http_version, keep_alive, tuple(shaping)
-    )
-
-
-def _synthetic_request_for(request: _RequestFacts) -> h11.Request:
-    """What the container-side parser must know of a request: its method and its wishes."""
-    headers = [(b"host", b"upstream"), *request.shaping_headers]
-    if request.http_version == b"1.0":
-        # h11 never keeps an HTTP/1.0 connection alive; the container side must agree.
-        headers.append((b"connection", b"close"))
-    return h11.Request(method=request.method, target=request.target, headers=headers)
+        self._facts = None
+        self._response = None
 
 
 def with_connection_close(head: bytes) -> bytes:
@@ -581,8 +502,14 @@ def with_connection_close(head: bytes) -> bytes:
 
     The one change the proxy makes to bytes it forwards, and only while shutting down:
     a keep-alive client must learn that this answer is the connection's last, or it may
-    send its next request into a connection that is being closed.
+    send its next request into a connection that is being closed. Lines are split at LF
+    and written back with CRLF, so that a head with bare LFs keeps its shape.
     """
-    lines = head.split(b"\r\n")
-    kept = [line for line in lines[1:-2] if line.split(b":", 1)[0].strip().lower() != b"connection"]
+    lines = [line.removesuffix(b"\r") for line in head.split(b"\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    kept = [line for line in lines[1:] if not _CONNECTION_FIELD.match(line)]
     return b"\r\n".join([lines[0], *kept, b"Connection: close", b"", b""])
+
+
+_CONNECTION_FIELD = re.compile(rb"connection[ \t]*:", re.IGNORECASE)

@@ -1,15 +1,21 @@
-"""A fast reader of the plainest response heads, giving exactly h11's answer or none.
+"""A strict reader of response heads: how the container's answer is framed.
 
-Running h11 over every response costs more CPU than everything else the proxy does for a
-small request. Most answers are plain: a status line, well-formed header lines, a
-``Content-Length`` and no ``Transfer-Encoding``. For those, reading the status, the body
-length and the keep-alive decision takes one regular expression per line. Anything else
-(chunked, read-until-close, 101, obsolete line folding, odd bytes, a head over h11's size
-limit) is declined, and h11 reads it.
+The client reads the answer's bytes as the container sent them, so the proxy must find
+the answer's end where the client will, or the client's connection falls out of step
+(response splitting). Heads are held to the grammar of :mod:`wunderproxy.fields`, and
+the framing follows RFC 9112 section 6.3:
 
-The rules accepted here are a strict subset of h11's (``h11._abnf``, ``h11._readers``,
-``h11._connection._body_framing`` and ``_keep_alive``); ``tests/test_responsehead.py``
-checks the same verdicts against h11 on the framing test vectors and on generated heads.
+- a 1xx answer (not 101) has no body, and the final answer follows it;
+- 101 switches protocols, only if the request asked for an upgrade; a 2xx answer to
+  CONNECT switches too;
+- an answer to HEAD, a 204 and a 304 have no body, whatever their fields say;
+- else ``Transfer-Encoding: chunked`` (exactly), or a Content-Length, or the body lasts
+  until the container closes the connection (which then cannot be reused).
+
+Refused (:class:`~wunderproxy.fields.HeadError`): both Content-Length and
+Transfer-Encoding, two Content-Lengths, a Transfer-Encoding other than ``chunked``,
+Transfer-Encoding in HTTP/1.0, any other HTTP version, a 101 nobody asked for.
+``tests/test_responsehead.py`` checks that h11 reads whatever this accepts the same way.
 """
 
 from __future__ import annotations
@@ -17,68 +23,71 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# h11's limit on a head that has not arrived whole (h11.DEFAULT_MAX_INCOMPLETE_EVENT_SIZE).
+from wunderproxy.fields import (
+    FIELD_LINES,
+    HeadError,
+    comma_tokens,
+    content_length,
+    explain,
+    fields_pattern,
+    transfer_encoding,
+)
+
+# The longest head read, as h11's limit on a head (h11.DEFAULT_MAX_INCOMPLETE_EVENT_SIZE).
 MAX_HEAD = 16 * 1024
+# ResponseHead.body_length for a chunked body, and for one that lasts until the close.
+CHUNKED = -1
+UNTIL_CLOSE = -2
 
-# A whole head in the subset of h11's grammar read here (one C-level match instead of one
-# per line): HTTP/1.0 or 1.1, visible ASCII, CRLF line ends, no obsolete line folding.
-PLAIN_HEADER_LINES = (
-    rb"(?:[-!#$%&'*+.^_`|~0-9a-zA-Z]+:[ \t]*(?:[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*)?[ \t]*\r\n)*"
-    rb"\r\n"
-)
-_PLAIN_HEAD = re.compile(
-    rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: [\t\x20-\x7e]*)?\r\n" + PLAIN_HEADER_LINES
-)
-# The fields that frame the message, in a head already matched by _PLAIN_HEAD.
-_FRAMING_FIELD = re.compile(
-    rb"\r\n(content-length|transfer-encoding|connection):[ \t]*([^\r]*?)[ \t]*(?=\r\n)",
-    re.IGNORECASE,
-)
-DIGITS = re.compile(rb"[0-9]+")
+_STATUS_LINE = rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: [\t\x20-\x7e\x80-\xff]*)?\r\n"
+_STATUS_LINE_RE = re.compile(_STATUS_LINE)
+_RESPONSE_HEAD = re.compile(_STATUS_LINE + FIELD_LINES)
+_FRAMING_FIELD = fields_pattern("content-length", "transfer-encoding", "connection")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs twice as much
 class ResponseHead:
-    """What a head says about its message: status, body length, keep-alive."""
+    """What a head says about its message."""
 
     status: int
-    body_length: int
+    body_length: int  # bytes, CHUNKED or UNTIL_CLOSE; 0 for a 1xx
     keep_alive: bool
+    switched: bool = False  # the connection leaves HTTP after this head
 
 
-def read_response_head(head: bytes, method: bytes) -> ResponseHead | None:
-    """Read ``head`` (status line to the blank line, CRLFs included) of an answer to
-    ``method``; None when h11 must decide (it may accept or refuse what this declines).
-
-    A 1xx head (not 101) comes back with ``body_length`` 0: the final answer follows.
-    """
-    if len(head) > MAX_HEAD or method == b"CONNECT":
-        return None
-    plain = _PLAIN_HEAD.fullmatch(head)
+def read_response_head(head: bytes, method: bytes, upgrade_asked: bool) -> ResponseHead:
+    """Read ``head`` (status line to the blank line, both ends included) of an answer to
+    ``method``; ``upgrade_asked``: the request had an Upgrade field."""
+    plain = _RESPONSE_HEAD.fullmatch(head)
     if plain is None:
-        return None
+        raise HeadError(explain(head, _STATUS_LINE_RE, "response"))
     status = int(plain.group(2))
-    if status == 101:
-        return None
-    content_length: bytes | None = None
+    length: bytes | None = None
+    chunked: bytes | None = None
     keep_alive = plain.group(1) == b"1"
-    for field in _FRAMING_FIELD.finditer(head):
+    for field in _FRAMING_FIELD.finditer(head):  # a loop, not a generator: the hot path
         name, value = field.group(1).lower(), field.group(2)
         if name == b"content-length":
-            if content_length is not None or DIGITS.fullmatch(value) is None:
-                return None
-            content_length = value
+            length = content_length(value, length)
         elif name == b"transfer-encoding":
-            return None
+            chunked = transfer_encoding(value, chunked)
         elif b"close" in comma_tokens(value):
             keep_alive = False
+    if chunked is not None and (length is not None or plain.group(1) == b"0"):
+        raise HeadError(
+            "the answer has Transfer-Encoding with Content-Length or in HTTP/1.0; "
+            "clients would disagree on where it ends (RFC 9112 section 6.3)"
+        )
+    if status == 101:
+        if not upgrade_asked:
+            raise HeadError("101 Switching Protocols, but the request asked for no upgrade")
+        return ResponseHead(status, 0, keep_alive, switched=True)
+    if method == b"CONNECT" and 200 <= status < 300:
+        return ResponseHead(status, 0, keep_alive, switched=True)
     if status < 200 or status in (204, 304) or method == b"HEAD":
         return ResponseHead(status, 0, keep_alive)
-    if content_length is None:
-        return None  # delimited by the end of the connection
-    return ResponseHead(status, int(content_length), keep_alive)
-
-
-def comma_tokens(value: bytes) -> list[bytes]:
-    """A comma-separated header value as h11 reads it: lower-cased, stripped, non-empty."""
-    return [token.strip().lower() for token in value.split(b",") if token.strip()]
+    if chunked is not None:
+        return ResponseHead(status, CHUNKED, keep_alive)
+    if length is None:
+        return ResponseHead(status, UNTIL_CLOSE, False)
+    return ResponseHead(status, int(length), keep_alive)
