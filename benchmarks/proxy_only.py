@@ -54,6 +54,9 @@ class NoEngine:
     def start(self, spec: ContainerSpec) -> StartedContainer:
         raise UpstreamFailed("this benchmark proxy has no engine")
 
+    def ping(self) -> None:
+        return None
+
     def status(self, container_id: str) -> str:
         return "running"
 
