@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import struct
 
@@ -215,7 +216,7 @@ async def test_a_switch_closes_idle_keep_alive_connections_to_the_old_container(
 
 
 async def test_a_get_on_a_kept_alive_connection_the_container_just_closed_is_sent_again(
-    proxy: Proxy, blue: Backend
+    proxy: Proxy, blue: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
     proxy.serve(make_container(blue, "rev1"))
     client = await proxy.connect()
@@ -223,6 +224,8 @@ async def test_a_get_on_a_kept_alive_connection_the_container_just_closed_is_sen
     status, _, body = await client.request("GET", "/")
     assert (status, body, blue.dropped) == (200, b"blue", 1)
     assert blue.connections == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [], "the keep-alive race is routine: no warning"
 
 
 async def test_a_post_on_a_kept_alive_connection_the_container_just_closed_is_not_sent_again(

@@ -55,6 +55,7 @@ async def test_a_trickling_head_gets_408_after_the_header_timeout_from_its_first
     assert proxy.state.timeouts == {"header": 1}
     assert blue.requests == 0
     assert proxy.state.requests.by_status == {408: 1}
+    assert proxy.state.requests.total == 1, "a request that could not be read counts too"
     [line] = await proxy.logged_lines(1)
     assert '"- - -" 408' in line
 
@@ -92,7 +93,7 @@ async def test_a_stalled_body_gets_408_and_the_container_connection_is_closed(
     assert await eventually(lambda: not blue.tasks), "its connection to the container is closed"
 
 
-async def test_a_body_paused_because_the_container_reads_slowly_is_not_the_clients_fault(
+async def test_once_the_body_is_complete_the_upstream_timeout_not_the_body_timeout_applies(
     timed_proxy: Proxy, blue: Backend
 ) -> None:
     proxy = timed_proxy
@@ -162,30 +163,80 @@ async def test_an_upgraded_connection_is_exempt_from_every_timeout(
     assert proxy.state.timeouts == {}
 
 
-async def test_a_client_that_reads_nothing_of_its_answer_is_closed_after_the_send_timeout(
+async def sweeping(proxy: Proxy, every: float = 0.1) -> None:
+    """Run the timeout sweep on the real clock, as the server does, until cancelled."""
+    while True:
+        await asyncio.sleep(every)
+        proxy.sweep(seconds_later=0)
+
+
+async def test_a_client_reading_slowly_but_steadily_is_served_and_one_that_stops_is_cut(
     proxy: Proxy, blue: Backend
 ) -> None:
-    # Real time here: the clock restarts from marks the connection takes as it writes.
-    proxy.edge = Edge(send_timeout=2.0)
+    # Real time here: the clock restarts from what the client takes, as it takes it.
+    proxy.edge = Edge(send_timeout=1.5)
     proxy.serve(make_container(blue, "rev1"))
-    client = await proxy.connect()
-    client.send_raw(b"GET /big/33554432 HTTP/1.1\r\nHost: t\r\n\r\n")  # far beyond the buffers
-    await client.reader.readexactly(1000)  # it reads a little, then stops
-    connection = next(iter(proxy.connections))
-    assert await eventually(lambda: connection._send_mark is not None)
-    await asyncio.sleep(1.0)
-    proxy.sweep(seconds_later=0)
-    assert proxy.state.timeouts == {}
-    await client.reader.readexactly(4_000_000)  # reading again starts the clock again
-    await asyncio.sleep(1.0)
-    proxy.sweep(seconds_later=0)
-    assert proxy.state.timeouts == {}, "it read something within the send timeout"
-    await asyncio.sleep(3.0)
-    proxy.sweep(seconds_later=0)
-    assert proxy.state.timeouts == {"send": 1}
-    assert await eventually(lambda: not proxy.connections)
-    assert await eventually(lambda: not blue.tasks), "its container connection is closed"
-    assert proxy.state.requests.by_status == {200: 1}
+    sweeper = asyncio.create_task(sweeping(proxy))
+    try:
+        # A small receive buffer, as a slow client's is: what it reads, it acknowledges.
+        client = await proxy.connect(receive_buffer=16_384)
+        client.send_raw(b"GET /big/33554432 HTTP/1.1\r\nHost: t\r\n\r\n")  # beyond buffers
+        connection = next(iter(proxy.connections))
+        await client.reader.readexactly(1000)
+        assert await eventually(lambda: connection._send_mark is not None)
+        for _ in range(40):  # 4 s at 160 KB/s: far below what the buffers take at once
+            await client.reader.readexactly(16_000)
+            await asyncio.sleep(0.1)
+        assert proxy.state.timeouts == {}, "a steady reader is never cut"
+        await asyncio.sleep(2.5)  # now it reads nothing
+        assert proxy.state.timeouts == {"send": 1}
+        assert await eventually(lambda: not proxy.connections)
+        assert await eventually(lambda: not blue.tasks), "its container connection is closed"
+        assert proxy.state.requests.by_status == {200: 1}
+    finally:
+        sweeper.cancel()
+
+
+async def _slowly_reading_container(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Reads an upload at about 1 MB/s, then answers how much it read."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+    received = 0
+    while received < length:
+        received += len(await reader.read(min(16_384, length - received)))
+        await asyncio.sleep(0.015)
+    answer = str(received).encode()
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
+    await writer.drain()
+    writer.close()
+
+
+async def test_an_upload_the_container_reads_slowly_is_not_timed_out_while_it_reads(
+    proxy: Proxy,
+) -> None:
+    # A small receive buffer, so that the upload waits on the container, not in the kernel.
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16_384)
+    listener.bind(("127.0.0.1", 0))
+    server = await asyncio.start_server(_slowly_reading_container, sock=listener)
+    backend = Backend("slow-reader")
+    backend.server = server
+    proxy.edge = Edge(upstream_timeout=1.0, body_timeout=1.0)
+    proxy.serve(make_container(backend, "rev1"))
+    sweeper = asyncio.create_task(sweeping(proxy))
+    try:
+        client = await proxy.connect()
+        size = 6 * 1024 * 1024  # takes the container about 6 s: longer than both timeouts
+        client.send_raw(f"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: {size}\r\n\r\n".encode())
+        client.send_raw(b"x" * size)
+        status, _, body = await asyncio.wait_for(client.response(), 30)
+        assert (status, body) == (200, str(size).encode())
+        assert proxy.state.timeouts == {}
+    finally:
+        sweeper.cancel()
+        server.close()
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ OWN_DESCRIPTORS = {
     "S3 connection pool (botocore's max_pool_connections)": 10,
     "access log and log files": 2,
     "manager API connections (monitors, deploy tools, health checks)": 32,
-    "idle container connections kept for reuse (forwarder.MAX_SPARE)": 64,
+    "idle container connections kept for reuse (upstream.MAX_SPARE)": 64,
 }
 RESERVED_DESCRIPTORS = sum(OWN_DESCRIPTORS.values())  # 128
 

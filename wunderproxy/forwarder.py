@@ -30,6 +30,7 @@ from wunderproxy.config import Edge
 from wunderproxy.state import Container, ProxyState
 from wunderproxy.streams import LINGER
 from wunderproxy.traffic import NO_REVISION
+from wunderproxy.unsent import unsent
 from wunderproxy.upstream import Upstream, take_spare
 
 log = logging.getLogger("wunderproxy.proxy")
@@ -130,6 +131,7 @@ class ClientConnection(asyncio.Protocol):
         "_send_mark",
         "_state",
         "_transport",
+        "_upload_unsent",
         "_upstream",
     )
 
@@ -160,7 +162,8 @@ class ClientConnection(asyncio.Protocol):
         self._last_active = self._loop.time()  # the client's last read
         self._head_since = 0.0  # the first byte of a head not complete yet
         self._last_upstream = 0.0  # the container's last byte (or the request going out)
-        self._send_mark: tuple[float, int] | None = None  # writing paused: since, buffered
+        self._send_mark: tuple[float, int] | None = None  # writing paused: since, unsent
+        self._upload_unsent: int | None = None  # of the request, not yet taken by the container
         # The request in progress, if any.
         self._cycle: RequestCycle | None = None
 
@@ -221,6 +224,7 @@ class ClientConnection(asyncio.Protocol):
         elif cycle.target is not None and not cycle.answered and self._send_mark is None:
             # Bytes of the request still going up are progress too: the container is
             # reading it, and owes its answer only after.
+            self._note_upload(now, cycle.target)
             progress = self._last_upstream
             if not cycle.received:
                 progress = max(progress, self._last_active)
@@ -230,12 +234,22 @@ class ClientConnection(asyncio.Protocol):
     def _send_stalled(self, now: float, timeout: float) -> bool:
         """True when the client read nothing of what waits for it for ``timeout``."""
         assert self._send_mark is not None and self._transport is not None
-        since, buffered = self._send_mark
-        now_buffered = self._transport.get_write_buffer_size()
-        if now_buffered < buffered:  # it read some: the clock starts again
-            self._send_mark = (now, now_buffered)
+        since, waiting = self._send_mark
+        now_waiting = unsent(self._transport)
+        if now_waiting < waiting:  # it read some: the clock starts again
+            self._send_mark = (now, now_waiting)
             return False
         return now - since > timeout
+
+    def _note_upload(self, now: float, upstream: Upstream) -> None:
+        """While the request still goes up (an upload the container reads slower than it
+        came), the container taking any more of it since the last look is progress."""
+        if upstream.transport is None:
+            return
+        waiting = unsent(upstream.transport)
+        if waiting and (self._upload_unsent is None or waiting < self._upload_unsent):
+            self._last_upstream = now
+        self._upload_unsent = waiting or None
 
     def pause_reading(self, reason: str) -> None:
         """Stop reading from the client until every ``reason`` given is resumed."""
@@ -303,7 +317,7 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:  # the client reads an answer slower than it comes
         if self._transport is not None:
-            self._send_mark = (self._loop.time(), self._transport.get_write_buffer_size())
+            self._send_mark = (self._loop.time(), unsent(self._transport))
         if self._upstream is not None:
             self._upstream.pause_reading()
 
@@ -527,6 +541,7 @@ class ClientConnection(asyncio.Protocol):
         if cycle is None:  # no request was under way: count the refused one
             cycle = self._cycle = RequestCycle(_UNREADABLE_REQUEST, self._loop.time())
             cycle.bytes_in = 0
+            self._state.request_started()
             self._state.active_connections += 1
         self._write_own_answer(failure, close=True)
         # Half-close and drop what still comes, so that the client reads the answer
@@ -593,8 +608,8 @@ class ClientConnection(asyncio.Protocol):
         try:
             pieces = exchange.upstream_data(data)
         except framing.UpstreamProtocolError as exc:
-            log.warning("container %s sent bad HTTP: %s", upstream.container.container_id, exc)
-            self._upstream_failed(upstream, str(exc))
+            # Logged once, by _upstream_failed; b"": the container closed its connection.
+            self._upstream_failed(upstream, f"it sent bad HTTP: {exc}" if data else str(exc))
             return
         if not pieces:
             return
@@ -671,7 +686,9 @@ class ClientConnection(asyncio.Protocol):
             )
             self._loop.create_task(self._connect(cycle, bytes(replay)))
             return
-        log.warning("request to container %s failed: %s", upstream.container.container_id, reason)
+        log.warning(
+            "request to container %s failed: %s", upstream.container.container_id[:12], reason
+        )
         self._fail(answers.NO_ANSWER, close=True)
         self.close()
 
