@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.support.docker import AppImages, containers_of
 from tests.support.process import WunderproxyProcess, http_call, wunderproxy
 from tests.test_deploy_e2e import PREFIX, app_config, upload
+from wunderproxy.server import ADOPT_DEADLINE
 from wunderproxy.store import FileStore
 
 pytestmark = pytest.mark.e2e
@@ -161,3 +162,35 @@ def test_a_container_killed_mid_answer_closes_its_client_and_counts_502(
         "duration_seconds": 0,
         "revision": "rev1",
     }
+
+
+def test_a_store_that_never_answers_does_not_keep_the_api_and_proxy_from_listening(
+    app_name: str, tmp_path: Path
+) -> None:
+    black_hole = socket.socket()  # accepts connections (the kernel does) and never answers
+    black_hole.bind(("127.0.0.1", 0))
+    black_hole.listen(64)
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{black_hole.getsockname()[1]}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    try:
+        with wunderproxy(
+            tmp_path, "never-answers", PREFIX, app_name, 1, env=env, wait_for_api=False
+        ) as running:
+            started = time.monotonic()
+            while True:
+                try:
+                    status = running.status()
+                    break
+                except OSError:
+                    assert time.monotonic() - started < ADOPT_DEADLINE + 5, running.log()
+                    time.sleep(0.1)
+            assert ADOPT_DEADLINE - 1 < time.monotonic() - started < ADOPT_DEADLINE + 5
+            assert status["current"] is None
+            assert running.get("/").status == 503
+            assert "took over 10 s (S3 or Docker slow to answer); listening now" in running.log()
+    finally:
+        black_hole.close()

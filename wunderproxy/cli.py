@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -297,6 +298,20 @@ def run(
         raise click.ClickException(f"cannot listen: {exc}") from exc
     except TakeOverFailed as exc:
         raise click.ClickException(str(exc)) from exc
+    _exit_without_waiting_for_threads()
+
+
+def _exit_without_waiting_for_threads() -> NoReturn:
+    """Exit now that the server has shut down, not once every worker thread is done.
+
+    A store or Docker call can be blocked in a thread for minutes (S3 not answering, with
+    its retries), and the interpreter would wait for it at exit; nothing it returns is
+    needed any more. Logs and standard streams are flushed first.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # -- client commands ---------------------------------------------------------------

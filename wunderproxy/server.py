@@ -12,7 +12,7 @@ from typing import Any
 from wunderproxy import __version__, fdlimit, manager
 from wunderproxy.accesslog import AccessLog
 from wunderproxy.config import Address, Config
-from wunderproxy.controller import Controller, Engine
+from wunderproxy.controller import Controller, Engine, Startup
 from wunderproxy.forwarder import ClientConnection, sweep_interval
 from wunderproxy.listeners import (
     ACCEPT_LINGER,
@@ -36,6 +36,9 @@ IDLE_CLOSE_GRACE = 1.0
 
 # Connections the timeout sweep looks at before it lets the loop serve others.
 SWEEP_SLICE = 128
+# Seconds start-up may spend finding current.json's running container before it listens
+# anyway: a slow S3 or Docker must not keep /status and the proxy from answering for minutes.
+ADOPT_DEADLINE = 10.0
 
 
 class TakeOverFailed(Exception):
@@ -79,10 +82,10 @@ class Server:
         # Adopt current.json's running container before listening, in every mode: a process
         # started beside a running one (same addresses, SO_REUSEPORT) then answers like it
         # from its first connection instead of 503. Nothing running is quick to find out.
-        startup = await self.controller.adopt_current()
+        startup = await self._adopt_current()
         # With --take-over, listen only once serving: from its first connection on, this
         # process must answer as well as the one it replaces.
-        if self._take_over and not await self.controller.launch_current(startup):
+        if self._take_over and not await self._start_serving(startup):
             raise TakeOverFailed(
                 "not taking over: this process could not serve current.json (see the "
                 "log above); the running wunderproxy was left alone"
@@ -110,18 +113,20 @@ class Server:
         else:
             # A launch may take minutes (pulling, a slow health check): listen meanwhile, so
             # that /status answers and the proxy says 503 rather than refusing connections.
-            launching = asyncio.create_task(self.controller.launch_current(startup))
+            launching = asyncio.create_task(self._start_serving(startup))
         if self._pid_file is not None:
             self._pid_file.write()
         sweeper = asyncio.create_task(self._enforce_timeouts())
         try:
             await stop.wait()
-            sweeper.cancel()
             log.info("shutting down: finishing requests in flight, then exiting")
             if launching is not None:
                 launching.cancel()
+            # Timeouts still hold while requests finish: a trickling head must not keep
+            # shutdown waiting for --shutdown-timeout.
             await self._shutdown(proxy, api)
         finally:
+            sweeper.cancel()
             if self._pid_file is not None:
                 self._pid_file.remove()
             if self.access_log is not None:
@@ -153,6 +158,32 @@ class Server:
         await self.controller.shutdown(timeout)
         log.info("stopped; the app container keeps running")
 
+    async def _adopt_current(self) -> Startup | None:
+        """The controller's adoption step, within :data:`ADOPT_DEADLINE` unless taking over.
+
+        None when it did not finish in time (S3 or Docker slow to answer): the process then
+        listens, so that /status says what is going on, and starts up meanwhile.
+        """
+        if self._take_over:
+            return await self.controller.adopt_current()
+        try:
+            async with asyncio.timeout(ADOPT_DEADLINE):
+                return await self.controller.adopt_current()
+        except TimeoutError:
+            log.warning(
+                "start-up: reading current.json and this app's containers took over %g s "
+                "(S3 or Docker slow to answer); listening now, the proxy answers 503 until "
+                "start-up is done",
+                ADOPT_DEADLINE,
+            )
+            return None
+
+    async def _start_serving(self, startup: Startup | None) -> bool:
+        """Finish start-up after listening: adopt (if that ran out of time), then launch."""
+        if startup is None:
+            startup = await self.controller.adopt_current()
+        return await self.controller.launch_current(startup)
+
     async def _enforce_timeouts(self) -> None:
         """Sweep every client connection for expired timeouts, twice a second.
 
@@ -168,7 +199,10 @@ class Server:
             for start in range(0, len(connections), SWEEP_SLICE):
                 now = loop.time()
                 for connection in connections[start : start + SWEEP_SLICE]:
-                    connection.check_timeouts(now)
+                    try:
+                        connection.check_timeouts(now)
+                    except Exception:  # one connection's bug must not end every timeout
+                        log.exception("enforcing the timeouts of a connection failed")
                 await asyncio.sleep(0)
 
     def _connection_limit(self) -> ConnectionLimit:
