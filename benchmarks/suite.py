@@ -68,7 +68,6 @@ from benchmarks.wrk import WrkResult, run_wrk
 SERVER_CPU = 0
 WRK_CPU = 1
 OPEN_FILES = 131_072
-TARGETS = ("direct", "nginx", "haproxy", "wunderproxy", "wunderproxy+log")
 BASELINE = "nginx"
 IDLE_MEMORY = "idle-memory"
 MIB = 1024 * 1024
@@ -261,7 +260,7 @@ def run_scenario(
     """Every target, one after another, each after an unmeasured warm-up run."""
     extra = wrk_arguments(scenario, work)
     results: dict[str, Measurement] = {}
-    for name in TARGETS:
+    for name in peers:  # direct first, then every proxy in the order they started
         progress(f"{scenario.name}: {name}")
         if warmup > 0:
             measure(scenario, peers[name], peers["direct"], warmup, extra)
@@ -274,7 +273,7 @@ def run_scenario(
 def run_idle_memory(peers: dict[str, Peer], count: int) -> dict[str, IdleResult]:
     """:func:`measure_idle` against every target, one after another."""
     results: dict[str, IdleResult] = {}
-    for name in TARGETS:
+    for name in peers:
         progress(f"{IDLE_MEMORY}: {name} ({count} connections)")
         results[name] = measure_idle(peers[name].port, peers[name].process.pid, count)
         time.sleep(2.0)
