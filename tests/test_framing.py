@@ -721,6 +721,8 @@ def test_a_refusal_names_what_was_wrong() -> None:
         Exchange().client_data(REFUSED["chunk-size-18-hex-digits-hidden-request"])
     with pytest.raises(ClientProtocolError, match="bare LF"):
         Exchange().client_data(REFUSED["bare-lf-line-ends"])
+    with pytest.raises(ClientProtocolError, match="upgrade request"):
+        Exchange().client_data(REFUSED["upgrade-with-content-length"])
 
 
 # -- limits ----------------------------------------------------------------------------
