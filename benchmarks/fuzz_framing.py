@@ -4,7 +4,7 @@
 
 Generates inputs (valid requests, Upgrade and CONNECT among them, mutated: injected
 header lines, Content-Length and Transfer-Encoding variants, chunk framing edge cases,
-byte flips, random bytes, pipelined messages), feeds each to
+framing fields in trailers, byte flips, random bytes, pipelined messages), feeds each to
 :class:`~wunderproxy.framing.Exchange` (whole, and cut at random positions) and to
 httptools' ``HttpRequestParser`` (llhttp), and compares the messages each reads: how
 many, and each one's method, target and body.
@@ -148,6 +148,10 @@ TRAILERS = [
     b"T: 1\n",
     b" T: 1\r\n",
     b"T : 1\r\n",
+    b"Content-Length: 5\r\n",
+    b"content-length: 0\r\n",
+    b"Transfer-Encoding: chunked\r\n",
+    b"Transfer-Encoding: identity\r\n",
 ]
 INTERESTING_BYTES = b'\r\n\t\x0b\x00 :;"0af-/\x7f\x80\xff'
 

@@ -247,6 +247,13 @@ ROWS: dict[str, Row] = {
         + b"0" * 16
         + b"2\r\nok\r\n",
     ),
+    "answer-with-content-length-in-its-trailer": Row(
+        FIRST,
+        (502,),
+        FIRST,
+        answer=b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+        b"Content-Length: 2\r\n\r\n",
+    ),
     "answer-with-a-folded-length": Row(
         FIRST,
         (502,),
