@@ -1,14 +1,19 @@
 """Random and mangled bytes on both ports of a real wunderproxy serving a real container.
 
 A few thousand connections (tests/support/fuzz.py: seeded, so a failure replays) against
-``wunderproxy run`` started through its CLI: its log must hold no traceback, its memory must
-come back near where it was, and a normal client must be served throughout.
+``wunderproxy run`` started through its CLI: its log must hold no traceback, a normal client
+must be served throughout, and nothing may stay behind: its open file descriptors come back
+to their count after the warm-up, ``/status`` counts no connection, and its memory comes
+back near where it was.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,8 +35,15 @@ WARM_UP_CASES = 300  # per port, before memory is first measured
 WORKERS = 8  # fuzz connections at once; this machine has 2 cores for everything
 # RSS may grow this much from after the warm-up to the end. CPython keeps freed memory in
 # its arenas and the allocator's, so a first fuzz round grows it (warm-up); a leak of one
-# object per connection (a parser, a buffer, a task) over 3,000 connections would pass it.
+# object per connection (a parser, a buffer, a task) over 3,000 connections would pass it,
+# which is why the descriptors and /status's connection counts are checked exactly.
 RSS_MARGIN_KIB = 4096
+# Open descriptors may differ this much from after the warm-up to the end: the Docker SDK's
+# connection pool (the Docker watch pings and reads events on connections of its own) may
+# hold one connection more or less at the moment of counting. Every descriptor a client
+# connection takes (its socket, and its connection to the container) is gone once
+# /status counts no connection, so a leak of one per connection shows as thousands.
+FD_SLACK = 1
 # One client asking again as soon as it has its answer, a new connection each time.
 ONE_CLIENT = (Worker("new-connection", "GET", "/cgi-bin/revision", keep_alive=False),)
 
@@ -47,14 +59,49 @@ def rss_kib(pid: int) -> int:
     return int(found.group(1))
 
 
-def settled_rss_kib(running: WunderproxyProcess) -> int:
-    """RSS once every connection the fuzz opened has closed (lingers included)."""
+def open_fds(pid: int) -> Counter[str]:
+    """The open descriptors of ``pid`` by kind (socket, pipe, anon_inode:[eventpoll], or
+    the file's path), from /proc/PID/fd."""
+    kinds: Counter[str] = Counter()
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in os.listdir(fd_dir):
+        try:
+            target = os.readlink(fd_dir / fd)
+        except FileNotFoundError:  # closed between the listing and the look
+            continue
+        kinds[re.sub(r":\[\d+\]$", "", target)] += 1
+    return kinds
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What the process holds once every fuzz connection has closed."""
+
+    rss_kib: int
+    fds: Counter[str]
+
+    @property
+    def fd_count(self) -> int:
+        return sum(self.fds.values())
+
+    def changes_since(self, earlier: Footprint) -> str:
+        """The descriptors gained and lost since ``earlier``, by kind."""
+        gained, lost = self.fds - earlier.fds, earlier.fds - self.fds
+        return f"gained {dict(gained)}, lost {dict(lost)}"
+
+
+def settled(running: WunderproxyProcess) -> Footprint:
+    """The process's footprint once every connection the fuzz opened has closed (lingers
+    included); asserts that /status then counts none, open or active."""
     deadline = time.monotonic() + 30
     while running.status()["connections"]["open"] > 0:
         assert time.monotonic() < deadline, running.status()["connections"]
         time.sleep(0.2)
     time.sleep(1.5)  # refusals linger a second before the API side closes
-    return rss_kib(running.process.pid)
+    connections = running.status()["connections"]
+    assert (connections["open"], connections["active"]) == (0, 0), connections
+    pid = running.process.pid
+    return Footprint(rss_kib(pid), open_fds(pid))
 
 
 def assert_no_traceback(log: str) -> None:
@@ -76,7 +123,7 @@ def test_random_bytes_on_both_ports_leave_no_traceback_no_leak_and_normal_reques
         running.wait_until_serving("rev1")
         fuzz.run_cases(running.proxy_port, proxy_cases[:WARM_UP_CASES], WORKERS)
         fuzz.run_cases(running.api_port, api_cases[:WARM_UP_CASES], WORKERS)
-        before = settled_rss_kib(running)
+        before = settled(running)
         began = time.monotonic()
         with LoadGenerator(running.proxy_port, ONE_CLIENT, max_seconds=600) as normal:
             for round_ in range(ROUNDS):
@@ -90,17 +137,20 @@ def test_random_bytes_on_both_ports_leave_no_traceback_no_leak_and_normal_reques
                 assert revision_served(running) == "revision=rev1"
                 assert running.status()["current"]["revision"] == "rev1"
         seconds = time.monotonic() - began
-        after = settled_rss_kib(running)
+        after = settled(running)
         log = running.log()
     print(
         f"{ROUNDS * (PROXY_CASES + API_CASES)} fuzz connections in {seconds:.1f} s; "
-        f"RSS {before} KiB after warm-up, {after} KiB at the end ({after - before:+d} KiB); "
+        f"RSS {before.rss_kib} KiB after warm-up, {after.rss_kib} KiB at the end "
+        f"({after.rss_kib - before.rss_kib:+d} KiB); open descriptors {before.fd_count} "
+        f"after warm-up, {after.fd_count} at the end ({after.changes_since(before)}); "
         f"{len(normal.outcomes)} normal requests meanwhile"
     )
     failed = [outcome for outcome in normal.outcomes if outcome.failed]
     assert failed == [], failed[:5]
     assert len(normal.outcomes) >= ROUNDS
-    assert after - before <= RSS_MARGIN_KIB
+    assert abs(after.fd_count - before.fd_count) <= FD_SLACK, after.changes_since(before)
+    assert after.rss_kib - before.rss_kib <= RSS_MARGIN_KIB
     assert_no_traceback(log)
 
 
@@ -112,6 +162,6 @@ def test_random_bytes_on_the_proxy_port_with_nothing_deployed_leave_no_traceback
         fuzz.run_cases(running.proxy_port, list(fuzz.cases(SEED, 2000, fuzz.PROXY_SEEDS)), WORKERS)
         answer = running.get("/")
         assert answer.status == 503, answer.text
-        settled_rss_kib(running)
+        settled(running)
         log = running.log()
     assert_no_traceback(log)
