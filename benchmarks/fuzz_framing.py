@@ -2,16 +2,19 @@
 
     python3 benchmarks/fuzz_framing.py --count 1000000 --seconds 900 --seed 1
 
-Generates inputs (valid requests, mutated: injected header lines, Content-Length and
-Transfer-Encoding variants, chunk framing edge cases, byte flips, random bytes,
-pipelined messages), feeds each to :class:`~wunderproxy.framing.Exchange` (whole, and
-cut at random positions) and to httptools' ``HttpRequestParser`` (llhttp), and compares
-the messages each reads: how many, and each one's method, target and body.
+Generates inputs (valid requests, Upgrade and CONNECT among them, mutated: injected
+header lines, Content-Length and Transfer-Encoding variants, chunk framing edge cases,
+framing fields in trailers, byte flips, random bytes, pipelined messages), feeds each to
+:class:`~wunderproxy.framing.Exchange` (whole, and cut at random positions) and to
+httptools' ``HttpRequestParser`` (llhttp), and compares the messages each reads: how
+many, and each one's method, target and body.
 
 The rule: wherever the two disagree, wunderproxy must have refused the input
 (ClientProtocolError) before completing the first message on which they disagree.
 Stopping after a request that closes the connection is not a disagreement: the proxy
-forwards nothing after it. Nor is a method llhttp does not know: llhttp refuses
+forwards nothing after it. Nor is llhttp stopping after an upgrade or CONNECT request
+(what follows is the new protocol's, or HTTP again, as the container's answer decides),
+once both read that request alike. Nor is a method llhttp does not know: llhttp refuses
 methods outside its list, where RFC 9110 section 9.1 allows any token, and a refused
 method moves no message boundary.
 
@@ -45,6 +48,13 @@ Message = tuple[bytes, bytes, bytes]  # method, target, body (chunk framing remo
 
 # -- inputs ----------------------------------------------------------------------------
 
+# Requests that ask to leave HTTP: llhttp stops reading HTTP at the end of their head.
+SWITCHING = [
+    b"GET /ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: app\r\nConnection: keep-alive, upgrade\r\nUpgrade: h2c\r\n"
+    b"Content-Length: 0\r\n\r\n",
+    b"CONNECT app:443 HTTP/1.1\r\nHost: app:443\r\n\r\n",
+]
 VALID = [
     b"GET / HTTP/1.1\r\nHost: app\r\n\r\n",
     b"GET /a?b=c HTTP/1.1\r\nHost: app\r\nAccept: */*\r\nX-Empty:\r\n\r\n",
@@ -57,7 +67,10 @@ VALID = [
     b"OPTIONS * HTTP/1.1\r\nHost: app\r\n\r\n",
     b"GET http://app/x HTTP/1.1\r\nHost: app\r\n\r\n",
     b"DELETE /x HTTP/1.1\r\nHost: app\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    *SWITCHING,
 ]
+# Heads that a chunked body is put under: plain ones, and ones that ask to switch protocols.
+CHUNKED_HEADS = [*VALID[:2], *SWITCHING]
 HOSTILE_LINES = [
     b"Content-Length: 5",
     b"Content-Length: 0",
@@ -88,6 +101,11 @@ HOSTILE_LINES = [
     b"Connection: close",
     b"Connection: keep-alive",
     b"Expect: 100-continue",
+    b"Connection: Upgrade",
+    b"Connection: close, upgrade",
+    b"Upgrade: websocket",
+    b"Upgrade:",
+    b"Upgrade: ",
     b"X: a\rb",
     b"X: a\x00b",
     b"X: a\x01b",
@@ -123,6 +141,18 @@ CHUNK_SIZES = [
     b"g",
     b"",
 ]
+TRAILERS = [
+    b"",
+    b"",
+    b"T: 1\r\n",
+    b"T: 1\n",
+    b" T: 1\r\n",
+    b"T : 1\r\n",
+    b"Content-Length: 5\r\n",
+    b"content-length: 0\r\n",
+    b"Transfer-Encoding: chunked\r\n",
+    b"Transfer-Encoding: identity\r\n",
+]
 INTERESTING_BYTES = b'\r\n\t\x0b\x00 :;"0af-/\x7f\x80\xff'
 
 
@@ -139,7 +169,7 @@ def chunked_body(rng: random.Random) -> bytes:
         end = rng.choice([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r", b"", b"xx"])
         out += size + rng.choice([b"\r\n", b"\r\n", b"\n"]) + data + end
     out += b"0" + rng.choice([b"\r\n", b"\r\n", b";x\r\n", b"\n"])
-    out += rng.choice([b"", b"", b"T: 1\r\n", b"T: 1\n", b" T: 1\r\n", b"T : 1\r\n"])
+    out += rng.choice(TRAILERS)
     return out + rng.choice([b"\r\n", b"\r\n", b"\n", b""])
 
 
@@ -167,7 +197,7 @@ def flip_bytes(message: bytes, rng: random.Random) -> bytes:
 
 
 def with_chunked_body(rng: random.Random) -> bytes:
-    head = rng.choice(VALID[:2]).replace(b"GET", b"POST")
+    head = rng.choice(CHUNKED_HEADS).replace(b"GET", b"POST")
     return (
         inject_line(head, rng)
         if rng.random() < 0.2
@@ -206,6 +236,7 @@ class Reading:
     messages: list[Message] = field(default_factory=list)
     refused: bool = False
     closed: bool = False  # stopped after a request that closes the connection
+    upgraded: bool = False  # llhttp stopped after an upgrade or CONNECT request
     unknown_method: bool = False
 
 
@@ -290,7 +321,7 @@ def read_with_llhttp(data: bytes) -> Reading:
     try:
         parser.feed_data(data)
     except httptools.HttpParserUpgrade:
-        pass  # not generated: neither Upgrade nor CONNECT is in the inputs
+        reading.upgraded = True  # the bytes after the request are not HTTP's to read
     except httptools.HttpParserInvalidMethodError:
         reading.refused = reading.unknown_method = True
     except httptools.HttpParserError:
@@ -310,6 +341,8 @@ def judge(ours: Reading, theirs: Reading) -> str:
         if mine != other:
             break
         agreed += 1
+    if theirs.upgraded and agreed == len(theirs.messages):
+        return "agree"  # what follows is the new protocol's or HTTP's, as the answer says
     if agreed == len(ours.messages):
         if ours.refused:
             return "refused"

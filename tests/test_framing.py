@@ -407,6 +407,12 @@ BROKEN_ANSWERS = {
         "HTTP/1.1 200 OK", CHUNKED, body=b"1" + b"0" * 16 + b"2\r\nok\r\n0\r\n\r\n"
     ),
     "chunk-extension-quoted": response("HTTP/1.1 200 OK", CHUNKED, body=b'2;a="b"\r\nok\r\n'),
+    "content-length-in-the-trailer": response(
+        "HTTP/1.1 200 OK", CHUNKED, body=b"2\r\nok\r\n0\r\nContent-Length: 2\r\n\r\n"
+    ),
+    "transfer-encoding-in-the-trailer": response(
+        "HTTP/1.1 200 OK", CHUNKED, body=b"0\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ),
 }
 
 
@@ -721,6 +727,10 @@ def test_a_refusal_names_what_was_wrong() -> None:
         Exchange().client_data(REFUSED["chunk-size-18-hex-digits-hidden-request"])
     with pytest.raises(ClientProtocolError, match="bare LF"):
         Exchange().client_data(REFUSED["bare-lf-line-ends"])
+    with pytest.raises(ClientProtocolError, match="not allowed in a trailer"):
+        Exchange().client_data(REFUSED["trailer-content-length"])
+    with pytest.raises(ClientProtocolError, match="upgrade request"):
+        Exchange().client_data(REFUSED["upgrade-with-content-length"])
 
 
 # -- limits ----------------------------------------------------------------------------

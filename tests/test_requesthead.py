@@ -12,6 +12,7 @@ from wunderproxy.fields import HeadError
 from wunderproxy.requesthead import CHUNKED, RequestHead, check_request_line, read_request_head
 
 CHUNKED_BODY = b"3\r\nabc\r\n0\r\n\r\n"
+UPGRADE = ("Connection: Upgrade", "Upgrade: websocket")
 
 
 def verdicts_agree(head: bytes) -> None:
@@ -65,6 +66,20 @@ TABLE = [
         head("CONNECT a:443 HTTP/1.1", "Host: a:443"),
         RequestHead(b"CONNECT", b"a:443", b"1.1", 0, True, None, False),
     ),
+    # Only a body of some length is ambiguous on a request that asks to switch; an Upgrade
+    # field without Connection: upgrade is no upgrade to llhttp, which reads the body too.
+    (
+        head("GET /ws HTTP/1.1", "Host: a", *UPGRADE, "Content-Length: 0"),
+        RequestHead(b"GET", b"/ws", b"1.1", 0, True, b"Upgrade", True),
+    ),
+    (
+        head("CONNECT a:443 HTTP/1.1", "Host: a:443", "Content-Length: 0"),
+        RequestHead(b"CONNECT", b"a:443", b"1.1", 0, True, None, False),
+    ),
+    (
+        head("POST / HTTP/1.1", "Host: a", "Upgrade: websocket", "Content-Length: 3"),
+        RequestHead(b"POST", b"/", b"1.1", 3, True, None, True),
+    ),
     (
         head("OPTIONS * HTTP/1.1", "Host: a"),
         RequestHead(b"OPTIONS", b"*", b"1.1", 0, True, None, False),
@@ -91,6 +106,20 @@ TABLE = [
     (head("GET * HTTP/1.1", "Host: a"), "only for OPTIONS"),
     (head("CONNECT / HTTP/1.1", "Host: a"), "host:port"),
     (head("POST / HTTP/1.0", "Transfer-Encoding: chunked"), "HTTP/1.0"),
+    (head("GET / HTTP/1.1", "Host: a", *UPGRADE, "Content-Length: 3"), "upgrade request"),
+    (head("GET / HTTP/1.1", "Host: a", *UPGRADE, "Transfer-Encoding: chunked"), "upgrade req"),
+    (
+        head(
+            "GET / HTTP/1.1",
+            "Host: a",
+            "Connection: close, UPGRADE",
+            "Upgrade:",
+            "Content-Length: 1",
+        ),
+        "without Upgrade",
+    ),
+    (head("CONNECT a:1 HTTP/1.1", "Host: a:1", "Content-Length: 3"), "CONNECT request has no body"),
+    (head("CONNECT a:1 HTTP/1.1", "Host: a:1", "Transfer-Encoding: chunked"), "through the tunnel"),
 ]
 
 

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tests.support.hostile import HIDDEN, REFUSED, head, post
+from tests.support.hostile import HIDDEN, REFUSED, UPGRADE_FIELDS, head, post
 from tests.support.waiting import eventually
 from wunderproxy.config import Edge
 from wunderproxy.forwarder import ClientConnection
@@ -209,12 +209,18 @@ class Row:
 FIRST = head("GET /first HTTP/1.1", "Host: app")
 VALID_CHUNKED = post("Transfer-Encoding: chunked", body=b"5;a=b\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n")
 ABSOLUTE = head("GET http://app/x HTTP/1.1", "Host: app")
+UPGRADE = head("GET /ws HTTP/1.1", "Host: app", *UPGRADE_FIELDS, "Content-Length: 0")
 
 ROWS: dict[str, Row] = {
     **{name: Row(data, (400,)) for name, data in REFUSED.items()},
     **{
         f"valid-then-{name}": Row(FIRST + REFUSED[name] + HIDDEN, (200, 400), FIRST)
-        for name in ("obs-fold-hidden-request", "content-length-and-chunked", "bare-lf-line-ends")
+        for name in (
+            "obs-fold-hidden-request",
+            "content-length-and-chunked",
+            "bare-lf-line-ends",
+            "upgrade-with-content-length",
+        )
     },
     "pipelined-after-a-refused-request": Row(
         REFUSED["two-differing-content-lengths"] + FIRST + HIDDEN, (400,)
@@ -222,6 +228,7 @@ ROWS: dict[str, Row] = {
     "head-over-16-KiB": Row(head("GET / HTTP/1.1", "Host: app", "X: " + "a" * 17_000), (431,)),
     "valid-chunked-is-forwarded-as-sent": Row(VALID_CHUNKED, (200,), VALID_CHUNKED),
     "absolute-form-naming-the-host-is-forwarded-as-sent": Row(ABSOLUTE, (200,), ABSOLUTE),
+    "upgrade-without-a-body-is-forwarded-as-sent": Row(UPGRADE, (200,), UPGRADE),
     "pipelined-valid-requests-are-forwarded-as-sent": Row(
         FIRST + HIDDEN, (200, 200), FIRST + HIDDEN
     ),
@@ -239,6 +246,13 @@ ROWS: dict[str, Row] = {
         answer=b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1"
         + b"0" * 16
         + b"2\r\nok\r\n",
+    ),
+    "answer-with-content-length-in-its-trailer": Row(
+        FIRST,
+        (502,),
+        FIRST,
+        answer=b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+        b"Content-Length: 2\r\n\r\n",
     ),
     "answer-with-a-folded-length": Row(
         FIRST,

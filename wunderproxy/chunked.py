@@ -10,7 +10,8 @@ bytes:
 - a chunk extension is ``;name`` or ``;name=value`` of tokens, no whitespace or quotes:
   parsers differ on quoted strings and on a bare CR inside them;
 - every line ends in CRLF, and chunk data is followed by exactly CRLF;
-- trailer fields follow the grammar of :mod:`wunderproxy.fields`.
+- trailer fields follow the grammar of :mod:`wunderproxy.fields`, and none of them is
+  Content-Length or Transfer-Encoding (RFC 9110 section 6.5.1; llhttp refuses them).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import re
 from wunderproxy.fields import FIELD_LINE, TOKEN, HeadError
 
 _SIZE_LINE = re.compile(rb"([0-9a-fA-F]{1,16})(?:;" + TOKEN + rb"(?:=" + TOKEN + rb")?)*\r\n")
+# Fields a trailer may not carry: a recipient that merges trailers into the head would
+# frame the message, or the next one, by them.
+_FRAMING_FIELDS = (b"content-length", b"transfer-encoding")
 # The longest chunk-size line or trailer line waited for (sizes and extensions are short).
 MAX_LINE = 4096
 
@@ -120,3 +124,10 @@ class ChunkedReader:
             raise HeadError("the chunked body's trailer fields are too large")
         if FIELD_LINE.fullmatch(line) is None:
             raise HeadError(f"bad trailer field line {line[:40]!r}")
+        name = line[: line.index(b":")]
+        if name.lower() in _FRAMING_FIELDS:
+            raise HeadError(
+                f"{name.decode('ascii')} is not allowed in a trailer (RFC 9110 section "
+                "6.5.1: framing fields in trailers are not framing, yet some parsers read "
+                "them so); send it in the head, or not at all"
+            )

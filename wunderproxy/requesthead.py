@@ -15,7 +15,10 @@ grammar, a request must have:
 - one Host field in HTTP/1.1 (RFC 9112 section 3.2), at most one in HTTP/1.0;
 - at most one Content-Length, a plain decimal number, and never with Transfer-Encoding
   (RFC 9112 section 6.3: a proxy must not forward both as they are);
-- Transfer-Encoding only as exactly ``chunked``, and not in HTTP/1.0 (RFC 9112 6.1).
+- Transfer-Encoding only as exactly ``chunked``, and not in HTTP/1.0 (RFC 9112 6.1);
+- no body (no Content-Length over 0, no Transfer-Encoding) on CONNECT or on an upgrade
+  request (``Connection: upgrade`` with an Upgrade field): llhttp switches protocols at
+  the end of such a head, h11 after the body.
 
 ``tests/test_requesthead.py`` checks that h11 reads whatever this accepts the same way,
 and ``benchmarks/fuzz_framing.py`` checks it against llhttp.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NoReturn
 
 from wunderproxy.fields import (
     FIELD_LINES,
@@ -76,6 +80,7 @@ def read_request_head(head: bytes) -> RequestHead:
     host: bytes | None = None
     hosts = 0
     upgrade = False
+    upgrade_field = False  # even empty: the rule below must not hang on how each parser reads one
     for field in _FRAMING_FIELD.finditer(head):  # a loop, not a generator: the hot path
         name, value = field.group(1).lower(), field.group(2)
         if name == b"host":
@@ -90,6 +95,7 @@ def read_request_head(head: bytes) -> RequestHead:
             value = stripped(value)
             connection = value if connection is None else connection + b", " + value
         else:
+            upgrade_field = True
             upgrade = upgrade or bool(stripped(value))
     if hosts > 1 or (hosts == 0 and minor == b"1"):
         raise HeadError("an HTTP/1.1 request needs exactly one Host field (RFC 9112 3.2)")
@@ -103,8 +109,11 @@ def read_request_head(head: bytes) -> RequestHead:
             )
         if minor == b"0":
             raise HeadError("Transfer-Encoding is not allowed in HTTP/1.0 (RFC 9112 6.1)")
-    keep_alive = minor == b"1" and (connection is None or b"close" not in comma_tokens(connection))
+    tokens = comma_tokens(connection) if connection is not None else []
+    keep_alive = minor == b"1" and b"close" not in tokens
     body_length = CHUNKED if chunked is not None else int(length) if length is not None else 0
+    if body_length and (method == b"CONNECT" or (upgrade_field and b"upgrade" in tokens)):
+        _refuse_switching_body(method)
     return RequestHead(method, target, b"1." + minor, body_length, keep_alive, connection, upgrade)
 
 
@@ -113,6 +122,23 @@ def check_request_line(line: bytes) -> None:
     HTTP/0.9 and other speakers never send the blank line that would end the head."""
     if _REQUEST_LINE_RE.fullmatch(line) is None:
         raise HeadError(explain(line, _REQUEST_LINE_RE, "request"))
+
+
+def _refuse_switching_body(method: bytes) -> NoReturn:
+    """Refuse a body on a request that asks to leave HTTP: llhttp (Node.js and others)
+    switches protocols at the end of such a request's head and reads the body as bytes of
+    the new protocol, while h11 reads it as the request's body, so the two disagree on
+    where the request ends."""
+    if method == b"CONNECT":
+        raise HeadError(
+            "a CONNECT request has no body (RFC 9110 section 9.3.6); drop Content-Length "
+            "and Transfer-Encoding, and send the bytes through the tunnel once it is open"
+        )
+    raise HeadError(
+        "an upgrade request (Connection: upgrade with Upgrade) carries a body, which "
+        "parsers read either as the request's or as the new protocol's; send it without "
+        "a body, or without Upgrade"
+    )
 
 
 def _check_target(method: bytes, target: bytes, host: bytes | None) -> None:

@@ -15,6 +15,7 @@ def head(line: str, *fields: str, body: bytes = b"") -> bytes:
 
 HIDDEN = head("GET /hidden HTTP/1.1", "Host: app")
 CHUNKED = "Transfer-Encoding: chunked"
+UPGRADE_FIELDS = ("Connection: Upgrade", "Upgrade: websocket")
 
 
 def post(*fields: str, body: bytes = b"") -> bytes:
@@ -75,4 +76,32 @@ REFUSED: dict[str, bytes] = {
     "chunk-size-bare-lf": post(CHUNKED, body=b"5\nhello\r\n0\r\n\r\n"),
     "chunk-data-longer-than-its-size": post(CHUNKED, body=b"3\r\nhello\r\n0\r\n\r\n"),
     "trailer-folded": post(CHUNKED, body=b"0\r\nX: a\r\n b\r\n\r\n"),
+    # RFC 9110 section 6.5.1: framing fields in a trailer are not framing; llhttp refuses
+    # them, a server that merges trailers into the head may frame by them.
+    "trailer-content-length": post(CHUNKED, body=b"0\r\nContent-Length: 5\r\n\r\nhello"),
+    "trailer-transfer-encoding": post(CHUNKED, body=b"0\r\ntransfer-encoding: chunked\r\n\r\n"),
+    # llhttp switches protocols at the end of an upgrade request's head, or a CONNECT's,
+    # and reads the body as the new protocol's bytes; h11 reads it as the request's body:
+    # the two disagree on where the request ends.
+    "upgrade-with-content-length": head(
+        "GET /ws HTTP/1.1",
+        "Host: app",
+        *UPGRADE_FIELDS,
+        f"Content-Length: {len(HIDDEN)}",
+        body=HIDDEN,
+    ),
+    "upgrade-with-chunked-body": head(
+        "GET /ws HTTP/1.1",
+        "Host: app",
+        "Connection: keep-alive, upgrade",
+        "Upgrade: h2c",
+        CHUNKED,
+        body=b"5\r\nhello\r\n0\r\n\r\n",
+    ),
+    "connect-with-content-length": head(
+        "CONNECT app:443 HTTP/1.1", "Host: app:443", f"Content-Length: {len(HIDDEN)}", body=HIDDEN
+    ),
+    "connect-with-chunked-body": head(
+        "CONNECT app:443 HTTP/1.1", "Host: app:443", CHUNKED, body=b"5\r\nhello\r\n0\r\n\r\n"
+    ),
 }
