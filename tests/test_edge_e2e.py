@@ -194,3 +194,16 @@ def test_a_store_that_never_answers_does_not_keep_the_api_and_proxy_from_listeni
             assert "took over 10 s (S3 or Docker slow to answer); listening now" in running.log()
     finally:
         black_hole.close()
+
+
+def test_timeouts_hold_during_shutdown_so_a_trickling_head_does_not_delay_it(
+    serving: WunderproxyProcess,
+) -> None:
+    with socket.create_connection(("127.0.0.1", serving.proxy_port), timeout=30) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: a")  # and never more
+        time.sleep(0.2)
+        started = time.monotonic()
+        assert serving.stop() == 0
+        # --shutdown-timeout is 30 s; the header timeout (1 s) ends the trickling head first.
+        assert time.monotonic() - started < HEADER_TIMEOUT + 1 + 3
+        assert sock.recv(65536).startswith(b"HTTP/1.1 408 ")
