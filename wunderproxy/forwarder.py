@@ -395,13 +395,9 @@ class ClientConnection(asyncio.Protocol):
         False when a connection to the container must be made first: ``rest`` is then
         forwarded once it is.
         """
-        state = self._state
-        state.request_started()
-        state.active_connections += 1
-        now = self._loop.time()
-        cycle = self._cycle = RequestCycle(piece, now)
+        cycle = self._open_cycle(piece)
         self._head_since = 0.0
-        container = state.current
+        container = self._state.current
         if container is None:
             self._fail(answers.NO_CONTAINER, close=False)
             return True
@@ -539,10 +535,7 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         if cycle is None:  # no request was under way: count the refused one
-            cycle = self._cycle = RequestCycle(_UNREADABLE_REQUEST, self._loop.time())
-            cycle.bytes_in = 0
-            self._state.request_started()
-            self._state.active_connections += 1
+            self._open_cycle(_UNREADABLE_REQUEST)
         self._write_own_answer(failure, close=True)
         # Half-close and drop what still comes, so that the client reads the answer
         # instead of a reset.
@@ -693,6 +686,13 @@ class ClientConnection(asyncio.Protocol):
         self.close()
 
     # -- bookkeeping ---------------------------------------------------------------
+
+    def _open_cycle(self, request: framing.RequestStarted) -> RequestCycle:
+        """Count a request that starts (or was refused unread) and open its cycle."""
+        self._state.request_started()
+        self._state.active_connections += 1
+        cycle = self._cycle = RequestCycle(request, self._loop.time())
+        return cycle
 
     def _answered(self) -> None:
         """The current request's answer ended or failed: count it (once).

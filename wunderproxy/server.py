@@ -181,9 +181,10 @@ class Server:
             return None
 
     async def _start_serving(self, startup: Startup | None) -> bool:
-        """Finish start-up after listening: adopt (if that ran out of time), then launch."""
+        """Finish start-up: launch what adoption left, or (when adoption ran out of time)
+        both steps again."""
         if startup is None:
-            startup = await self.controller.adopt_current()
+            return await self.controller.start()
         return await self.controller.launch_current(startup)
 
     async def _enforce_timeouts(self) -> None:
