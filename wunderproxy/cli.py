@@ -19,11 +19,37 @@ from wunderproxy import __version__
 from wunderproxy import config as defaults
 from wunderproxy.accesslog import ACCESS_LOG_FORMATS, AccessLog, AccessLogFormat
 from wunderproxy.client import ClientError, ManagerClient
-from wunderproxy.config import Address, Config, ConfigError, Edge, read_env_file
+from wunderproxy.config import (
+    Address,
+    Config,
+    ConfigError,
+    Edge,
+    Fleet,
+    Peer,
+    default_instance,
+    read_env_file,
+)
 from wunderproxy.runtime import LoopChoice, run_event_loop
 
 # A timeout: a positive number of seconds.
 _SECONDS = click.FloatRange(min=0, min_open=True)
+
+
+class _PeerURL(click.ParamType[Peer]):
+    """A peer's ``http://HOST:PORT``; its env var lists them comma-separated."""
+
+    name = "URL"
+
+    def split_envvar_value(self, rv: str) -> list[str]:
+        return [item.strip() for item in rv.split(",") if item.strip()]
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Peer:
+        if isinstance(value, Peer):
+            return value
+        try:
+            return Peer.parse(str(value))
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -198,6 +224,28 @@ def main() -> None:
     "json: one JSON object per line.",
 )
 @click.option(
+    "--instance",
+    envvar="WUNDERPROXY_INSTANCE",
+    default=default_instance,
+    show_default="the host name",
+    help="This wunderproxy's name: labels its containers, so that several run side by side "
+    "on one Docker engine, and signs its fallback requests.",
+)
+@click.option(
+    "--peer",
+    "peers",
+    envvar="WUNDERPROXY_PEERS",
+    multiple=True,
+    type=_PeerURL(),
+    help="Another host's proxy address (http://HOST:PORT), where a request goes when no "
+    "container here can take it. Repeatable; the env var is comma-separated.",
+)
+@click.option(
+    "--fallback-secret",
+    envvar="WUNDERPROXY_FALLBACK_SECRET",
+    help="Secret shared by the fleet that signs fallback requests; needed with --peer.",
+)
+@click.option(
     "--log-level",
     envvar="WUNDERPROXY_LOG_LEVEL",
     default="info",
@@ -231,6 +279,9 @@ def run(
     loop_choice: LoopChoice,
     access_log: str | None,
     access_log_format: AccessLogFormat,
+    instance: str,
+    peers: tuple[Peer, ...],
+    fallback_secret: str | None,
     log_level: str,
 ) -> None:
     """Serve APP: proxy to its current container and manage deploys.
@@ -267,6 +318,11 @@ def run(
                 max_header_size=max_header_size,
                 max_body_size=max_body_size,
                 max_connections=max_connections,
+            ),
+            fleet=Fleet(
+                instance=instance,
+                peers=peers,
+                secret=fallback_secret.encode() if fallback_secret else None,
             ),
         )
     except ConfigError as exc:

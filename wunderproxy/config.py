@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from wunderproxy.streams import is_loopback
 
@@ -52,6 +54,15 @@ DEFAULT_MAX_HEADER_SIZE = 16 * 1024
 DEFAULT_MAX_BODY_SIZE: int | None = None
 
 
+# Seconds a peer that refused a fallback request is skipped before it is tried again.
+PEER_RETRY_AFTER = 5.0
+
+
+def default_instance() -> str:
+    """This process's instance name when none is given: the host name."""
+    return socket.gethostname()
+
+
 class ConfigError(Exception):
     """A setting is unusable; the message names it and says how to fix it."""
 
@@ -92,6 +103,64 @@ class Address:
         return f"{host}:{self.port}"
 
 
+@dataclass(frozen=True)
+class Peer:
+    """Another wunderproxy's proxy address, where requests fall back (``--peer``)."""
+
+    url: str  # as shown in /status and /metrics: http://HOST:PORT
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Peer:
+        """Parse ``http://HOST:PORT`` (port 80 when left out)."""
+        parts = urlsplit(text.strip())
+        try:
+            port = parts.port or 80
+        except ValueError:
+            port = 0
+        if (
+            parts.scheme != "http"
+            or not parts.hostname
+            or not port
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.username
+        ):
+            raise ConfigError(
+                f"--peer {text!r} is not a peer's proxy address; give http://HOST:PORT "
+                "(for example http://10.0.0.2:80)"
+            )
+        host = parts.hostname
+        shown = f"[{host}]" if ":" in host else host
+        return cls(url=f"http://{shown}:{port}", host=host, port=port)
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """This process among its peers: its name, and where requests fall back.
+
+    ``secret`` keys the HMAC of the ``X-Wunderproxy-Fallback`` header; with it set, a
+    request carrying a valid header is served here and never sent on, and a header with a
+    wrong signature is removed. Peers need it.
+    """
+
+    instance: str = field(default_factory=default_instance)
+    peers: tuple[Peer, ...] = ()
+    secret: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if not self.instance or any(c.isspace() for c in self.instance):
+            raise ConfigError(
+                f"--instance {self.instance!r}: give a name without spaces, such as web-1"
+            )
+        if self.peers and not self.secret:
+            raise ConfigError(
+                "--peer needs --fallback-secret (or WUNDERPROXY_FALLBACK_SECRET): peers "
+                "only accept fallback requests signed with the secret they share"
+            )
+
+
 @dataclass(frozen=True, slots=True)
 class Edge:
     """Timeouts (seconds) and limits (bytes, connections) at the proxy's edge.
@@ -127,6 +196,7 @@ class Config:
     stop_timeout: int = DEFAULT_STOP_TIMEOUT
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     edge: Edge = field(default_factory=Edge)
+    fleet: Fleet = field(default_factory=Fleet)
 
     @property
     def repository(self) -> str:
