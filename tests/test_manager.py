@@ -28,9 +28,9 @@ from tests.support.waiting import eventually
 from tests.support.wire import Answer, read_answer, send_request
 from wunderproxy import dockerwatch
 from wunderproxy import manager as manager_module
-from wunderproxy.config import Address, Config
-from wunderproxy.controller import Controller
-from wunderproxy.engine import LABEL_APP, LABEL_HASH, ContainerRecord
+from wunderproxy.config import Address, Config, Fleet
+from wunderproxy.controller import Controller, Startup
+from wunderproxy.engine import LABEL_APP, LABEL_HASH, LABEL_INSTANCE, ContainerRecord
 from wunderproxy.manager import (
     MAX_BODY,
     ApiRequest,
@@ -40,7 +40,7 @@ from wunderproxy.manager import (
     serve_connection,
 )
 from wunderproxy.state import Container, ProxyState
-from wunderproxy.store import CURRENT_KEY, HISTORY_KEY, config_key
+from wunderproxy.store import CURRENT_KEY, HISTORY_KEY, config_key, load_current
 from wunderproxy.streams import close_after_refusal
 
 APP = "myapp"
@@ -1392,14 +1392,22 @@ async def test_after_start_the_api_can_launch_and_switch_to_a_new_hash(
 # -- restart: adoption and stale containers ------------------------------------------------
 
 
-def left_running(engine: FakeEngine, config_hash: str, status: str = "running") -> str:
-    """A container a previous wunderproxy left behind; returns its id."""
+def left_running(
+    engine: FakeEngine, config_hash: str, status: str = "running", instance: str | None = None
+) -> str:
+    """A container a previous wunderproxy left behind; returns its id.
+
+    ``instance`` None: one started before the instance label existed.
+    """
     container_id = f"{len(engine.left_running):x}" * 64
+    labels = {LABEL_APP: APP, LABEL_HASH: config_hash}
+    if instance is not None:
+        labels[LABEL_INSTANCE] = instance
     engine.left_running.append(
         ContainerRecord(
             id=container_id[:64],
             status=status,
-            labels={LABEL_APP: APP, LABEL_HASH: config_hash},
+            labels=labels,
             image="localhost:8080/myapp:old",
             port=engine.port,
         )
@@ -1446,6 +1454,50 @@ async def test_start_removes_stale_containers_stopped_ones_at_once_running_ones_
     await eventually(lambda: other in engine.removed_ids, within=3)
     assert current not in engine.removed_ids
     await controller.shutdown(grace=1.0)
+
+
+async def test_start_adopts_and_removes_only_containers_of_its_own_instance(
+    state: ProxyState, store: MemoryStore, engine: FakeEngine
+) -> None:
+    fleet = Fleet(instance="web-1")
+    controller = Controller(make_config(drain_timeout=0.0, fleet=fleet), state, store, engine)
+    config_hash, raw = encode_config(example_config(Revision="rev7"))
+    store.objects[CURRENT_KEY] = raw
+    neighbours = left_running(engine, config_hash, instance="web-2")
+    neighbours_stale = left_running(engine, "e" * 32, status="exited", instance="web-2")
+    own_stale = left_running(engine, "f" * 32, status="exited", instance="web-1")
+    own = left_running(engine, config_hash, instance="web-1")
+    await controller.start()
+    assert state.current is not None and state.current.container_id == own
+    await eventually(lambda: own_stale in engine.removed_ids)
+    await asyncio.sleep(0.1)
+    assert neighbours not in engine.removed_ids and neighbours_stale not in engine.removed_ids
+    await controller.shutdown(grace=1.0)
+
+
+async def test_a_container_without_the_instance_label_is_the_default_instances(
+    state: ProxyState, store: MemoryStore, engine: FakeEngine
+) -> None:
+    """A host upgraded from before the label adopts the container its predecessor left."""
+    config_hash, raw = encode_config(example_config(Revision="rev7"))
+    store.objects[CURRENT_KEY] = raw
+    unlabelled = left_running(engine, config_hash)
+    named = Controller(make_config(fleet=Fleet(instance="web-1")), state, store, engine)
+    assert await named.adopt_current() == Startup(ready=False, to_launch=load_current(store))
+    await named.shutdown(grace=1.0)
+    default = Controller(make_config(), ProxyState(APP, "test"), store, engine)
+    assert (await default.adopt_current()).ready is True
+    assert unlabelled not in engine.removed_ids
+    await default.shutdown(grace=1.0)
+
+
+async def test_containers_started_carry_the_instance_label(
+    state: ProxyState, store: MemoryStore, engine: FakeEngine
+) -> None:
+    controller = Controller(make_config(fleet=Fleet(instance="blue")), state, store, engine)
+    await controller.launch(upload(store, "rev1"))
+    await controller.shutdown(grace=1.0)
+    assert [spec.labels[LABEL_INSTANCE] for spec in engine.specs] == ["blue"]
 
 
 # -- drains -----------------------------------------------------------------------------

@@ -22,11 +22,12 @@ from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
 from wunderproxy import store as stores
-from wunderproxy.config import Config
+from wunderproxy.config import Config, default_instance
 from wunderproxy.dockerwatch import DockerWatch
 from wunderproxy.engine import (
     LABEL_APP,
     LABEL_HASH,
+    LABEL_INSTANCE,
     LABEL_REVISION,
     PUBLISH_HOST_IP,
     ContainerRecord,
@@ -173,6 +174,7 @@ class Controller:
                 LABEL_APP: self._config.app,
                 LABEL_REVISION: config.revision,
                 LABEL_HASH: config.hash,
+                LABEL_INSTANCE: self._config.fleet.instance,
             },
         )
         started = await self._docker.call(self._engine.start, spec)
@@ -347,7 +349,12 @@ class Controller:
         await self._remove_unused_images()
 
     async def _remove_unused_images(self) -> None:
-        """Remove this app's images no container uses, but keep the previous for rollback."""
+        """Remove this app's images no container uses, but keep the previous for rollback.
+
+        Docker refuses to remove an image a container uses, so the images of other
+        instances' containers on this engine stay; an instance's previous image may go,
+        and is pulled again from the registry if that instance rolls back to it.
+        """
         keep = {c.image for c in self._state.containers}
         if self._previous_image is not None:
             keep.add(self._previous_image)
@@ -386,9 +393,7 @@ class Controller:
         """
         try:
             config = await self._blocking(stores.load_current, self._store)
-            records = await self._docker.call(
-                self._engine.list_containers, {LABEL_APP: self._config.app}
-            )
+            records = await self._own_containers()
             adopted = None
             if config is not None:
                 adopted = await self._adopt(config, records)
@@ -439,6 +444,20 @@ class Controller:
             self._state.deploy_history = await self._blocking(stores.read_history, self._store)
         except WunderproxyError as exc:
             log.warning("could not read the deploy history: %s", exc)
+
+    async def _own_containers(self) -> list[ContainerRecord]:
+        """This app's containers started by this instance.
+
+        Other instances on the engine (``--instance``) are left alone. A container without
+        the instance label was started before it existed, so it counts as the default
+        instance's: a host upgraded in place adopts its container as before.
+        """
+        records = await self._docker.call(
+            self._engine.list_containers, {LABEL_APP: self._config.app}
+        )
+        instance = self._config.fleet.instance
+        unlabelled = default_instance()
+        return [r for r in records if r.labels.get(LABEL_INSTANCE, unlabelled) == instance]
 
     async def _adopt(
         self, config: LaunchConfig, records: list[ContainerRecord]

@@ -30,6 +30,9 @@ from wunderproxy.errors import DockerUnreachable, UpstreamFailed
 LABEL_APP = "wunderproxy.app"
 LABEL_REVISION = "wunderproxy.revision"
 LABEL_HASH = "wunderproxy.hash"
+# The wunderproxy that started a container (``--instance``), so that several can share an
+# engine; a container without it was started before the label existed.
+LABEL_INSTANCE = "wunderproxy.instance"
 # The app port of a container, so that a listing can find its published host port again.
 LABEL_PORT = "wunderproxy.port"
 
