@@ -394,6 +394,7 @@ async def test_launch_passes_the_config_and_labels_to_the_engine(
         "wunderproxy.app": APP,
         "wunderproxy.revision": "rev1",
         "wunderproxy.hash": config_hash,
+        "wunderproxy.instance": socket.gethostname(),
     }
 
 
