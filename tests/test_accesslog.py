@@ -36,8 +36,24 @@ async def test_common_format_is_clf_then_forwarded_for_revision_and_seconds(
     await log.close()
     assert (tmp_path / "access.log").read_text() == (
         '192.0.2.1 - - [15/Jan/2027:08:00:00 +0000] "GET /a?b=1 HTTP/1.0" 200 612 '
-        '"203.0.113.9" rev2 0.001234\n'
+        '"203.0.113.9" rev2 0.001234 -\n'
     )
+
+
+async def test_a_request_to_or_from_a_peer_says_so_in_the_last_field(
+    tmp_path: Path, fixed_time: None
+) -> None:
+    common = AccessLog(str(tmp_path / "access.log"), "common")
+    json_log = AccessLog(str(tmp_path / "access.json"), "json")
+    for log in (common, json_log):
+        log.start()
+        log.request("192.0.2.1", HEAD, b"GET", b"/a", 200, 6, 0.001, "-", "to=http://10.0.0.2:80")
+        log.request("192.0.2.1", HEAD, b"GET", b"/a", 200, 6, 0.001, "rev2", "from=web-2")
+        await log.close()
+    lines = (tmp_path / "access.log").read_text().splitlines()
+    assert [line.split()[-1] for line in lines] == ["to=http://10.0.0.2:80", "from=web-2"]
+    objects = [json.loads(line) for line in (tmp_path / "access.json").read_text().splitlines()]
+    assert [o["fallback"] for o in objects] == ["to=http://10.0.0.2:80", "from=web-2"]
 
 
 async def test_json_format_has_every_field(tmp_path: Path, fixed_time: None) -> None:
@@ -56,6 +72,7 @@ async def test_json_format_has_every_field(tmp_path: Path, fixed_time: None) -> 
         "bytes": 612,
         "duration_seconds": 0.001234,
         "revision": "rev2",
+        "fallback": None,
     }
 
 

@@ -92,6 +92,24 @@ TABLE = [
         head("GET / HTTP/1.1", "Host: a", "X: caf\xe9"),
         RequestHead(b"GET", b"/", b"1.1", 0, True, None, False),
     ),
+    # A peer's fallback mark is read (its value, trimmed); two marks are no valid mark.
+    (
+        head("GET / HTTP/1.1", "Host: a", "x-wunderproxy-fallback:  web-2 ab12 "),
+        RequestHead(b"GET", b"/", b"1.1", 0, True, None, False, b"web-2 ab12"),
+    ),
+    (
+        head(
+            "GET / HTTP/1.1",
+            "X-Wunderproxy-Fallback: a 1",
+            "Host: a",
+            "X-Wunderproxy-Fallback: a 1",
+        ),
+        RequestHead(b"GET", b"/", b"1.1", 0, True, None, False, b""),
+    ),
+    (
+        head("GET / HTTP/1.1", "Host: a", "X-Wunderproxy-Fallbacks: web-2 ab12"),
+        RequestHead(b"GET", b"/", b"1.1", 0, True, None, False),
+    ),
     # Refused, each with the fault named.
     (head("GET / HTTP/1.1"), "exactly one Host"),
     (head("GET / HTTP/1.1", "Host: a", "Host: b"), "exactly one Host"),

@@ -14,13 +14,15 @@ default) and then opens a new one, so no signal is needed after a rotation.
 Formats (the fields the issue asks for; ``-`` where a value is missing):
 
 - ``common``: the Common Log Format, then the ``X-Forwarded-For`` header in quotes, the
-  revision that answered and the response time in seconds::
+  revision that answered, the response time in seconds and the peer fallback (``-``; or
+  ``to=URL`` for a request sent to a peer, ``from=INSTANCE`` for one a peer sent here)::
 
-    127.0.0.1 - - [26/Nov/2026:10:00:00 +0000] "GET /a HTTP/1.1" 200 612 "203.0.113.9" rev2 0.001234
+    127.0.0.1 - - [26/Nov/2026:10:00:00 +0000] "GET /a HTTP/1.1" 200 612 "-" rev2 0.001234 -
 
   The byte count is what was sent to the client: head and body.
 - ``json``: one object per line with ``time``, ``client``, ``forwarded_for``, ``method``,
-  ``target``, ``protocol``, ``status``, ``bytes``, ``duration_seconds`` and ``revision``.
+  ``target``, ``protocol``, ``status``, ``bytes``, ``duration_seconds``, ``revision`` and
+  ``fallback`` (null, or as above).
 """
 
 from __future__ import annotations
@@ -64,8 +66,10 @@ def protocol_of(head: bytes) -> str:
 
 
 # What is logged of a request: its end (Unix time), client, head, method, target, status,
-# bytes sent, seconds taken, revision.
-_Request: TypeAlias = tuple[float, str | None, bytes, bytes, bytes, int, int, float, str]
+# bytes sent, seconds taken, revision, peer fallback.
+_Request: TypeAlias = tuple[
+    float, str | None, bytes, bytes, bytes, int, int, float, str, str | None
+]
 
 
 def _quoted(text: str) -> str:
@@ -135,14 +139,27 @@ class AccessLog:
         bytes_out: int,
         seconds: float,
         revision: str,
+        fallback: str | None = None,
     ) -> None:
-        """Log one request (``head``: its head as received, for the protocol and XFF)."""
+        """Log one request (``head``: its head as received, for the protocol and XFF;
+        ``fallback``: ``to=URL`` or ``from=INSTANCE`` if it went to or came from a peer)."""
         self._requests.append(
-            (time.time(), client, head, method, target, status, bytes_out, seconds, revision)
+            (
+                time.time(),
+                client,
+                head,
+                method,
+                target,
+                status,
+                bytes_out,
+                seconds,
+                revision,
+                fallback,
+            )
         )
 
     def _line(self, request: _Request) -> str:
-        now, client, head, method, target, status, bytes_out, seconds, revision = request
+        now, client, head, method, target, status, bytes_out, seconds, revision, fallback = request
         second = int(now)
         if second != self._second:
             self._second = second
@@ -163,6 +180,7 @@ class AccessLog:
                     "bytes": bytes_out,
                     "duration_seconds": round(seconds, 6),
                     "revision": revision,
+                    "fallback": fallback,
                 },
                 separators=(",", ":"),
             )
@@ -172,7 +190,8 @@ class AccessLog:
             )
             line = (
                 f'{client or "-"} - - [{self._stamp}] "{request_line}" {status} {bytes_out} '
-                f'"{_quoted(forwarded_for(head) or "-")}" {revision} {seconds:.6f}'
+                f'"{_quoted(forwarded_for(head) or "-")}" {revision} {seconds:.6f} '
+                f"{fallback or '-'}"
             )
         return line + "\n"
 

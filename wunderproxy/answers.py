@@ -38,6 +38,8 @@ UPSTREAM_TIMEOUT = Failure(504, "the app container did not answer in time")
 HEADER_TIMEOUT = Failure(408, "the request head did not arrive in time")
 BODY_TIMEOUT = Failure(408, "the request body stopped arriving")
 TOO_MANY_CONNECTIONS = Failure(503, "too many connections")
+# A peer sent this request here because its own container was down: it is never sent on.
+FALLBACK_NO_CONTAINER = Failure(502, "fallback request found no container")
 
 
 def plain_response(status: int, message: str, close: bool) -> bytes:

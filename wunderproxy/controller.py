@@ -37,7 +37,7 @@ from wunderproxy.engine import (
 from wunderproxy.errors import Conflict, NotFound, WunderproxyError
 from wunderproxy.health import probe, wait_healthy
 from wunderproxy.launchconfig import LaunchConfig, parse_hash
-from wunderproxy.state import Container, ProxyState
+from wunderproxy.state import Container, ProxyState, health_path_of
 
 log = logging.getLogger("wunderproxy.manager")
 
@@ -393,6 +393,8 @@ class Controller:
         """
         try:
             config = await self._blocking(stores.load_current, self._store)
+            if config is not None:  # kept from peers while it starts (see fallback.py)
+                self._state.health_check_path = health_path_of(config)
             records = await self._own_containers()
             adopted = None
             if config is not None:

@@ -43,6 +43,10 @@ class HeadError(ValueError):
     """A head breaks the grammar or its framing is ambiguous; the message says how."""
 
 
+# The header a wunderproxy adds to a request it sends on to a peer (see fallback.py).
+FALLBACK_FIELD = "x-wunderproxy-fallback"
+
+
 def fields_pattern(*names: str) -> re.Pattern[bytes]:
     """A pattern finding the given fields' lines in a head already checked as well-formed."""
     alternatives = "|".join(names).encode()

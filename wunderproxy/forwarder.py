@@ -27,11 +27,12 @@ from typing import cast
 from wunderproxy import answers, framing
 from wunderproxy.accesslog import CLIENT_CLOSED_REQUEST, AccessLog
 from wunderproxy.config import Edge
+from wunderproxy.fallback import Fallback, PeerTarget, unmarked
 from wunderproxy.state import Container, ProxyState
 from wunderproxy.streams import LINGER
 from wunderproxy.traffic import NO_REVISION
 from wunderproxy.unsent import unsent
-from wunderproxy.upstream import Upstream, take_spare
+from wunderproxy.upstream import Target, Upstream, take_spare
 
 log = logging.getLogger("wunderproxy.proxy")
 
@@ -77,10 +78,17 @@ class RequestCycle:
         "bytes_in",
         "bytes_out",
         "container",
+        "failure",
+        "head",
         "held",
+        "may_fall_back",
+        "peer",
+        "peers_left",
         "received",
         "replay",
         "request",
+        "reused",
+        "sender",
         "started_at",
         "status",
         "target",
@@ -88,6 +96,7 @@ class RequestCycle:
 
     def __init__(self, request: framing.RequestStarted, started_at: float) -> None:
         self.request = request
+        self.head = request.data  # as it goes upstream (with a peer's mark, without a forged one)
         self.started_at = started_at
         # The head is counted as it arrives: an answer of the proxy's own is counted
         # before it is passed on (or dropped).
@@ -100,6 +109,13 @@ class RequestCycle:
         self.answered = False  # its answer ended (or failed) and was counted
         self.held: list[framing.ClientPiece] = []  # pieces waiting for a connection
         self.replay: bytearray | None = None  # its bytes, to send it again if need be
+        self.reused = False  # sent on a connection that carried requests before
+        # Peer fallback (see fallback.py).
+        self.may_fall_back = False  # a peer may take it if no container here can
+        self.sender: str | None = None  # the peer instance that sent it here
+        self.peer: PeerTarget | None = None  # the peer it went to
+        self.peers_left: list[PeerTarget] = []  # peers still to try
+        self.failure: answers.Failure | None = None  # the answer if no peer takes it
 
     @property
     def answer_begun(self) -> bool:
@@ -122,6 +138,7 @@ class ClientConnection(asyncio.Protocol):
         "_discarding",
         "_edge",
         "_exchange",
+        "_fallback",
         "_head_since",
         "_last_active",
         "_last_upstream",
@@ -145,6 +162,7 @@ class ClientConnection(asyncio.Protocol):
         # Shared by every connection.
         self._state = state
         self._edge = edge
+        self._fallback = state.fallback
         self._access_log = access_log
         self._on_close = on_close
         self._loop = asyncio.get_running_loop()
@@ -390,40 +408,84 @@ class ClientConnection(asyncio.Protocol):
     def _start_request(
         self, piece: framing.RequestStarted, rest: list[framing.ClientPiece]
     ) -> bool:
-        """Open the request's cycle and route it to the container serving now.
+        """Open the request's cycle and route it to the container serving now (or to a
+        peer, if that container is known to be down).
 
-        False when a connection to the container must be made first: ``rest`` is then
-        forwarded once it is.
+        False when a connection must be made first: ``rest`` is then forwarded once it is.
         """
         cycle = self._open_cycle(piece)
         self._head_since = 0.0
+        if self._fallback is not None:
+            self._read_mark(cycle, self._fallback)
         container = self._state.current
-        if container is None:
-            self._fail(answers.NO_CONTAINER, close=False)
-            return True
+        if container is None or container.down:
+            if cycle.may_fall_back:
+                failure = answers.NO_CONTAINER if container is None else answers.UNREACHABLE
+                return self._fall_back(cycle, rest, None, failure)
+            if cycle.sender is not None:  # a peer's request goes nowhere else
+                self._fail(answers.FALLBACK_NO_CONTAINER, close=False)
+                return True
+            if container is None:
+                self._fail(answers.NO_CONTAINER, close=False)
+                return True
+            # Down, but this request may not go elsewhere (the health check): try it.
         # Counted before any wait: a drain starting meanwhile must wait for this request.
         container.request_started()
         cycle.container = container
+        return self._dispatch(cycle, container, rest, None)
+
+    def _read_mark(self, cycle: RequestCycle, fallback: Fallback) -> None:
+        """Note which peer sent a request with a valid mark (it is never sent on), remove a
+        forged mark, and decide whether the request may go to a peer."""
+        request = cycle.request
+        if request.fallback is not None:
+            cycle.sender = fallback.sender(request.fallback, request.data)
+            if cycle.sender is not None:
+                return
+            log.info(
+                "removed a forged %s field from a request of %s",
+                "X-Wunderproxy-Fallback",
+                self._peer(),
+            )
+            cycle.head = unmarked(request.data)
+        # The health check of a load balancer must see this host as it is.
+        if fallback.peers and request.target.partition(b"?")[0] != self._state.health_check_path:
+            cycle.may_fall_back = True
+
+    def _dispatch(
+        self,
+        cycle: RequestCycle,
+        target: Target,
+        rest: list[framing.ClientPiece],
+        replay: bytes | None,
+    ) -> bool:
+        """Send the request to ``target``: on this client's connection there if it is kept
+        alive, else on an idle one, else on a new one (False: connecting; the request's
+        pieces wait in ``cycle.held``). ``replay``: the whole request, to send again."""
         upstream = self._upstream
         if upstream is not None:
             if (
-                upstream.container is container
+                upstream.target is target
                 and self._exchange.upstream_reusable
                 and not upstream.ended
             ):
                 self._forward_to(upstream, fresh=False, reused=True)
-                upstream.write(piece.data)
+                self._write_request(cycle, upstream, replay)
                 return True
             self._upstream = None
-            upstream.close()
-        spare = take_spare(container)
+            if self._exchange.upstream_reusable:
+                upstream.park()  # kept for another client going there
+            else:
+                upstream.close()
+        spare = take_spare(target)
         if spare is not None:
             self._forward_to(spare, fresh=True, reused=True)
-            spare.write(piece.data)
+            self._write_request(cycle, spare, replay)
             return True
-        cycle.held = [piece, *rest]
-        self.pause_reading("connecting")
-        self._loop.create_task(self._connect(cycle, None))
+        if replay is None and not cycle.held:
+            cycle.held = [cycle.request, *rest]
+            self.pause_reading("connecting")
+        self._loop.create_task(self._connect(cycle, target, replay))
         return False
 
     def _forward_to(self, upstream: Upstream, fresh: bool, reused: bool) -> None:
@@ -435,50 +497,28 @@ class ClientConnection(asyncio.Protocol):
         self._upstream = upstream
         self._last_upstream = self._loop.time()
         cycle.target = upstream
-        if reused and cycle.request.method in IDEMPOTENT:
-            cycle.replay = bytearray(cycle.request.data)
+        cycle.reused = reused
+        # Kept to send again: after the keep-alive race, or to a peer if the container
+        # closes the connection without an answer.
+        if (reused or (cycle.may_fall_back and cycle.peer is None)) and (
+            cycle.request.method in IDEMPOTENT
+        ):
+            cycle.replay = bytearray(cycle.head)
         self._exchange.request_forwarded(fresh_upstream=fresh)
 
-    async def _connect(self, cycle: RequestCycle, replay: bytes | None) -> None:
-        """Open a new connection to the cycle's container, then send its request.
-
-        The one place that connects: for a request held while connecting, or (``replay``)
-        for one sent again after the container closed a kept-alive connection under it.
-        """
-        container = cycle.container
-        assert container is not None
-        try:
-            async with asyncio.timeout(self._edge.connect_timeout):
-                _, upstream = await self._loop.create_connection(
-                    lambda: Upstream(container), container.host, container.port
-                )
-        except (OSError, TimeoutError) as exc:
-            timed_out = isinstance(exc, TimeoutError)
-            if timed_out:
-                self._state.timeouts["connect"] += 1
-            log.warning(
-                "container %s at %s:%d %s",
-                container.container_id[:12],
-                container.host,
-                container.port,
-                f"did not accept a connection in {self._edge.connect_timeout:g} s"
-                if timed_out
-                else f"is unreachable: {exc}",
-            )
-            if self._cycle is cycle:
-                self._connect_failed(
-                    cycle, answers.CONNECT_TIMEOUT if timed_out else answers.UNREACHABLE
-                )
-            return
-        if self._closed or self._cycle is not cycle:
-            upstream.close()
-            return
-        self._forward_to(upstream, fresh=True, reused=False)
+    def _write_request(self, cycle: RequestCycle, upstream: Upstream, replay: bytes | None) -> None:
+        """Write the request on the connection it was just given: the whole of it again
+        (``replay``), or its head and whatever of its body waited for the connection."""
         if replay is not None:
             upstream.write(replay)
+            if cycle.replay is not None:
+                cycle.replay = bytearray(replay)
             return
-        held, cycle.held = cycle.held, []
-        upstream.write(held[0].data)
+        upstream.write(cycle.head)
+        held = cycle.held
+        if not held:
+            return
+        cycle.held = []
         for piece in held[1:]:
             assert not isinstance(piece, framing.RequestStarted)
             self._send(piece)
@@ -488,8 +528,99 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._receive(None)
 
-    def _connect_failed(self, cycle: RequestCycle, failure: answers.Failure) -> None:
-        """No connection to the container: answer the request ourselves, drop its body."""
+    async def _connect(self, cycle: RequestCycle, target: Target, replay: bytes | None) -> None:
+        """Open a new connection to ``target``, then send the cycle's request on it.
+
+        The one place that connects: for a request held while connecting, or (``replay``)
+        for one sent again after the container closed a kept-alive connection under it.
+        """
+        try:
+            async with asyncio.timeout(self._edge.connect_timeout):
+                _, upstream = await self._loop.create_connection(
+                    lambda: Upstream(target), target.host, target.port
+                )
+        except (OSError, TimeoutError) as exc:
+            timed_out = isinstance(exc, TimeoutError)
+            if timed_out:
+                self._state.timeouts["connect"] += 1
+            log.warning(
+                "%s at %s:%d %s",
+                target.name,
+                target.host,
+                target.port,
+                f"did not accept a connection in {self._edge.connect_timeout:g} s"
+                if timed_out
+                else f"is unreachable: {exc}",
+            )
+            if self._cycle is cycle:
+                failure = answers.CONNECT_TIMEOUT if timed_out else answers.UNREACHABLE
+                self._connect_failed(cycle, replay, failure)
+            return
+        if self._closed or self._cycle is not cycle:
+            upstream.close()
+            return
+        self._forward_to(upstream, fresh=True, reused=False)
+        self._write_request(cycle, upstream, replay)
+
+    def _connect_failed(
+        self, cycle: RequestCycle, replay: bytes | None, failure: answers.Failure
+    ) -> None:
+        """No connection to where the request was going: the next peer, or an answer."""
+        if cycle.peer is not None:
+            assert self._fallback is not None
+            self._fallback.refused(cycle.peer)
+            self._fall_back(cycle, [], replay, failure)
+            return
+        container = cycle.container
+        assert container is not None
+        self._note_down(container)
+        if cycle.may_fall_back:
+            self._fall_back(cycle, [], replay, failure)
+        else:
+            self._give_up(cycle, answers.FALLBACK_NO_CONTAINER if cycle.sender else failure)
+
+    def _note_down(self, container: Container) -> None:
+        """The container here took no request: while peers can, they take what they may."""
+        fallback = self._fallback
+        if fallback is not None and fallback.peers and not container.down:
+            log.warning("%s is down: requests go to peers until it answers again", container.name)
+            fallback.mark_down(container, container.config.health_check_path)
+
+    def _fall_back(
+        self,
+        cycle: RequestCycle,
+        rest: list[framing.ClientPiece],
+        replay: bytes | None,
+        failure: answers.Failure,
+    ) -> bool:
+        """Send the request to the next peer that may take it; ``failure`` is the answer
+        if none does. False when connecting, as for :meth:`_dispatch`."""
+        fallback = self._fallback
+        assert fallback is not None
+        if cycle.peer is None:  # it leaves this host: counted at the peer, not here
+            container, cycle.container = cycle.container, None
+            if container is not None:
+                container.request_finished()
+            head = cycle.head
+            cycle.head = fallback.marked(head)
+            if replay is not None:
+                replay = cycle.head + replay[len(head) :]
+            cycle.peers_left = fallback.candidates()
+            cycle.failure = failure
+        if not cycle.peers_left:
+            fallback.unplaced += 1
+            failure = cycle.failure or failure
+            cycle.peer = None
+            if cycle.held or replay is not None:
+                self._give_up(cycle, failure)
+            else:  # at the request's start: the caller drops its body
+                self._fail(failure, close=False)
+            return True
+        cycle.peer = cycle.peers_left.pop(0)
+        return self._dispatch(cycle, cycle.peer, rest, replay)
+
+    def _give_up(self, cycle: RequestCycle, failure: answers.Failure) -> None:
+        """No connection anywhere: answer the request ourselves, drop its body."""
         held, cycle.held = cycle.held, []
         self.resume_reading("connecting")
         self._fail(failure, close=False)
@@ -649,39 +780,41 @@ class ClientConnection(asyncio.Protocol):
             self._upstream_failed(upstream, reason)
 
     def _upstream_failed(self, upstream: Upstream, reason: str) -> None:
-        """The container side failed; fail the request in flight on it, if any."""
+        """The container (or peer) side failed; fail the request in flight on it, if any."""
         if self._upstream is upstream:
             self._upstream = None
         upstream.fail()
         cycle = self._cycle
-        if cycle is None or cycle.container is None or cycle.answered:
+        if cycle is None or cycle.target is not upstream or cycle.answered:
             # An idle keep-alive connection closed by the container, or one it closed
             # after answering early (the rest of the body is dropped): nothing lost.
             return
+        target = upstream.target
         if cycle.answer_begun:
             # Part of an answer went out: the client can only learn of the failure by
             # the connection closing.
-            log.warning(
-                "container %s failed in the middle of an answer: %s",
-                upstream.container.container_id[:12],
-                reason,
-            )
+            log.warning("%s failed in the middle of an answer: %s", target.name, reason)
             cycle.status = answers.NO_ANSWER.status
             self._close_cycle()
             self.close()
             return
         replay, cycle.replay = cycle.replay, None
         if replay is not None and cycle.received:
-            log.info(
-                "container %s closed a kept-alive connection as a request went out: "
-                "sending it again on a new one",
-                upstream.container.container_id[:12],
-            )
-            self._loop.create_task(self._connect(cycle, bytes(replay)))
-            return
-        log.warning(
-            "request to container %s failed: %s", upstream.container.container_id[:12], reason
-        )
+            if cycle.reused:
+                log.info(
+                    "%s closed a kept-alive connection as a request went out: "
+                    "sending it again on a new one",
+                    target.name,
+                )
+                self._loop.create_task(self._connect(cycle, target, bytes(replay)))
+                return
+            if cycle.may_fall_back and cycle.container is not None:
+                # A new connection closed unanswered: the container is going or gone.
+                log.warning("%s closed a connection without answering: %s", target.name, reason)
+                self._note_down(cycle.container)
+                self._fall_back(cycle, [], bytes(replay), answers.NO_ANSWER)
+                return
+        log.warning("request to %s failed: %s", target.name, reason)
         self._fail(answers.NO_ANSWER, close=True)
         self.close()
 
@@ -754,6 +887,14 @@ class ClientConnection(asyncio.Protocol):
         revision = container.config.revision if container is not None else NO_REVISION
         status = cycle.status or CLIENT_CLOSED_REQUEST
         self._state.request_finished(revision, status, seconds, cycle.bytes_in, cycle.bytes_out)
+        fallback = None
+        if self._fallback is not None:
+            if cycle.peer is not None:
+                fallback = f"to={cycle.peer.url}"
+                self._fallback.sent[cycle.peer.url] += 1
+            elif cycle.sender is not None:
+                fallback = f"from={cycle.sender}"
+                self._fallback.received[cycle.sender] += 1
         if self._access_log is not None:
             request = cycle.request
             self._access_log.request(
@@ -765,6 +906,7 @@ class ClientConnection(asyncio.Protocol):
                 cycle.bytes_out,
                 seconds,
                 revision,
+                fallback,
             )
 
     def _peer(self) -> str:

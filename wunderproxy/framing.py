@@ -55,6 +55,7 @@ class RequestStarted:
     method: bytes
     target: bytes
     data: bytes
+    fallback: bytes | None = None  # its X-Wunderproxy-Fallback value, if it has one
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs twice as much
@@ -324,7 +325,10 @@ class Exchange:
             self._chunks = ChunkedReader(self._max_body, self._max_head)
         else:
             self._left = length
-        return [RequestStarted(found.method, found.target, head), *self._read_body()]
+        return [
+            RequestStarted(found.method, found.target, head, found.fallback),
+            *self._read_body(),
+        ]
 
     def _read_body(self) -> list[ClientPiece]:
         pending = self._pending

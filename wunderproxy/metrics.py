@@ -143,6 +143,25 @@ class ProxyCollector(Collector):
             value=0 if state.docker_error else 1,
         )
 
+        fallback = state.fallback
+        if fallback is not None:
+            requests_fallen_back = CounterMetricFamily(
+                "wunderproxy_fallback_requests",
+                "Requests sent to a peer because no container here could take them "
+                "(direction sent, peer: its URL), and requests peers sent here (direction "
+                "received, peer: the sending instance).",
+                labels=("direction", "peer"),
+            )
+            for direction, counts in (("sent", fallback.sent), ("received", fallback.received)):
+                for peer, n in sorted(counts.items()):
+                    requests_fallen_back.add_metric([direction, peer], n)
+            yield requests_fallen_back
+            yield CounterMetricFamily(
+                "wunderproxy_fallback_unplaced_requests",
+                "Requests that could have gone to a peer but no peer accepted them.",
+                value=fallback.unplaced,
+            )
+
 
 def _bound(le: float) -> str:
     return "+Inf" if math.isinf(le) else repr(le)

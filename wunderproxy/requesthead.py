@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from wunderproxy.fields import (
+    FALLBACK_FIELD,
     FIELD_LINES,
     TOKEN,
     HeadError,
@@ -48,8 +49,9 @@ CHUNKED = -1
 _REQUEST_LINE = rb"(" + TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.([01])\r\n"
 _REQUEST_LINE_RE = re.compile(_REQUEST_LINE)
 _REQUEST_HEAD = re.compile(_REQUEST_LINE + FIELD_LINES)
+# The fields read here: the framing ones, and the fallback mark of a peer's request.
 _FRAMING_FIELD = fields_pattern(
-    "content-length", "transfer-encoding", "connection", "host", "upgrade"
+    "content-length", "transfer-encoding", "connection", "host", "upgrade", FALLBACK_FIELD
 )
 _AUTHORITY = re.compile(rb"[-a-zA-Z0-9._~!$&'()*+,;=%]+:[0-9]+|\[[0-9a-fA-F:.]+\]:[0-9]+")
 _HTTP_URL = re.compile(rb"http://([^/?#@]+)(?:[/?].*)?", re.IGNORECASE)
@@ -66,6 +68,7 @@ class RequestHead:
     keep_alive: bool
     connection: bytes | None  # the Connection field(s), for the answer's reader
     upgrade: bool  # an Upgrade field was sent: a 101 answer may switch protocols
+    fallback: bytes | None = None  # the X-Wunderproxy-Fallback value; b"" when sent twice
 
 
 def read_request_head(head: bytes) -> RequestHead:
@@ -81,6 +84,7 @@ def read_request_head(head: bytes) -> RequestHead:
     hosts = 0
     upgrade = False
     upgrade_field = False  # even empty: the rule below must not hang on how each parser reads one
+    fallback: bytes | None = None
     for field in _FRAMING_FIELD.finditer(head):  # a loop, not a generator: the hot path
         name, value = field.group(1).lower(), field.group(2)
         if name == b"host":
@@ -94,9 +98,12 @@ def read_request_head(head: bytes) -> RequestHead:
             # Several Connection fields are one comma-separated list (RFC 9110 5.3).
             value = stripped(value)
             connection = value if connection is None else connection + b", " + value
-        else:
+        elif name == b"upgrade":
             upgrade_field = True
             upgrade = upgrade or bool(stripped(value))
+        else:
+            # Two marks cannot both be the sender's own: neither counts.
+            fallback = stripped(value) if fallback is None else b""
     if hosts > 1 or (hosts == 0 and minor == b"1"):
         raise HeadError("an HTTP/1.1 request needs exactly one Host field (RFC 9112 3.2)")
     if target[0] != 47 or method == b"CONNECT":  # not origin-form ("/..."), the common case
@@ -114,7 +121,9 @@ def read_request_head(head: bytes) -> RequestHead:
     body_length = CHUNKED if chunked is not None else int(length) if length is not None else 0
     if body_length and (method == b"CONNECT" or (upgrade_field and b"upgrade" in tokens)):
         _refuse_switching_body(method)
-    return RequestHead(method, target, b"1." + minor, body_length, keep_alive, connection, upgrade)
+    return RequestHead(
+        method, target, b"1." + minor, body_length, keep_alive, connection, upgrade, fallback
+    )
 
 
 def check_request_line(line: bytes) -> None:

@@ -13,6 +13,7 @@ from wunderproxy import __version__, fdlimit, manager
 from wunderproxy.accesslog import AccessLog
 from wunderproxy.config import Address, Config
 from wunderproxy.controller import Controller, Engine, Startup
+from wunderproxy.fallback import Fallback
 from wunderproxy.forwarder import ClientConnection, sweep_interval
 from wunderproxy.listeners import (
     ACCEPT_LINGER,
@@ -62,6 +63,8 @@ class Server:
         self.config = config
         self.access_log = access_log
         self.state = ProxyState(config.app, __version__)
+        if config.fleet.secret is not None:
+            self.state.fallback = Fallback(config.fleet)
         self.controller = Controller(config, self.state, store, engine)
         self.manager = manager.Manager(self.controller, self.state, config.api_token)
         self._pid_file = PidFile(pid_file) if pid_file is not None else None
@@ -129,6 +132,8 @@ class Server:
             await self._shutdown(proxy, api)
         finally:
             sweeper.cancel()
+            if self.state.fallback is not None:
+                self.state.fallback.stop()
             if self._pid_file is not None:
                 self._pid_file.remove()
             if self.access_log is not None:

@@ -12,12 +12,15 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from wunderproxy.events import DeployEvents
 from wunderproxy.launchconfig import LaunchConfig
 from wunderproxy.timestamps import rfc3339
 from wunderproxy.traffic import Traffic, describe_figures, describe_minute, merged
+
+if TYPE_CHECKING:
+    from wunderproxy.fallback import Fallback
 
 ContainerState = Literal["launched", "serving", "draining"]
 
@@ -50,6 +53,7 @@ class Container:
     in_flight: int = 0
     upgraded: int = 0
     stopping: bool = False
+    down: bool = False  # refused a connection; requests that may go to a peer skip it
     links: set[Link] = field(default_factory=set, repr=False)
     spare: list[Link] = field(default_factory=list, repr=False)  # idle, for the next client
     _idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
@@ -66,6 +70,11 @@ class Container:
     def revision(self) -> str:
         """The app revision, from the launch config."""
         return self.config.revision
+
+    @property
+    def name(self) -> str:
+        """How log lines name it."""
+        return f"container {self.container_id[:12]}"
 
     def request_started(self) -> None:
         """A request was routed here."""
@@ -127,6 +136,11 @@ class RequestCounters:
     by_status: Counter[int] = field(default_factory=Counter)
 
 
+def health_path_of(config: LaunchConfig) -> bytes:
+    """The path (without query) of a config's health check, as request targets carry it."""
+    return config.health_check_path.encode("latin-1").partition(b"?")[0]
+
+
 class ProxyState:
     """Which container serves, which others run, and what the proxy has seen."""
 
@@ -147,6 +161,11 @@ class ProxyState:
         self.events = DeployEvents()
         # history.json as last read or written, oldest first.
         self.deploy_history: list[dict[str, str]] = []
+        # The health check path of the config serving (or to serve, while it starts):
+        # requests for it are never sent to a peer.
+        self.health_check_path: bytes | None = None
+        # Peers and figures of peer fallback; None without --fallback-secret.
+        self.fallback: Fallback | None = None
         self._started = time.monotonic()
 
     # -- containers ----------------------------------------------------------------
@@ -170,6 +189,7 @@ class ProxyState:
         previous = self.current
         container.state = "serving"
         self.current = container
+        self.health_check_path = health_path_of(container.config)
         if previous is not None and previous is not container:
             previous.state = "draining"
         self.requests.since_switch = 0
@@ -250,4 +270,4 @@ class ProxyState:
             },
             "events": [event.describe() for event in self.events.newest_first()],
             "deploys": list(reversed(self.deploy_history)),
-        }
+        } | ({"fallback": self.fallback.describe()} if self.fallback is not None else {})

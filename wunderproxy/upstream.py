@@ -13,11 +13,34 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol, cast
 
-from wunderproxy.state import Container
+from wunderproxy.state import Link
 
 # Idle connections kept open to a container for the next client connection (nginx's
 # upstream keepalive default in its documentation's example).
 MAX_SPARE = 64
+
+
+class Target(Protocol):
+    """Where upstream connections go: a container here, or a peer's proxy."""
+
+    host: str
+    port: int
+    links: set[Link]  # its open connections
+    spare: list[Link]  # its idle ones kept for the next client
+
+    @property
+    def state(self) -> str:
+        """ "serving" while new requests may go there."""
+
+    @property
+    def name(self) -> str:
+        """How log lines name it."""
+
+    def upgrade_started(self) -> None:
+        """A connection there left HTTP."""
+
+    def upgrade_finished(self) -> None:
+        """An upgraded connection there ended."""
 
 
 class UpstreamClient(Protocol):
@@ -40,17 +63,17 @@ class UpstreamClient(Protocol):
 
 
 class Upstream(asyncio.Protocol):
-    """One connection to a container, serving one client connection at a time.
+    """One connection to a container (or a peer), serving one client connection at a time.
 
-    It is a :class:`~wunderproxy.state.Link` of its container, so that a drain can close
-    it between requests, or cut it (with its upgraded client) at the drain deadline.
+    It is a :class:`~wunderproxy.state.Link` of its target, so that a container's drain can
+    close it between requests, or cut it (with its upgraded client) at the drain deadline.
     """
 
     # Slots: one of these per client connection, so its size counts in memory per connection.
-    __slots__ = ("_busy", "_client", "_ended", "_upgraded", "container", "transport")
+    __slots__ = ("_busy", "_client", "_ended", "_upgraded", "target", "transport")
 
-    def __init__(self, container: Container) -> None:
-        self.container = container
+    def __init__(self, target: Target) -> None:
+        self.target = target
         self.transport: asyncio.Transport | None = None
         self._client: UpstreamClient | None = None
         # Made for a request: busy from the start, or a drain could close it while it
@@ -58,7 +81,7 @@ class Upstream(asyncio.Protocol):
         self._busy = True
         self._upgraded = False
         self._ended = False
-        container.links.add(self)
+        target.links.add(self)
 
     # -- what the client connection does with it -----------------------------------
 
@@ -74,11 +97,11 @@ class Upstream(asyncio.Protocol):
     def upgrade(self) -> None:
         """The container switched protocols: bytes flow both ways until either side closes."""
         self._upgraded = True
-        self.container.upgrade_started()
+        self.target.upgrade_started()
 
     def park(self) -> None:
         """The client left: keep this idle connection for another one, or close it."""
-        container = self.container
+        target = self.target
         transport = self.transport
         if (
             self._busy
@@ -86,14 +109,14 @@ class Upstream(asyncio.Protocol):
             or self._ended
             or transport is None
             or transport.is_closing()
-            or container.state != "serving"
-            or len(container.spare) >= MAX_SPARE
+            or target.state != "serving"
+            or len(target.spare) >= MAX_SPARE
         ):
             self.close()
             return
         self._client = None
         transport.resume_reading()
-        container.spare.append(self)
+        target.spare.append(self)
 
     def end(self) -> bool:
         """The container's side ended; False when that was already known."""
@@ -147,9 +170,9 @@ class Upstream(asyncio.Protocol):
             self._client.close()
 
     def _forget(self) -> None:
-        self.container.links.discard(self)
-        if self in self.container.spare:
-            self.container.spare.remove(self)
+        self.target.links.discard(self)
+        if self in self.target.spare:
+            self.target.spare.remove(self)
 
     # -- asyncio.Protocol --------------------------------------------------------
 
@@ -174,7 +197,7 @@ class Upstream(asyncio.Protocol):
         self._forget()
         if self._upgraded:
             self._upgraded = False
-            self.container.upgrade_finished()
+            self.target.upgrade_finished()
         if self._client is not None:
             self._client.upstream_ended(self, str(exc) if exc else "the connection was closed")
 
@@ -187,10 +210,10 @@ class Upstream(asyncio.Protocol):
             self._client.resume_reading("upstream")
 
 
-def take_spare(container: Container) -> Upstream | None:
-    """An idle connection to ``container`` left by an earlier client, if one is open."""
-    while container.spare:
-        upstream = cast(Upstream, container.spare.pop())
+def take_spare(target: Target) -> Upstream | None:
+    """An idle connection to ``target`` left by an earlier client, if one is open."""
+    while target.spare:
+        upstream = cast(Upstream, target.spare.pop())
         transport = upstream.transport
         if not upstream.ended and transport is not None and not transport.is_closing():
             return upstream

@@ -6,8 +6,11 @@ with ``Connection: close``; ``/then-drop`` answers, then closes its connection o
 next request without answering (as a server's idle timeout does); ``/ws`` accepts an
 upgrade and then echoes raw bytes; ``/big/N`` answers N bytes; ``/stall`` sends a head and
 half its body, then nothing; ``/events`` answers a ``text/event-stream`` without a length,
-three events 0.1 s apart, and ends it by closing the connection.
-Every answer carries ``X-Backend: NAME`` so tests can tell which server answered.
+three events 0.1 s apart, and ends it by closing the connection; ``/drop`` closes its
+connection without answering. With ``answering`` False, every request is met that way
+(an app that crashed while its port stays open).
+Every answer carries ``X-Backend: NAME`` so tests can tell which server answered, and
+``heads`` keeps every request head received.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class Backend:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     drop_next_on_connection: dict[int, bool] = field(default_factory=dict)
     dropped: int = 0
+    heads: list[h11.Request] = field(default_factory=list)
+    answering: bool = True
 
     @property
     def port(self) -> int:
@@ -37,8 +42,8 @@ class Backend:
         port: int = self.server.sockets[0].getsockname()[1]
         return port
 
-    async def start(self) -> Backend:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+    async def start(self, port: int = 0) -> Backend:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", port)
         return self
 
     async def stop(self) -> None:
@@ -60,6 +65,7 @@ class Backend:
                 if request is None:
                     return
                 self.requests += 1
+                self.heads.append(request)
                 if not await self._answer(conn, writer, reader, request, body):
                     return
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
@@ -86,6 +92,9 @@ class Backend:
             return False  # closes without an answer, as after its own idle timeout
         if path == "/then-drop":
             self.drop_next_on_connection[id(writer)] = True
+        if path == "/drop" or not self.answering:
+            self.dropped += 1
+            return False
         if path == "/ws":
             writer.write(
                 conn.send(

@@ -8,6 +8,7 @@ test controls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -22,19 +23,21 @@ from tests.support.waiting import eventually
 from tests.support.wire import read_answer, send_request
 from wunderproxy.accesslog import AccessLog
 from wunderproxy.config import Edge
+from wunderproxy.fallback import Fallback
 from wunderproxy.forwarder import ClientConnection
 from wunderproxy.launchconfig import md5_hex, parse_launch_config
 from wunderproxy.state import Container, ProxyState
 
 
-def make_container(backend: Backend, revision: str) -> Container:
-    raw = json.dumps({"Revision": revision, "HealthCheckPath": "/"}).encode()
+def make_container(backend: Backend | int, revision: str, health_path: str = "/") -> Container:
+    """A container of ``revision`` answering on ``backend`` (or on this port)."""
+    raw = json.dumps({"Revision": revision, "HealthCheckPath": health_path}).encode()
     return Container(
         config=parse_launch_config(raw, md5_hex(raw)),
         image=f"test/{revision}",
         container_id=f"{revision}-container",
         host="127.0.0.1",
-        port=backend.port,
+        port=backend if isinstance(backend, int) else backend.port,
         started_at=datetime.now(UTC),
     )
 
@@ -112,11 +115,15 @@ class Client:
         self.writer.close()
 
 
-@pytest.fixture
-async def proxy(tmp_path: Path) -> AsyncIterator[Proxy]:
-    state = ProxyState("testapp", "test")
+@contextlib.asynccontextmanager
+async def running_proxy(
+    log_path: Path, name: str = "testapp", fallback: Fallback | None = None
+) -> AsyncIterator[Proxy]:
+    """The forwarder on a free 127.0.0.1 port, with an access log at ``log_path``."""
+    state = ProxyState(name, "test")
+    state.fallback = fallback
     connections: set[ClientConnection] = set()
-    access_log = AccessLog(str(tmp_path / "access.log"))
+    access_log = AccessLog(str(log_path))
     access_log.start()
 
     def new_connection() -> ClientConnection:
@@ -127,15 +134,25 @@ async def proxy(tmp_path: Path) -> AsyncIterator[Proxy]:
     server = await asyncio.get_running_loop().create_server(new_connection, "127.0.0.1", 0)
     proxy = Proxy(state, server, access_log)
     proxy.connections = connections
-    yield proxy
-    for client in proxy.clients:
-        client.close()
-    for connection in connections:
-        connection.abort()
-    await asyncio.sleep(0.05)
-    server.close()
-    await server.wait_closed()
-    await access_log.close()
+    try:
+        yield proxy
+    finally:
+        for client in proxy.clients:
+            client.close()
+        for connection in connections:
+            connection.abort()
+        if state.fallback is not None:
+            state.fallback.stop()
+        await asyncio.sleep(0.05)
+        server.close()
+        await server.wait_closed()
+        await access_log.close()
+
+
+@pytest.fixture
+async def proxy(tmp_path: Path) -> AsyncIterator[Proxy]:
+    async with running_proxy(tmp_path / "access.log") as started:
+        yield started
 
 
 @pytest.fixture

@@ -1,0 +1,281 @@
+"""Peer fallback over real sockets: in-process proxies as hosts, h11 servers as their apps.
+
+``here`` (instance web-1) has ``there`` (web-2, serving the green app) as its peer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.backend import Backend
+from tests.support.docker import free_port
+from tests.support.proxied import Proxy, make_container, running_proxy
+from tests.support.waiting import eventually
+from tests.support.wire import send_request
+from wunderproxy.config import Fleet, Peer
+from wunderproxy.fallback import Fallback, request_line, unmarked
+from wunderproxy.metrics import Metrics
+
+SECRET = b"shared by the fleet"
+HEALTH = "/health"
+
+
+def fleet_of(instance: str, *peers: Proxy | int) -> Fallback:
+    """A fallback for ``instance`` with these peers (proxies, or ports nothing listens on)."""
+    ports = [p if isinstance(p, int) else p.port for p in peers]
+    return Fallback(
+        Fleet(
+            instance=instance,
+            peers=tuple(Peer.parse(f"http://127.0.0.1:{port}") for port in ports),
+            secret=SECRET,
+        )
+    )
+
+
+def mark_of(instance: str, line: str) -> str:
+    """The mark a sender puts on a request, computed here independently."""
+    signature = hmac.new(SECRET, f"{instance} {line}".encode(), hashlib.sha256).hexdigest()
+    return f"{instance} {signature}"
+
+
+def mark_seen(backend: Backend) -> str | None:
+    """The fallback mark on the last request the app received, if any."""
+    marks = [v for k, v in backend.heads[-1].headers if k == b"x-wunderproxy-fallback"]
+    assert len(marks) <= 1, marks
+    return marks[0].decode() if marks else None
+
+
+@pytest.fixture
+async def there(tmp_path: Path, green: Backend) -> AsyncIterator[Proxy]:
+    async with running_proxy(tmp_path / "there.log", fallback=fleet_of("web-2")) as proxy:
+        proxy.serve(make_container(green, "rev1", HEALTH))
+        yield proxy
+
+
+@pytest.fixture
+async def here(tmp_path: Path, there: Proxy) -> AsyncIterator[Proxy]:
+    async with running_proxy(tmp_path / "here.log", fallback=fleet_of("web-1", there)) as proxy:
+        yield proxy
+
+
+def peer_url(proxy: Proxy) -> str:
+    return f"http://127.0.0.1:{proxy.port}"
+
+
+# -- the mark ---------------------------------------------------------------------------
+
+
+def test_a_mark_is_valid_only_for_its_instance_request_line_and_secret() -> None:
+    head = b"GET /cart?id=3 HTTP/1.1\r\nHost: shop\r\n\r\n"
+    marked = fleet_of("web-1").marked(head)
+    mark = marked.split(b"\r\n")[-3]
+    assert (
+        mark == b"X-Wunderproxy-Fallback: " + mark_of("web-1", "GET /cart?id=3 HTTP/1.1").encode()
+    )
+    value = mark.partition(b": ")[2]
+    receiver = fleet_of("web-2")
+    assert receiver.sender(value, marked) == "web-1"
+    assert receiver.sender(value, b"GET /cart?id=4 HTTP/1.1\r\nHost: shop\r\n\r\n") is None
+    assert receiver.sender(value.replace(b"web-1", b"web-3", 1), marked) is None
+    assert receiver.sender(b"web-1", marked) is None
+    assert receiver.sender(b"", marked) is None
+    stranger = Fallback(Fleet(instance="web-2", secret=b"another fleet"))
+    assert stranger.sender(value, marked) is None
+
+
+def test_unmarked_removes_every_mark_whatever_its_case() -> None:
+    head = (
+        b"GET / HTTP/1.1\r\nx-wunderproxy-fallback: a b\r\nHost: h\r\n"
+        b"X-WUNDERPROXY-FALLBACK:c\r\n\r\n"
+    )
+    assert unmarked(head) == b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
+    assert request_line(head) == b"GET / HTTP/1.1"
+
+
+# -- when a request falls back -------------------------------------------------------------
+
+
+async def test_with_no_container_here_a_request_is_served_by_a_peer_with_the_mark(
+    here: Proxy, there: Proxy, green: Backend
+) -> None:
+    client = await here.connect()
+    status, headers, body = await client.request("GET", "/cart?id=3")
+    assert (status, headers["x-backend"], body) == (200, "green", b"green")
+    assert mark_seen(green) == mark_of("web-1", "GET /cart?id=3 HTTP/1.1")
+    assert here.state.snapshot()["fallback"]["by_peer"]["sent"] == {peer_url(there): 1}
+    assert there.state.snapshot()["fallback"]["by_peer"]["received"] == {"web-1": 1}
+    (sent,) = await here.logged_lines(1)
+    (received,) = await there.logged_lines(1)
+    assert sent.split()[-1] == f"to={peer_url(there)}" and " 200 " in sent
+    assert received.split()[-1] == "from=web-1" and " rev1 " in received
+
+
+async def test_a_request_body_reaches_the_peer_whole(here: Proxy, green: Backend) -> None:
+    body = bytes(range(256)) * 1024
+    client = await here.connect()
+    assert await client.request("POST", "/echo", body) == (
+        200,
+        {"x-backend": "green", "content-length": str(len(body))},
+        body,
+    )
+
+
+async def test_a_container_refusing_connections_is_skipped_until_a_probe_finds_it_up(
+    here: Proxy, green: Backend
+) -> None:
+    port = free_port()
+    container = make_container(port, "rev7", HEALTH)
+    here.serve(container)
+    client = await here.connect()
+    assert (await client.request("POST", "/echo", b"a body"))[1:] == (
+        {"x-backend": "green", "content-length": "6"},
+        b"a body",
+    )
+    assert container.down
+    # Known down: the next requests go to the peer without trying it.
+    assert (await client.request("GET", "/a"))[1]["x-backend"] == "green"
+    assert container.in_flight == 0
+    blue = await Backend("blue").start(port)
+    try:
+        await eventually(lambda: not container.down, within=5)
+        assert (await client.request("GET", "/a"))[1]["x-backend"] == "blue"
+    finally:
+        await blue.stop()
+
+
+async def test_a_container_closing_without_an_answer_sends_a_get_again_but_not_a_post(
+    here: Proxy, blue: Backend, green: Backend
+) -> None:
+    here.serve(make_container(blue, "rev7", HEALTH))
+    blue.answering = False
+    client = await here.connect()
+    assert (await client.request("GET", "/a"))[:2] == (
+        200,
+        {"x-backend": "green", "content-length": "5"},
+    )
+    assert blue.dropped == 1
+    assert mark_seen(green) == mark_of("web-1", "GET /a HTTP/1.1")
+    # A POST may have been acted on: it is not sent twice.
+    here.state.current.down = False  # type: ignore[union-attr]
+    poster = await here.connect()
+    status, _, body = await poster.request("POST", "/a", b"x")
+    assert (status, body) == (502, b"the app container failed to answer\n")
+    assert green.requests == 1
+
+
+async def test_the_health_check_path_is_never_sent_to_a_peer(here: Proxy, green: Backend) -> None:
+    here.serve(make_container(free_port(), "rev7", HEALTH))
+    for target in (HEALTH, HEALTH + "?from=lb"):
+        client = await here.connect()
+        assert (await client.request("GET", target))[0] == 502
+    assert green.requests == 0
+    client = await here.connect()
+    assert (await client.request("GET", "/healthy"))[1]["x-backend"] == "green"
+
+
+async def test_a_forged_mark_is_removed_before_the_request_goes_anywhere(
+    here: Proxy, blue: Backend, green: Backend
+) -> None:
+    forged = [("X-Wunderproxy-Fallback", mark_of("web-9", "GET /x HTTP/1.1").replace("a", "b"))]
+    client = await here.connect()
+    send_request(client.conn, client.writer, "GET", "/x", headers=forged)
+    assert (await client.response())[1]["x-backend"] == "green", "no container: a peer serves it"
+    assert mark_seen(green) == mark_of("web-1", "GET /x HTTP/1.1")
+    here.serve(make_container(blue, "rev7", HEALTH))
+    send_request(client.conn, client.writer, "GET", "/x", headers=forged)
+    assert (await client.response())[1]["x-backend"] == "blue"
+    assert mark_seen(blue) is None
+
+
+async def test_a_request_from_a_peer_is_never_sent_on(
+    tmp_path: Path, here: Proxy, there: Proxy, green: Backend
+) -> None:
+    """Every container of the fleet down: one hop, then a 502, no loop."""
+    there.state.current = None
+    there.state.fallback = fleet_of("web-2", here)
+    client = await here.connect()
+    status, _, body = await client.request("GET", "/a")
+    assert (status, body) == (502, b"fallback request found no container\n")
+    assert here.state.fallback is not None and there.state.fallback is not None
+    assert here.state.fallback.sent == {peer_url(there): 1}
+    assert there.state.fallback.received == {"web-1": 1}
+    assert there.state.fallback.sent == {} and here.state.fallback.received == {}
+    assert green.requests == 0
+
+
+async def test_a_valid_mark_is_passed_on_to_the_container(there: Proxy, green: Backend) -> None:
+    mark = [("X-Wunderproxy-Fallback", mark_of("web-5", "GET /x HTTP/1.1"))]
+    client = await there.connect()
+    send_request(client.conn, client.writer, "GET", "/x", headers=mark)
+    assert (await client.response())[0] == 200
+    assert mark_seen(green) == mark[0][1]
+    assert there.state.fallback is not None and there.state.fallback.received == {"web-5": 1}
+
+
+# -- which peer ---------------------------------------------------------------------------
+
+
+async def test_peers_take_turns_and_one_that_refuses_is_skipped_for_a_while(
+    tmp_path: Path, here: Proxy, there: Proxy, blue: Backend, green: Backend
+) -> None:
+    async with running_proxy(tmp_path / "third.log", fallback=fleet_of("web-3")) as third:
+        third.serve(make_container(blue, "rev1", HEALTH))
+        dead = free_port()
+        here.state.fallback = fleet_of("web-1", there, dead, third)
+        answered_by = []
+        for _ in range(6):
+            client = await here.connect()
+            answered_by.append((await client.request("GET", "/a"))[1]["x-backend"])
+        assert sorted(answered_by) == ["blue"] * 3 + ["green"] * 3
+        peers = here.state.snapshot()["fallback"]["peers"]
+        assert [p["url"] for p in peers] == [
+            peer_url(there),
+            f"http://127.0.0.1:{dead}",
+            peer_url(third),
+        ]
+        assert (
+            peers[1]["skipped_for"] > 3 and peers[0]["skipped_for"] == peers[2]["skipped_for"] == 0
+        )
+
+
+async def test_with_every_peer_down_the_local_answer_stands(tmp_path: Path) -> None:
+    async with running_proxy(tmp_path / "a.log", fallback=fleet_of("web-1", free_port())) as alone:
+        client = await alone.connect()
+        status, _, body = await client.request("GET", "/a")
+        assert (status, body) == (503, b"no container is deployed yet\n")
+        assert alone.state.snapshot()["fallback"]["unplaced"] == 1
+
+
+async def test_a_client_connection_keeps_its_connection_to_the_peer(
+    here: Proxy, there: Proxy
+) -> None:
+    client = await here.connect()
+    for _ in range(5):
+        assert (await client.request("GET", "/a"))[0] == 200
+    assert len(there.connections) == 1
+
+
+async def test_metrics_count_fallback_requests_by_direction_and_peer(
+    here: Proxy, there: Proxy
+) -> None:
+    client = await here.connect()
+    assert (await client.request("GET", "/a"))[0] == 200
+    assert here.state.fallback is not None and there.state.fallback is not None
+    sent = Metrics(here.state).render().decode()
+    received = Metrics(there.state).render().decode()
+    assert (
+        f'wunderproxy_fallback_requests_total{{direction="sent",peer="{peer_url(there)}"}} 1.0'
+        in sent
+    )
+    assert 'wunderproxy_fallback_requests_total{direction="received",peer="web-1"} 1.0' in received
+
+
+async def test_without_peers_nothing_falls_back_and_status_has_no_fallback(proxy: Proxy) -> None:
+    client = await proxy.connect()
+    assert (await client.request("GET", "/a"))[0] == 503
+    assert "fallback" not in proxy.state.snapshot()
