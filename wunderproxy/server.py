@@ -104,6 +104,13 @@ class Server:
             _bound(proxy, self.config.proxy),
             _bound(api, self.config.api),
         )
+        fleet = self.config.fleet
+        if fleet.peers:
+            log.info(
+                "instance %s: requests no container here can take go to %s",
+                fleet.instance,
+                ", ".join(peer.url for peer in fleet.peers),
+            )
         if not self.config.api.is_loopback_only and self.config.api_token is None:
             log.warning(
                 "the API listens on %s without --api-token: /launch and /switch are refused "
