@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 from collections.abc import AsyncIterator
@@ -279,3 +280,25 @@ async def test_without_peers_nothing_falls_back_and_status_has_no_fallback(proxy
     client = await proxy.connect()
     assert (await client.request("GET", "/a"))[0] == 503
     assert "fallback" not in proxy.state.snapshot()
+
+
+async def test_an_upgrade_goes_through_a_peer_and_is_counted_as_upgraded_here(
+    here: Proxy, green: Backend
+) -> None:
+    client = await here.connect()
+    client.send_raw(
+        b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nearly"
+    )
+    received = b""
+    while b"early" not in received:
+        received += await asyncio.wait_for(client.reader.read(1024), 5)
+    assert received.startswith(b"HTTP/1.1 101 ")
+    assert mark_seen(green) == mark_of("web-1", "GET /ws HTTP/1.1")
+    client.send_raw(b"\x81\x02hi")
+    echoed = b""
+    while b"hi" not in echoed:
+        echoed += await asyncio.wait_for(client.reader.read(1024), 5)
+    counts = here.state.connection_counts()
+    assert (counts["active"], counts["idle"], counts["upgraded"]) == (1, 0, 1)
+    client.close()
+    await eventually(lambda: here.state.connection_counts()["upgraded"] == 0)

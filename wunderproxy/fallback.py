@@ -44,7 +44,7 @@ _MARK_LINE = re.compile(rb"\r\n" + FALLBACK_FIELD.encode() + rb":[^\r]*", re.IGN
 class PeerTarget:
     """A peer's proxy as a place requests are sent to (see upstream.Target)."""
 
-    __slots__ = ("host", "links", "port", "skip_until", "spare", "url")
+    __slots__ = ("host", "links", "port", "skip_until", "spare", "upgraded", "url")
 
     # A peer takes requests whenever it accepts a connection; it is never drained.
     state = "serving"
@@ -56,6 +56,7 @@ class PeerTarget:
         self.links: set[Link] = set()
         self.spare: list[Link] = []  # idle kept-alive connections, for the next request
         self.skip_until = 0.0  # time.monotonic() until which it is not tried (it refused)
+        self.upgraded = 0  # client connections upgraded (WebSocket) through it
 
     @property
     def name(self) -> str:
@@ -63,10 +64,12 @@ class PeerTarget:
         return f"peer {self.url}"
 
     def upgrade_started(self) -> None:
-        """Upgraded connections to a peer are the peer's to count."""
+        """A client connection through it left HTTP."""
+        self.upgraded += 1
 
     def upgrade_finished(self) -> None:
-        """See :meth:`upgrade_started`."""
+        """An upgraded connection through it ended."""
+        self.upgraded -= 1
 
 
 class Fallback:

@@ -226,6 +226,8 @@ class ProxyState:
         """Client connections by state: open = active + idle; upgraded ones are active;
         draining ones are connections to a container being drained."""
         upgraded = sum(c.upgraded for c in self.containers)
+        if self.fallback is not None:
+            upgraded += sum(peer.upgraded for peer in self.fallback.peers)
         active = self.active_connections + upgraded  # an upgraded one has no request open
         return {
             "open": self.open_connections,
