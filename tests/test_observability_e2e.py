@@ -234,6 +234,7 @@ def test_the_status_page_shows_the_revision_and_counts_in_a_real_browser(
     assert '<span data-code="404">404: 2</span>' in dom
     assert '<span id="updated" class="muted">updated ' in dom  # no refresh error
     assert '<rect x="' in dom  # the requests chart has bars
+    assert '<section id="fallback-section" hidden="">' in dom  # no peers, no fallback figures
     for path, size in screenshots.values():
         png = path.read_bytes()
         assert png.startswith(b"\x89PNG\r\n\x1a\n")
