@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.support.s3",
     "tests.support.docker",
     "tests.support.proxied",
+    "tests.support.fleet",
 ]

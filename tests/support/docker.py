@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import shutil
 import socket
 import uuid
 import warnings
@@ -32,6 +31,7 @@ from wunderproxy.engine import LABEL_APP
 TEST_LABEL = "wunderproxy.test"
 APP = "testapp"
 REVISIONS = ("rev1", "rev2")
+LIST_ATTEMPTS = 10
 
 
 def free_port() -> int:
@@ -44,10 +44,22 @@ def free_port() -> int:
 
 def containers_of(client: docker.DockerClient, app_name: str) -> list[Container]:
     """Every container, in any state, labelled ``wunderproxy.app=<app_name>``."""
-    found: list[Container] = client.containers.list(
-        all=True, filters={"label": f"{LABEL_APP}={app_name}"}
-    )
-    return found
+    return labelled_containers(client, f"{LABEL_APP}={app_name}")
+
+
+def labelled_containers(client: docker.DockerClient, *labels: str) -> list[Container]:
+    """Every container, in any state, with all ``labels`` (``KEY=VALUE``)."""
+    for _ in range(LIST_ATTEMPTS):
+        try:
+            found: list[Container] = client.containers.list(
+                all=True, filters={"label": list(labels)}
+            )
+            return found
+        except docker.errors.NotFound:
+            # The SDK inspects each container it listed: one was removed in between (by the
+            # code under test, draining it). Listing again no longer finds it.
+            continue
+    raise AssertionError(f"containers labelled {labels} kept vanishing while listed")
 
 
 def remove_containers(client: docker.DockerClient, label: str) -> None:
@@ -56,6 +68,13 @@ def remove_containers(client: docker.DockerClient, label: str) -> None:
         # NotFound: removed meanwhile, e.g. by the code under test.
         with contextlib.suppress(docker.errors.NotFound):
             container.remove(force=True)
+
+
+def remove_images(client: docker.DockerClient, label: str) -> None:
+    """Force-remove every image matching ``label``, with all its tags."""
+    for image in client.images.list(filters={"label": label}):
+        with contextlib.suppress(docker.errors.NotFound):
+            client.images.remove(str(image.id), force=True)
 
 
 @dataclass(frozen=True)
@@ -122,11 +141,6 @@ def docker_client() -> Iterator[docker.DockerClient]:
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """A registry on 127.0.0.1, reached as ``localhost:PORT``, storing into a temporary dir."""
-    if shutil.which("docker-registry") is None:
-        pytest.fail(
-            "docker-registry is not installed: apt-get install -y docker-registry (.ci/run does)",
-            pytrace=False,
-        )
     root = tmp_path_factory.mktemp("registry")
     port = free_port()
     try:
@@ -179,9 +193,7 @@ def _remove_session_leftovers(
     remove_containers(client, f"{key}={value}")
     for name in app_names:
         remove_containers(client, f"{LABEL_APP}={name}")
-    for image in client.images.list(filters={"label": f"{key}={value}"}):
-        with contextlib.suppress(docker.errors.NotFound):
-            client.images.remove(str(image.id), force=True)
+    remove_images(client, f"{key}={value}")
 
 
 def forget_local_images(client: docker.DockerClient, images: AppImages) -> None:

@@ -87,6 +87,19 @@ class WunderproxyProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_for_api(self) -> None:
+        """Wait until the manager API answers; fail if the process exits first."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"wunderproxy exited at start:\n{self.log()}")
+            try:
+                http_call(self.api_port, "GET", "/status", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"wunderproxy API not up after {START_TIMEOUT} s:\n{self.log()}")
+
     def wait_until_serving(self, revision: str, timeout: float = 60.0) -> None:
         """Wait until /status says ``revision`` serves."""
         deadline = time.monotonic() + timeout
@@ -163,7 +176,7 @@ def wunderproxy(
     running = WunderproxyProcess(process, proxy_port, api_port, log_path)
     try:
         if wait_for_api:
-            _wait_for_api(running)
+            running.wait_for_api()
         yield running
     finally:
         if process.poll() is None:
@@ -173,16 +186,3 @@ def wunderproxy(
 def _limit_open_files(count: int) -> None:
     """In the child, before exec: at most ``count`` open files, with no way to raise it."""
     resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
-
-
-def _wait_for_api(running: WunderproxyProcess) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if running.process.poll() is not None:
-            raise AssertionError(f"wunderproxy exited at start:\n{running.log()}")
-        try:
-            http_call(running.api_port, "GET", "/status", timeout=1)
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"wunderproxy API not up after {START_TIMEOUT} s:\n{running.log()}")
