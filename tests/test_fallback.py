@@ -196,17 +196,52 @@ async def test_a_forged_mark_is_removed_before_the_request_goes_anywhere(
 async def test_a_request_from_a_peer_is_never_sent_on(
     tmp_path: Path, here: Proxy, there: Proxy, green: Backend
 ) -> None:
-    """Every container of the fleet down: one hop, then a 502, no loop."""
+    """Every container of the fleet down: the peer answers at once, no loop; the sender
+    skips it for a while and, with no other peer, gives its own answer."""
     there.state.current = None
     there.state.fallback = fleet_of("web-2", here)
     client = await here.connect()
     status, _, body = await client.request("GET", "/a")
-    assert (status, body) == (502, b"fallback request found no container\n")
+    assert (status, body) == (503, b"no container is deployed yet\n")
     assert here.state.fallback is not None and there.state.fallback is not None
     assert here.state.fallback.sent == {peer_url(there): 1}
     assert there.state.fallback.received == {"web-1": 1}
     assert there.state.fallback.sent == {} and here.state.fallback.received == {}
+    assert here.state.fallback.unplaced == 1
+    assert here.state.snapshot()["fallback"]["peers"][0]["skipped_for"] > 3
     assert green.requests == 0
+
+
+async def test_a_peer_without_a_container_says_so_and_the_next_peer_serves(
+    tmp_path: Path, here: Proxy, there: Proxy, blue: Backend, green: Backend
+) -> None:
+    async with running_proxy(tmp_path / "third.log", fallback=fleet_of("web-3")) as third:
+        third.serve(make_container(blue, "rev1", HEALTH))
+        there.state.current = None
+        here.state.fallback = fleet_of("web-1", there, third)
+        client = await here.connect()
+        for _ in range(4):
+            assert (await client.request("GET", "/a"))[1]["x-backend"] == "blue"
+        # A request that may not go twice gets the peer's answer; that peer is skipped.
+        here.state.fallback = fleet_of("web-1", there, third)
+        poster = await here.connect()
+        status, headers, body = await poster.request("POST", "/echo", b"once")
+        assert (status, body) == (502, b"fallback request found no container\n")
+        assert "x-wunderproxy-unserved" in headers
+        assert (await poster.request("POST", "/echo", b"twice"))[1]["x-backend"] == "blue"
+        assert green.requests == 0
+
+
+def test_only_the_peers_own_signed_unserved_field_lets_a_request_go_again() -> None:
+    """An app behind the peer does not know the secret: its 502 cannot pass for the peer's."""
+    head = b"GET /cart HTTP/1.1\r\nHost: shop\r\n\r\n"
+    peer, sender = fleet_of("web-2"), fleet_of("web-1")
+    answer = b"HTTP/1.1 502 Bad Gateway\r\n" + peer.unserved(head) + b"\r\n"
+    assert sender.is_unserved(answer, head)
+    assert not sender.is_unserved(answer.replace(b"502", b"503", 1), head)
+    assert not sender.is_unserved(answer, head.replace(b"/cart", b"/cart2"))
+    forged = Fallback(Fleet(instance="app", secret=b"guessed")).unserved(head)
+    assert not sender.is_unserved(b"HTTP/1.1 502 Bad Gateway\r\n" + forged + b"\r\n", head)
 
 
 async def test_a_valid_mark_is_passed_on_to_the_container(there: Proxy, green: Backend) -> None:

@@ -42,12 +42,13 @@ TOO_MANY_CONNECTIONS = Failure(503, "too many connections")
 FALLBACK_NO_CONTAINER = Failure(502, "fallback request found no container")
 
 
-def plain_response(status: int, message: str, close: bool) -> bytes:
-    """A short plain-text answer the proxy sends on its own."""
+def plain_response(status: int, message: str, close: bool, fields: bytes = b"") -> bytes:
+    """A short plain-text answer the proxy sends on its own (``fields``: more header lines,
+    each ending in CRLF)."""
     body = (message + "\n").encode()
     head = (
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
         "Content-Type: text/plain; charset=utf-8\r\n"
-        f"Content-Length: {len(body)}\r\n" + ("Connection: close\r\n" if close else "") + "\r\n"
+        f"Content-Length: {len(body)}\r\n" + ("Connection: close\r\n" if close else "")
     )
-    return head.encode() + body
+    return head.encode() + fields + b"\r\n" + body

@@ -33,6 +33,7 @@ from wunderproxy.state import Container, Link
 log = logging.getLogger("wunderproxy.fallback")
 
 HEADER = b"X-Wunderproxy-Fallback"
+UNSERVED = b"X-Wunderproxy-Unserved"
 # Seconds between two health probes of a container that refused a connection; requests
 # that may fall back skip it meanwhile.
 PROBE_INTERVAL = 1.0
@@ -102,6 +103,18 @@ class Fallback:
         if not hmac.compare_digest(expected.encode(), signature):
             return None
         return instance.decode("latin-1")
+
+    def unserved(self, head: bytes) -> bytes:
+        """The field that tells the sender of a marked request that no container took it
+        here: its 502 is this proxy's own, so the request may go to another peer. Signed,
+        so that an app behind the peer cannot make the sender send a request twice."""
+        signature = hmac.new(self._secret, b"unserved " + request_line(head), hashlib.sha256)
+        return UNSERVED + b": " + signature.hexdigest().encode() + b"\r\n"
+
+    def is_unserved(self, answer: bytes, head: bytes) -> bool:
+        """True when ``answer`` (its first bytes) is a peer's 502 for ``head`` that says no
+        container took the request there."""
+        return answer.startswith(b"HTTP/1.1 502 ") and self.unserved(head) in answer
 
     def marked(self, head: bytes) -> bytes:
         """``head`` with this instance's mark added, to send to a peer."""

@@ -498,11 +498,9 @@ class ClientConnection(asyncio.Protocol):
         self._last_upstream = self._loop.time()
         cycle.target = upstream
         cycle.reused = reused
-        # Kept to send again: after the keep-alive race, or to a peer if the container
-        # closes the connection without an answer.
-        if (reused or (cycle.may_fall_back and cycle.peer is None)) and (
-            cycle.request.method in IDEMPOTENT
-        ):
+        # Kept to send again: after the keep-alive race, or to a (next) peer if the
+        # container (or peer) closes the connection without an answer.
+        if (reused or cycle.may_fall_back) and cycle.request.method in IDEMPOTENT:
             cycle.replay = bytearray(cycle.head)
         self._exchange.request_forwarded(fresh_upstream=fresh)
 
@@ -638,8 +636,12 @@ class ClientConnection(asyncio.Protocol):
 
     def _write_own_answer(self, failure: answers.Failure, close: bool) -> None:
         """Count and send an answer of the proxy's own."""
-        data = answers.plain_response(failure.status, failure.message, close)
         cycle = self._cycle
+        fields = b""
+        if failure is answers.FALLBACK_NO_CONTAINER and self._fallback is not None:
+            assert cycle is not None
+            fields = self._fallback.unserved(cycle.request.data)
+        data = answers.plain_response(failure.status, failure.message, close, fields)
         if cycle is not None:
             cycle.status = failure.status
             cycle.bytes_out += len(data)
@@ -729,6 +731,8 @@ class ClientConnection(asyncio.Protocol):
         if exchange.switched:
             transport.write(data)
             return
+        if self._fallback is not None and self._unserved(upstream, data):
+            return
         try:
             pieces = exchange.upstream_data(data)
         except framing.UpstreamProtocolError as exc:
@@ -767,6 +771,31 @@ class ClientConnection(asyncio.Protocol):
             self.resume_reading("answer")
         elif ended:
             self._answered()
+
+    def _unserved(self, upstream: Upstream, data: bytes) -> bool:
+        """A peer answered that no container took the request there either: skip that
+        peer for a while, and send the request to the next one if it can go again (True:
+        the answer is dropped). Otherwise its 502 goes to the client."""
+        cycle = self._cycle
+        fallback = self._fallback
+        if (
+            cycle is None
+            or cycle.peer is None
+            or cycle.answer_begun
+            or fallback is None
+            or not fallback.is_unserved(data, cycle.head)
+        ):
+            return False
+        log.info("%s has no container either: skipping it for a while", cycle.peer.name)
+        fallback.refused(cycle.peer)
+        replay, cycle.replay = cycle.replay, None
+        if replay is None or not cycle.received:
+            return False
+        fallback.sent[cycle.peer.url] += 1  # as the peer counts it: received
+        self._upstream = None
+        upstream.fail()
+        self._fall_back(cycle, [], bytes(replay), answers.NO_ANSWER)
+        return True
 
     def upstream_ended(self, upstream: Upstream, reason: str) -> None:
         """A container's side of a connection ended (EOF or closed); idempotent."""
@@ -808,10 +837,15 @@ class ClientConnection(asyncio.Protocol):
                 )
                 self._loop.create_task(self._connect(cycle, target, bytes(replay)))
                 return
-            if cycle.may_fall_back and cycle.container is not None:
-                # A new connection closed unanswered: the container is going or gone.
+            if cycle.may_fall_back:
+                # A new connection closed unanswered: the container (or peer) is going or
+                # gone. Another peer may take the request.
                 log.warning("%s closed a connection without answering: %s", target.name, reason)
-                self._note_down(cycle.container)
+                if cycle.peer is not None:
+                    assert self._fallback is not None
+                    self._fallback.refused(cycle.peer)
+                elif cycle.container is not None:
+                    self._note_down(cycle.container)
                 self._fall_back(cycle, [], bytes(replay), answers.NO_ANSWER)
                 return
         log.warning("request to %s failed: %s", target.name, reason)
