@@ -93,7 +93,7 @@ def main() -> None:
 @click.option(
     "--api-token",
     envvar="WUNDERPROXY_API_TOKEN",
-    help="Bearer token required by /launch and /switch (else: loopback peers only).",
+    help="Bearer token required by /launch, /switch and /abort (else: loopback peers only).",
 )
 @click.option(
     "--health-timeout",
@@ -380,7 +380,9 @@ api_option = click.option(
     help="URL of the manager API.",
 )
 token_option = click.option(
-    "--api-token", envvar="WUNDERPROXY_API_TOKEN", help="Bearer token for /launch and /switch."
+    "--api-token",
+    envvar="WUNDERPROXY_API_TOKEN",
+    help="Bearer token for /launch, /switch and /abort.",
 )
 
 

@@ -103,8 +103,8 @@ class Server:
         )
         if not self.config.api.is_loopback_only and self.config.api_token is None:
             log.warning(
-                "the API listens on %s without --api-token: /launch and /switch are refused "
-                "to every peer but this host; set --api-token to deploy from elsewhere",
+                "the API listens on %s without --api-token: /launch, /switch and /abort are "
+                "refused to every peer but this host; set --api-token to deploy from elsewhere",
                 self.config.api,
             )
         if self._take_over:
