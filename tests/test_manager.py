@@ -45,7 +45,7 @@ from wunderproxy.manager import (
     json_reply,
     serve_connection,
 )
-from wunderproxy.state import Container, ProxyState
+from wunderproxy.state import Container, Home, ProxyState
 from wunderproxy.store import CURRENT_KEY, HISTORY_KEY, config_key, load_current
 from wunderproxy.streams import close_after_refusal
 
@@ -230,6 +230,17 @@ async def test_status_answers_200_json_with_every_key_of_the_spec_example(
     assert status["DockerState"] == "Ok"
     assert {"since_start", "by_revision", "minutes"} <= set(status["traffic"])
     assert isinstance(status["events"], list) and isinstance(status["deploys"], list)
+
+
+async def test_status_names_the_instance_and_the_store_as_given_on_the_command_line(
+    controller: Controller,
+) -> None:
+    home = Home("web-2", "file:///var/lib/wunderproxy", "deploys/myapp")
+    manager = Manager(controller, ProxyState(APP, VERSION, home), token=None)
+    status = json.loads((await manager.handle(request("GET", "/status"))).body)
+    assert status["instance"] == "web-2"
+    assert status["store"] == {"bucket": "file:///var/lib/wunderproxy", "prefix": "deploys/myapp"}
+    assert {"app", "current", "requests", "DockerState"} <= set(status), "the others stay"
 
 
 async def test_a_browser_asking_for_status_gets_the_page_and_a_monitor_gets_json(

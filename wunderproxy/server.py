@@ -23,7 +23,7 @@ from wunderproxy.listeners import (
     streams,
     take_new_connections,
 )
-from wunderproxy.state import ProxyState
+from wunderproxy.state import Home, ProxyState
 from wunderproxy.store import Store
 
 log = logging.getLogger("wunderproxy")
@@ -61,7 +61,8 @@ class Server:
     ) -> None:
         self.config = config
         self.access_log = access_log
-        self.state = ProxyState(config.app, __version__)
+        home = Home(config.fleet.instance, config.bucket, config.prefix)
+        self.state = ProxyState(config.app, __version__, home)
         self.controller = Controller(config, self.state, store, engine)
         self.manager = manager.Manager(self.controller, self.state, config.api_token)
         self._pid_file = PidFile(pid_file) if pid_file is not None else None
