@@ -21,7 +21,7 @@ _HOLDABLE = ("ensure_image", "start")
 
 
 class MemoryStore:
-    """A :class:`~wunderproxy.store.Store` in a dict; ``fail_puts`` makes every put fail."""
+    """A :class:`~wunderproxy.store.Store` in a dict; ``fail_puts`` makes every write fail."""
 
     description = "memory://test/apps/myapp"
 
@@ -37,10 +37,29 @@ class MemoryStore:
 
     def put(self, key: str, data: bytes) -> None:
         with self._lock:
-            if self.fail_puts is not None:
-                raise UpstreamFailed(f"put {key} in {self.description} failed: {self.fail_puts}")
+            self._check_put(key)
             self.puts.append(key)
             self.objects[key] = bytes(data)
+
+    def create(self, key: str, data: bytes) -> bool:
+        with self._lock:
+            self._check_put(key)
+            if key in self.objects:
+                return False
+            self.puts.append(key)
+            self.objects[key] = bytes(data)
+            return True
+
+    def delete(self, key: str, expected: bytes) -> bool:
+        with self._lock:
+            if self.objects.get(key) != expected:
+                return False
+            del self.objects[key]
+            return True
+
+    def _check_put(self, key: str) -> None:
+        if self.fail_puts is not None:
+            raise UpstreamFailed(f"put {key} in {self.description} failed: {self.fail_puts}")
 
 
 @dataclass(frozen=True)
