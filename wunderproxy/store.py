@@ -10,11 +10,11 @@ executor.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
 import threading
-import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -238,7 +238,7 @@ class FileStore:
         between ``open(O_CREAT|O_EXCL)`` and the write)."""
         path = self._path(key)
         try:
-            with self._written(path, data) as temp:
+            with self._written(path, data) as temp, self._exclusive(path.parent):
                 os.link(temp, path)
         except FileExistsError:
             return False
@@ -247,26 +247,33 @@ class FileStore:
         return True
 
     def delete(self, key: str, expected: bytes) -> bool:
-        """Move the file aside (a rename is atomic: of two deleters one gets it), then
-        compare; a file that is not the one expected is put back."""
+        """Compare and remove while holding the directory's lock, which :meth:`create`
+        takes too: no other writer can slip in between."""
         path = self._path(key)
-        aside = path.with_name(f".{path.name}.{uuid.uuid4().hex}.deleted")
         try:
-            try:
-                os.rename(path, aside)
-            except FileNotFoundError:
-                return False
-            try:
-                if aside.read_bytes() == expected:
-                    return True
-                # Someone else's: put it back, unless yet another was created meanwhile.
-                with contextlib.suppress(FileExistsError):
-                    os.link(aside, path)
-                return False
-            finally:
-                aside.unlink(missing_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with self._exclusive(path.parent):
+                try:
+                    if path.read_bytes() != expected:
+                        return False
+                except FileNotFoundError:
+                    return False
+                path.unlink()
         except OSError as error:
             raise _write_failed(path, error) from error
+        return True
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _exclusive(directory: Path) -> Iterator[None]:
+        """An exclusive ``flock`` on ``directory`` for the block: it serialises
+        :meth:`create` and :meth:`delete` of every process on this machine."""
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the last descriptor releases the lock
 
     @contextlib.contextmanager
     def _written(self, path: Path, data: bytes) -> Iterator[str]:
