@@ -6,6 +6,9 @@ pulling from real registries."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -206,4 +209,49 @@ def test_a_launch_failing_on_one_host_switches_no_host_and_removes_the_new_conta
         assert running_revisions(docker_client, app_name) == {
             instance: {"rev1"} for instance in INSTANCES
         }, "the container launched on the first host must be gone"
+        assert S3Store(s3_bucket, PREFIX).get("deploy.lock") is None
+
+
+def test_ctrl_c_during_the_launches_aborts_them_releases_the_lock_and_exits_130(
+    s3_bucket: str,
+    app_name: str,
+    app_images: AppImages,
+    docker_client: docker.DockerClient,
+    tmp_path: Path,
+) -> None:
+    slow = app_config(app_images, "rev2")
+    # Listens only after 60 s: the launches are still waiting when Ctrl-C comes.
+    slow["ContainerConfig"]["Cmd"] = ["sh", "-c", "sleep 60; exec busybox httpd -f -p 9292"]
+    slow_hash = upload_file(tmp_path, s3_bucket, slow)
+    ports = (app_images.registry_port, app_images.registry_port)
+    with two_hosts(tmp_path, s3_bucket, app_name, ports) as running:
+        deploy = subprocess.Popen(
+            [sys.executable, "-m", "wunderproxy", "deploy", slow_hash, *hosts(running)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_until(
+                lambda: (
+                    all(
+                        "rev2" in revisions
+                        for revisions in running_revisions(docker_client, app_name).values()
+                    )
+                    and len(running_revisions(docker_client, app_name)) == 2
+                ),
+                "both hosts start a rev2 container",
+            )
+            deploy.send_signal(signal.SIGINT)
+            _, stderr = deploy.communicate(timeout=60)
+        finally:
+            if deploy.poll() is None:
+                deploy.kill()
+                deploy.wait()
+
+        assert deploy.returncode == 130, stderr
+        assert "interrupted: aborting the launches; nothing was switched" in stderr
+        assert "Traceback" not in stderr
+        assert running_revisions(docker_client, app_name) == {}
+        assert [host.status()["current"] for host in running] == [None, None]
         assert S3Store(s3_bucket, PREFIX).get("deploy.lock") is None
