@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -139,9 +141,52 @@ def test_a_launch_failing_on_one_host_switches_nothing_and_aborts_the_new_contai
     assert "  web-2 (http://web-2.test:8001): 504: not healthy after 60 s" in str(failed)
     assert log.of("switch") == []
     assert serving(fleet) == [OLD, OLD, OLD]
-    assert sorted(log.of("abort")) == [("web-1", NEW), ("web-2", NEW), ("web-3", NEW)]
+    assert set(log.of("abort")) == {("web-1", NEW), ("web-2", NEW), ("web-3", NEW)}
     assert all(not host.launched for host in fleet), "a launched container was left behind"
     assert progress.having("web-2 (http://web-2.test:8001): failed: 504: not healthy")
+
+
+def test_a_launch_failing_cancels_the_launches_still_waiting_instead_of_waiting_for_them(
+    fleet: list[FakeHost], log: CallLog, progress: Lines
+) -> None:
+    fleet[2].hold_launch()  # would wait 10 s unless cancelled
+    fleet[1].fail[("launch", None)] = ClientError("502: image not in the registry", 502)
+    started = time.monotonic()
+
+    failed = failed_deploy(fleet, progress)
+
+    assert time.monotonic() - started < 5, "the deploy waited for a launch it could cancel"
+    assert "failed on 1 of 3 hosts" in str(failed)
+    assert str(failed).endswith("  (cancelled while waiting: web-3 (http://web-3.test:8001))")
+    assert progress.having("cancelling the launches still waiting on web-3")
+    assert log.of("switch") == []
+    assert all(not host.launched for host in fleet)
+    assert serving(fleet) == [OLD, OLD, OLD]
+
+
+class LaunchesAfterItsAbort(FakeHost):
+    """A host whose launch request is overtaken by the abort: the abort finds nothing
+    (404), then the launch goes ahead and ends healthy."""
+
+    def abort(self, config_hash: str) -> dict[str, Any]:
+        if self._gate is not None and not self._gate.is_set():
+            self._log.add(self.instance, "abort", config_hash)
+            self.release()
+            raise ClientError(f"404: nothing of {config_hash} is launched here", 404)
+        return super().abort(config_hash)
+
+
+def test_a_launch_that_ends_healthy_after_its_abort_passed_is_aborted_again(
+    log: CallLog, progress: Lines
+) -> None:
+    fleet = [FakeHost(log, "web-1"), FakeHost(log, "web-2"), LaunchesAfterItsAbort(log, "web-3")]
+    fleet[2].hold_launch()
+    fleet[1].fail[("launch", None)] = ClientError("502: image not in the registry", 502)
+
+    failed_deploy(fleet, progress)
+
+    assert [h for h, _ in log.of("abort")].count("web-3") == 2
+    assert not fleet[2].launched, "its container was left behind"
 
 
 def test_a_host_whose_status_cannot_be_read_stops_the_deploy_before_any_launch(

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 from wunderproxy.client import ClientError
 from wunderproxy.deploylock import DeployLock, LockError
@@ -149,7 +149,9 @@ class FleetDeploy:
         failed: list[Outcome[dict[str, Any]]] = []
         began = time.monotonic()
         try:
-            while launches.pending:
+            # Until the first failure: from then on the deploy cannot succeed, and the
+            # launches still waiting are cancelled rather than waited for.
+            while launches.pending and not failed:
                 outcome = launches.next(self._note_interval)
                 if outcome is None:
                     waiting = ", ".join(host.name for host in launches.pending)
@@ -172,17 +174,44 @@ class FleetDeploy:
                 EXIT_INTERRUPTED,
             ) from None
         if failed:
-            # Also on the failed hosts: harmless (404), and it removes a container whose
-            # launch failed only on the way back to us (a timeout, a dropped connection).
-            self._abort(config_hash, self._hosts)
-            failed.sort(key=lambda o: self._hosts.index(o.host))
-            reasons = "\n".join(f"  {o.host.name}: {o.error}" for o in failed)
-            raise DeployFailed(
-                f"launch of {config_hash} failed on {len(failed)} of {len(self._hosts)} "
-                f"hosts; nothing was switched anywhere and the new containers were "
-                f"removed:\n{reasons}"
-            )
+            self._fail_launch(config_hash, launches, failed)
         return healthy
+
+    def _fail_launch(
+        self,
+        config_hash: str,
+        launches: FanOut[dict[str, Any]],
+        failed: list[Outcome[dict[str, Any]]],
+    ) -> NoReturn:
+        """Abort ``config_hash`` everywhere, the launches still waiting included, and say
+        where it failed and why."""
+        if launches.pending:
+            waiting = ", ".join(host.name for host in launches.pending)
+            self._progress(f"cancelling the launches still waiting on {waiting}")
+        # Also on the failed hosts: harmless (404), and it removes a container whose
+        # launch failed only on the way back to us (a timeout, a dropped connection).
+        self._abort(config_hash, self._hosts)
+        cancelled = []
+        late_healthy = []
+        for outcome in launches.all():  # cancelled ones answer at once (409, aborted)
+            if outcome.error is None:
+                late_healthy.append(outcome.host)  # healthy just after its abort passed
+            elif outcome.error.status == 409:
+                cancelled.append(outcome.host.name)
+            else:
+                failed.append(outcome)
+                self._progress(f"{outcome.host.name}: failed: {outcome.error}")
+        if late_healthy:
+            self._abort(config_hash, late_healthy)
+        failed.sort(key=lambda o: self._hosts.index(o.host))
+        lines = [f"  {o.host.name}: {o.error}" for o in failed]
+        if cancelled:
+            lines.append(f"  (cancelled while waiting: {', '.join(cancelled)})")
+        raise DeployFailed(
+            f"launch of {config_hash} failed on {len(failed)} of {len(self._hosts)} hosts; "
+            "nothing was switched anywhere and the new containers were removed:\n"
+            + "\n".join(lines)
+        )
 
     def _abort(self, config_hash: str, hosts: Sequence[Host]) -> dict[Host, ClientError | None]:
         """``POST /abort`` on ``hosts``; the error of each host where it failed, else None.

@@ -37,7 +37,8 @@ class CallLog:
 class FakeHost:
     """One host's manager. ``fail[(method, hash)]`` makes that call raise the error given
     (after switching, with ``switched_despite_error``); ``hold_launch`` makes launches wait
-    until ``release``; ``on_switch`` runs inside every switch (to press Ctrl-C then)."""
+    until ``release`` or an abort, which cancels them as the real manager does (the launch
+    answers 409); ``on_switch`` runs inside every switch (to press Ctrl-C then)."""
 
     def __init__(self, log: CallLog, instance: str, serving: str | None = OLD) -> None:
         self.url = f"http://{instance}.test:8001"
@@ -51,6 +52,8 @@ class FakeHost:
         self.on_switch: Callable[[], None] | None = None
         self.launch_started = threading.Event()
         self._gate: threading.Event | None = None
+        self._waiting: set[str] = set()  # launches held at the gate
+        self._cancelled: set[str] = set()  # ... that an abort cancelled
         self._log = log
         self._lock = threading.Lock()
 
@@ -82,7 +85,15 @@ class FakeHost:
         self._call("launch", config_hash)
         self.launch_started.set()
         if self._gate is not None:
-            assert self._gate.wait(10), "test never released the launch"
+            with self._lock:
+                self._waiting.add(config_hash)
+            released = self._gate.wait(10)
+            with self._lock:
+                self._waiting.discard(config_hash)
+                if config_hash in self._cancelled:
+                    self._cancelled.discard(config_hash)
+                    raise ClientError(f"409: the launch of {config_hash} was aborted", 409)
+            assert released, "test never released the launch"
         with self._lock:
             if config_hash != self.serving:
                 self.launched.add(config_hash)
@@ -118,6 +129,11 @@ class FakeHost:
     def abort(self, config_hash: str) -> dict[str, Any]:
         self._call("abort", config_hash)
         with self._lock:
+            if config_hash in self._waiting:  # a launch under way: cancel it
+                self._cancelled.add(config_hash)
+                assert self._gate is not None
+                self._gate.set()
+                return {"message": f"aborted {config_hash}: cancelled its launch under way"}
             if config_hash == self.serving:
                 raise ClientError(f"409: {config_hash} serves now", 409)
             if config_hash not in self.launched:
