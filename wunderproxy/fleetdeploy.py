@@ -4,7 +4,8 @@
 2. Only once every host is healthy, ``POST /switch`` on every host.
 
 So a launch that fails anywhere switches nothing anywhere: the fleet keeps serving the old
-revision, and the new containers are removed (``POST /abort``). A switch that fails on one
+revision, and the new containers are removed (``POST /abort``, which also cancels the
+launches still waiting, so that a failure is reported at once). A switch that fails on one
 host after others switched would leave the fleet on mixed revisions: the hosts that switched
 are switched back to the hash each served before (its container is still draining there, or
 is launched again if it was already stopped), and the command says which host failed and
