@@ -94,7 +94,7 @@ class ManagerClient:
         except (OSError, http.client.HTTPException) as exc:
             raise ClientError(
                 f"cannot reach the manager at {self.url}: {exc}; is wunderproxy running "
-                "there (see --api)?"
+                "there, and is that its API address?"
             ) from exc
         finally:
             connection.close()
