@@ -631,14 +631,11 @@ def rollback(
 @main.command()
 @store_options
 @hosts_option
-@token_option
-def history(
-    store: str | None, prefix: str | None, host_urls: tuple[str, ...], api_token: str | None
-) -> None:
+def history(store: str | None, prefix: str | None, host_urls: tuple[str, ...]) -> None:
     """Show the fleet's deploys, newest first (history.json in the store)."""
     from wunderproxy.store import read_history
 
-    target = _fleet(lambda: find_store(store, prefix, _hosts(host_urls, api_token)))
+    target = _fleet(lambda: find_store(store, prefix, _hosts(host_urls, None)))
     entries = _fleet(lambda: read_history(target))
     if not entries:
         click.echo(f"no deploys recorded in history.json under {target.description}", err=True)
