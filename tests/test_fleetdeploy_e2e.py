@@ -202,9 +202,10 @@ def test_a_launch_failing_on_one_host_switches_no_host_and_removes_the_new_conta
         )
         assert f"  {second}: 502: " in failed.stderr
         assert f"localhost:{second_registry}/{app_name}:v2" in failed.stderr
+        # The first host's launch was cancelled while it waited, or its container removed
+        # if it was healthy by then: either way nothing of v2 is left there.
         first = f"{INSTANCES[0]} ({running[0].api_url})"
-        assert f"{first}: healthy: container " in failed.stderr
-        assert f"{first}: aborted {v2}: stopped and removed container " in failed.stderr
+        assert f"{first}: aborted {v2}: " in failed.stderr
         assert [revision_served(host) for host in running] == ["revision=rev1"] * 2
         assert running_revisions(docker_client, app_name) == {
             instance: {"rev1"} for instance in INSTANCES
