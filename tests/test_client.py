@@ -3,14 +3,20 @@ whatever answers, the operator reads a message, never a Python traceback."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
+from tests.support.docker import free_port
+from wunderproxy import client as client_module
+from wunderproxy.client import ClientError, ManagerClient
 
 HASH = "0123456789abcdef0123456789abcdef"
 
@@ -43,12 +49,13 @@ class CannedServer:
 
     def __init__(self) -> None:
         self.canned = Canned(200, "text/plain", b"")
+        self.requests: list[tuple[str, str, bytes]] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def _answer(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
-                self.rfile.read(length)
+                outer.requests.append((self.command, self.path, self.rfile.read(length)))
                 self.send_response(outer.canned.status)
                 self.send_header("Content-Type", outer.canned.content_type)
                 self.send_header("Content-Length", str(len(outer.canned.body)))
@@ -133,3 +140,42 @@ def test_json_without_a_message_after_a_launch_is_named_as_such(canned: CannedSe
     canned.answer(200, "application/json", b'{"started": true}')
     result = wunderproxy_client("launch", HASH, "--api", canned.url)
     assert_says(result, "without a message")
+
+
+def test_a_refusal_carries_its_status_and_an_unreachable_manager_none(
+    canned: CannedServer,
+) -> None:
+    canned.answer(404, "application/json", b'{"error": "nothing of it is launched here"}')
+    with pytest.raises(ClientError) as refused:
+        ManagerClient(canned.url).abort(HASH)
+    assert refused.value.status == 404
+    assert str(refused.value) == "404: nothing of it is launched here"
+
+    with pytest.raises(ClientError) as unreachable:
+        ManagerClient(f"http://127.0.0.1:{free_port()}").abort(HASH)
+    assert unreachable.value.status is None
+    assert "cannot reach the manager" in str(unreachable.value)
+
+
+def test_abort_posts_the_hash_and_returns_the_json_answer(canned: CannedServer) -> None:
+    canned.answer(200, "application/json", b'{"message": "aborted", "cancelled_launch": true}')
+
+    answer = ManagerClient(canned.url).abort(HASH)
+
+    assert answer == {"message": "aborted", "cancelled_launch": True}
+    assert canned.requests == [("POST", "/abort", HASH.encode())]
+
+
+def test_status_gives_up_after_the_status_timeout_not_the_launch_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(client_module, "STATUS_TIMEOUT", 0.3)
+    with socket.socket() as silent:  # accepts (backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        port = silent.getsockname()[1]
+        client = ManagerClient(f"http://127.0.0.1:{port}", timeout=600)
+        started = time.monotonic()
+        with pytest.raises(ClientError, match="timed out"):
+            client.status()
+        assert time.monotonic() - started < 5

@@ -321,3 +321,53 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=120,
         check=False,
     )
+
+
+def test_abort_removes_a_launched_container_and_cancels_a_launch_under_way(
+    s3_bucket: str,
+    app_name: str,
+    app_images: AppImages,
+    docker_client: docker.DockerClient,
+    tmp_path: Path,
+) -> None:
+    store = S3Store(s3_bucket, PREFIX)
+    upload(store, app_config(app_images, "rev1"), current=True)
+    with wunderproxy(
+        tmp_path, s3_bucket, PREFIX, app_name, app_images.registry_port, "--instance", "e2e-a"
+    ) as running:
+        running.wait_until_serving("rev1")
+        status = running.status()
+        assert status["instance"] == "e2e-a"
+        assert status["store"] == {"bucket": s3_bucket, "prefix": PREFIX}
+        serving = status["current"]["container_id"]
+
+        rev2 = upload(store, app_config(app_images, "rev2"))
+        assert running.launch(rev2).status == 200
+        wait_for_containers(docker_client, app_name, {"rev1", "rev2"})
+        aborted = running.api("POST", "/abort", rev2)
+        assert aborted.status == 200, aborted.text
+        assert aborted.text.startswith(f"aborted {rev2}: stopped and removed container ")
+        # Gone by the time /abort answers, not some time later.
+        assert [c.id for c in containers_of(docker_client, app_name)] == [serving]
+        assert running.switch(rev2).status == 404
+        assert running.api("POST", "/abort", rev2).status == 404
+        assert running.api("POST", "/abort", status["current"]["hash"]).status == 409
+
+        # A revision that takes 30 s to listen: its launch is still waiting when aborted.
+        slow = app_config(app_images, "rev2")
+        slow["ContainerConfig"]["Cmd"] = ["sh", "-c", "sleep 30; exec busybox httpd -f -p 9292"]
+        slow_hash = upload(store, slow)
+        with ThreadPoolExecutor(1) as pool:
+            launch = pool.submit(running.launch, slow_hash)
+            wait_for_containers(docker_client, app_name, {"rev1", "rev2"})
+            cancelled = running.api("POST", "/abort", slow_hash)
+            answer = launch.result(timeout=30)
+        assert cancelled.status == 200, cancelled.text
+        assert "cancelled its launch under way" in cancelled.text
+        assert answer.status == 409
+        assert "was aborted (POST /abort)" in answer.json()["error"]
+        assert [c.id for c in containers_of(docker_client, app_name)] == [serving]
+        assert revision_served(running) == "revision=rev1"
+        events = [e["event"] for e in running.status()["events"]]
+        assert events[:2] == ["aborted", "launch"]
+        assert events.count("aborted") == 2

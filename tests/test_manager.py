@@ -30,7 +30,13 @@ from wunderproxy import dockerwatch
 from wunderproxy import manager as manager_module
 from wunderproxy.config import Address, Config, Fleet
 from wunderproxy.controller import Controller, Startup
-from wunderproxy.engine import LABEL_APP, LABEL_HASH, LABEL_INSTANCE, ContainerRecord
+from wunderproxy.engine import (
+    LABEL_APP,
+    LABEL_HASH,
+    LABEL_INSTANCE,
+    LABEL_REVISION,
+    ContainerRecord,
+)
 from wunderproxy.manager import (
     MAX_BODY,
     ApiRequest,
@@ -39,7 +45,7 @@ from wunderproxy.manager import (
     json_reply,
     serve_connection,
 )
-from wunderproxy.state import Container, ProxyState
+from wunderproxy.state import Container, Home, ProxyState
 from wunderproxy.store import CURRENT_KEY, HISTORY_KEY, config_key, load_current
 from wunderproxy.streams import close_after_refusal
 
@@ -224,6 +230,17 @@ async def test_status_answers_200_json_with_every_key_of_the_spec_example(
     assert status["DockerState"] == "Ok"
     assert {"since_start", "by_revision", "minutes"} <= set(status["traffic"])
     assert isinstance(status["events"], list) and isinstance(status["deploys"], list)
+
+
+async def test_status_names_the_instance_and_the_store_as_given_on_the_command_line(
+    controller: Controller,
+) -> None:
+    home = Home("web-2", "file:///var/lib/wunderproxy", "deploys/myapp")
+    manager = Manager(controller, ProxyState(APP, VERSION, home), token=None)
+    status = json.loads((await manager.handle(request("GET", "/status"))).body)
+    assert status["instance"] == "web-2"
+    assert status["store"] == {"bucket": "file:///var/lib/wunderproxy", "prefix": "deploys/myapp"}
+    assert {"app", "current", "requests", "DockerState"} <= set(status), "the others stay"
 
 
 async def test_a_browser_asking_for_status_gets_the_page_and_a_monitor_gets_json(
@@ -827,6 +844,151 @@ async def test_switch_with_accept_json_reports_a_store_failure_as_a_warning(
     assert "access denied" in document["warning"]
 
 
+# -- /abort -----------------------------------------------------------------------------
+
+
+def events_of(state: ProxyState, kind: str) -> list[Any]:
+    return [e for e in state.events.newest_first() if e.kind == kind]
+
+
+async def test_abort_stops_and_removes_a_launched_container_and_a_switch_then_finds_nothing(
+    manager: Manager, store: MemoryStore, engine: FakeEngine, serving: Container, state: ProxyState
+) -> None:
+    config_hash = upload(store, "rev1")
+    assert (await post(manager, "/launch", config_hash)).status == 200
+    launched = state.find(config_hash, "launched")
+    assert launched is not None
+    reply = await post(manager, "/abort", f" {config_hash}\n")
+    assert reply.status == 200
+    assert reply.body.decode() == (
+        f"aborted {config_hash}: stopped and removed container "
+        f"{launched.container_id[:8]} of revision rev1\n"
+    )
+    assert engine.called("remove") == [(launched.container_id, 3)]
+    assert launched not in state.containers
+    [event] = events_of(state, "aborted")
+    assert (event.revision, event.config_hash, event.container_id) == (
+        "rev1",
+        config_hash,
+        launched.container_id,
+    )
+    switch = await post(manager, "/switch", config_hash)
+    assert switch.status == 404, "an aborted launch must not be switched to"
+    assert_still_serving(state, engine, serving)
+
+
+async def test_abort_with_accept_json_answers_the_removed_container_as_json(
+    manager: Manager, store: MemoryStore, engine: FakeEngine
+) -> None:
+    config_hash = upload(store, "rev1")
+    assert (await post(manager, "/launch", config_hash)).status == 200
+    reply = await post(manager, "/abort", config_hash, headers={"accept": "application/json"})
+    assert reply.status == 200
+    document = json.loads(reply.body)
+    [container_id] = engine.started_ids
+    assert document["container_id"] == container_id
+    assert (document["hash"], document["revision"]) == (config_hash, "rev1")
+    assert document["cancelled_launch"] is False
+    assert document["message"].startswith(f"aborted {config_hash}: stopped and removed")
+
+
+async def test_abort_of_the_serving_hash_answers_409_and_it_keeps_serving(
+    manager: Manager, engine: FakeEngine, serving: Container, state: ProxyState
+) -> None:
+    reply = await post(manager, "/abort", serving.hash)
+    assert reply.status == 409
+    assert "serves now" in error_of(reply)
+    assert "switch to another hash" in error_of(reply)
+    assert_still_serving(state, engine, serving)
+    assert events_of(state, "aborted") == []
+
+
+async def test_abort_of_a_hash_never_launched_here_answers_404(
+    manager: Manager, store: MemoryStore, engine: FakeEngine
+) -> None:
+    config_hash = upload(store, "rev1")
+    reply = await post(manager, "/abort", config_hash)
+    assert reply.status == 404
+    assert error_of(reply) == f"nothing of {config_hash} is launched here"
+    assert engine.removed_ids == []
+
+
+async def test_abort_of_a_malformed_hash_answers_400(manager: Manager) -> None:
+    reply = await post(manager, "/abort", "not-a-hash")
+    assert reply.status == 400
+
+
+async def test_abort_leaves_a_draining_container_to_its_drain_and_answers_404(
+    manager: Manager, store: MemoryStore, engine: FakeEngine, serving: Container, state: ProxyState
+) -> None:
+    serving.request_started()  # keeps it draining
+    new_hash = upload(store, "rev1")
+    assert (await post(manager, "/launch", new_hash)).status == 200
+    assert (await post(manager, "/switch", new_hash)).status == 200
+    reply = await post(manager, "/abort", serving.hash)
+    assert reply.status == 404
+    assert "draining is left to finish its drain" in error_of(reply)
+    assert serving.state == "draining"
+    assert serving.container_id not in engine.removed_ids
+    serving.request_finished()
+    await eventually(lambda: serving.container_id in engine.removed_ids)
+
+
+async def test_abort_cancels_a_launch_under_way_and_the_waiting_launch_says_it_was_aborted(
+    manager: Manager, store: MemoryStore, engine: FakeEngine, serving: Container, state: ProxyState
+) -> None:
+    config_hash = upload(store, "rev1")
+    engine.hold_images()
+    launch = await blocked_in_ensure_image(engine, post(manager, "/launch", config_hash))
+    abort = await post(manager, "/abort", config_hash)
+    assert abort.status == 200
+    assert "cancelled its launch under way" in abort.body.decode()
+    launched = await launch
+    assert launched.status == 409
+    assert "was aborted (POST /abort)" in error_of(launched)
+    [event] = events_of(state, "aborted")
+    assert (event.revision, event.config_hash) == ("rev1", config_hash)
+    assert events_of(state, "failed") == [], "an abort is not a failure"
+    engine.release()
+    assert [spec.labels[LABEL_REVISION] for spec in engine.specs] == ["rev0"], "rev1 started"
+    assert_still_serving(state, engine, serving)
+    # Launching it again after the abort is a new launch, not the aborted one.
+    assert (await post(manager, "/launch", config_hash)).status == 200
+
+
+async def test_abort_while_the_engine_starts_the_container_removes_it_once_it_exists(
+    manager: Manager, store: MemoryStore, engine: FakeEngine, serving: Container, state: ProxyState
+) -> None:
+    config_hash = upload(store, "rev1")
+    engine.hold("start")
+    launch = asyncio.create_task(post(manager, "/launch", config_hash))
+    await eventually(engine.requested["start"].is_set)
+    abort = asyncio.create_task(post(manager, "/abort", config_hash))
+    await asyncio.sleep(0.1)
+    assert not abort.done(), "the abort must wait until what the launch started is gone"
+    engine.release()  # the engine call finishes and the container exists
+    assert (await abort).status == 200
+    assert (await launch).status == 409
+    [started] = [i for i in engine.started_ids if i != serving.container_id]
+    assert engine.removed_ids == [started]
+    assert state.find(config_hash, "launched") is None
+    assert_still_serving(state, engine, serving)
+
+
+async def test_abort_of_current_json_launching_at_start_up_leaves_the_proxy_not_ready(
+    controller: Controller, store: MemoryStore, engine: FakeEngine, state: ProxyState
+) -> None:
+    config_hash, raw = encode_config(example_config(Revision="rev1"))
+    store.objects[CURRENT_KEY] = raw
+    engine.hold_images()
+    startup = asyncio.create_task(controller.launch_current(Startup(False, load_current(store))))
+    await eventually(engine.image_requested.is_set)
+    result = await controller.abort(config_hash)
+    assert result.cancelled_launch is True
+    assert await startup is False
+    assert state.current is None
+
+
 # -- who may change things ---------------------------------------------------------------
 
 
@@ -839,7 +1001,7 @@ def guarded(controller: Controller, state: ProxyState) -> Manager:
     "authorization",
     [None, "", f"Bearer {TOKEN}x", "Bearer wrong", TOKEN, f"bearer {TOKEN}", f"Basic {TOKEN}"],
 )
-@pytest.mark.parametrize("path", ["/launch", "/switch"])
+@pytest.mark.parametrize("path", ["/launch", "/switch", "/abort"])
 async def test_with_a_token_a_missing_or_wrong_authorization_answers_401(
     guarded: Manager, engine: FakeEngine, path: str, authorization: str | None
 ) -> None:
@@ -868,7 +1030,7 @@ async def test_with_a_token_status_needs_no_authorization(guarded: Manager) -> N
 
 
 @pytest.mark.parametrize("peer", ["10.1.2.3", "192.168.0.1", "2001:db8::1", "not-an-ip"])
-@pytest.mark.parametrize("path", ["/launch", "/switch"])
+@pytest.mark.parametrize("path", ["/launch", "/switch", "/abort"])
 async def test_without_a_token_a_remote_peer_may_not_launch_or_switch(
     manager: Manager, store: MemoryStore, engine: FakeEngine, path: str, peer: str
 ) -> None:
@@ -911,7 +1073,8 @@ async def test_an_unknown_path_answers_404_naming_the_endpoints(
     reply = await manager.handle(request("GET", path))
     assert reply.status == 404
     message = error_of(reply)
-    for endpoint in ("GET /status", "GET /metrics", "GET /", "POST /launch", "POST /switch"):
+    endpoints = ("GET /status", "GET /metrics", "GET /", "POST /launch", "POST /switch")
+    for endpoint in (*endpoints, "POST /abort"):
         assert endpoint in message
 
 
@@ -924,6 +1087,7 @@ async def test_an_unknown_path_answers_404_naming_the_endpoints(
         ("PUT", "/launch", "POST"),
         ("GET", "/switch", "POST"),
         ("HEAD", "/switch", "POST"),
+        ("GET", "/abort", "POST"),
     ],
 )
 async def test_a_wrong_method_answers_405_with_an_allow_header(

@@ -3,7 +3,9 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from wunderproxy.store import (
     open_store,
     read_history,
     record_deploy,
+    save_launch_config,
 )
 
 NOW = datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC)
@@ -173,6 +176,60 @@ def test_record_deploy_needs_an_aware_time(store: Store) -> None:
         record_deploy(store, parse_launch_config(raw, hash_), "x", datetime(2026, 1, 1))
 
 
+def test_create_stores_only_when_the_key_is_absent(store: Store) -> None:
+    assert store.create("deploy.lock", b"first") is True
+    assert store.create("deploy.lock", b"second") is False
+
+    assert store.get("deploy.lock") == b"first"
+
+
+def test_of_writers_racing_to_create_one_key_exactly_one_wins(store: Store) -> None:
+    writers = 8
+    barrier = threading.Barrier(writers)
+
+    def create(n: int) -> bool:
+        barrier.wait()
+        return store.create("deploy.lock", f"writer {n}".encode())
+
+    with ThreadPoolExecutor(writers) as pool:
+        won = list(pool.map(create, range(writers)))
+
+    assert won.count(True) == 1
+    assert store.get("deploy.lock") == f"writer {won.index(True)}".encode()
+
+
+def test_delete_removes_the_key_only_when_it_holds_the_bytes_expected(store: Store) -> None:
+    store.put("deploy.lock", b"theirs")
+
+    assert store.delete("deploy.lock", b"mine") is False
+    assert store.get("deploy.lock") == b"theirs"
+    assert store.delete("deploy.lock", b"theirs") is True
+    assert store.get("deploy.lock") is None
+    assert store.delete("deploy.lock", b"theirs") is False
+    assert store.create("deploy.lock", b"next") is True
+
+
+def test_save_launch_config_stores_it_under_its_hash(store: Store) -> None:
+    hash_, raw = encode_config(example_config(Revision="r9"))
+
+    config = save_launch_config(store, raw, "app.json")
+    again = save_launch_config(store, raw, "app.json")
+
+    assert (config.hash, config.revision, again.hash) == (hash_, "r9", hash_)
+    assert store.get(config_key(hash_)) == raw
+
+
+def test_save_launch_config_refuses_an_invalid_one_naming_the_field_and_stores_nothing(
+    store: Store,
+) -> None:
+    hash_, raw = encode_config(example_config(HealthCheckPath=7))
+
+    with pytest.raises(InvalidConfig, match=r"^app\.json is invalid: HealthCheckPath "):
+        save_launch_config(store, raw, "app.json")
+
+    assert store.get(config_key(hash_)) is None
+
+
 def test_file_store_keeps_keys_under_directory_and_prefix(tmp_path: Path) -> None:
     store = FileStore(tmp_path, "/apps/myapp/")
     store.put("current.json", b"{}")
@@ -280,3 +337,23 @@ def test_s3_store_reports_missing_credentials(
 
     with pytest.raises(UpstreamFailed, match="configure AWS credentials"):
         S3Store(s3_bucket, "myapp").get(CURRENT_KEY)
+
+
+def test_file_store_leaves_no_temp_or_moved_aside_file_behind(tmp_path: Path) -> None:
+    store = FileStore(tmp_path, "p")
+    store.create("deploy.lock", b"a")
+    store.create("deploy.lock", b"b")
+    store.delete("deploy.lock", b"b")
+
+    assert [p.name for p in (tmp_path / "p").iterdir()] == ["deploy.lock"]
+    store.delete("deploy.lock", b"a")
+    assert list((tmp_path / "p").iterdir()) == []
+
+
+def test_s3_store_create_and_delete_report_a_missing_bucket(s3_bucket: str) -> None:
+    store = S3Store(f"{s3_bucket}-gone", "myapp")
+
+    with pytest.raises(UpstreamFailed, match=r"S3 conditional put .* failed: NoSuchBucket"):
+        store.create("deploy.lock", b"{}")
+    with pytest.raises(UpstreamFailed, match=r"S3 conditional delete .* failed: NoSuchBucket"):
+        store.delete("deploy.lock", b"{}")

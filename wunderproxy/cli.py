@@ -10,15 +10,16 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 
 from wunderproxy import __version__
 from wunderproxy import config as defaults
 from wunderproxy.accesslog import ACCESS_LOG_FORMATS, AccessLog, AccessLogFormat
-from wunderproxy.client import ClientError, ManagerClient
+from wunderproxy.client import ClientError, ManagerClient, api_address, deployer
 from wunderproxy.config import (
     Address,
     Config,
@@ -29,19 +30,43 @@ from wunderproxy.config import (
     default_instance,
     read_env_file,
 )
+from wunderproxy.deploylock import DEFAULT_LOCK_TTL, DeployLock, LockError
+from wunderproxy.errors import WunderproxyError
+from wunderproxy.fleetdeploy import DeployFailed, FleetDeploy, locked, rollback_target
+from wunderproxy.fleetview import fleet_status, history_table
+from wunderproxy.hosts import FleetError, Host, find_store, read_statuses
 from wunderproxy.runtime import LoopChoice, run_event_loop
 
 # A timeout: a positive number of seconds.
 _SECONDS = click.FloatRange(min=0, min_open=True)
 
+T = TypeVar("T")
 
-class _PeerURL(click.ParamType[Peer]):
-    """A peer's ``http://HOST:PORT``; its env var lists them comma-separated."""
 
-    name = "URL"
+class _CommaSeparated(click.ParamType[T]):
+    """A repeatable option whose env var lists its values comma-separated."""
 
     def split_envvar_value(self, rv: str) -> list[str]:
         return [item.strip() for item in rv.split(",") if item.strip()]
+
+
+class _ApiURL(_CommaSeparated[str]):
+    """A manager's ``http://HOST:PORT`` (or ``HOST:PORT``)."""
+
+    name = "API_URL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            api_address(str(value))
+        except ValueError as exc:
+            self.fail(f"{value!r}: {exc}", param, ctx)
+        return str(value)
+
+
+class _PeerURL(_CommaSeparated[Peer]):
+    """A peer's ``http://HOST:PORT``; its env var lists them comma-separated."""
+
+    name = "URL"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Peer:
         if isinstance(value, Peer):
@@ -57,7 +82,8 @@ class _PeerURL(click.ParamType[Peer]):
 def main() -> None:
     """Zero-downtime front door for a Docker app: a proxy and a deploy manager.
 
-    `wunderproxy run` serves; `status`, `launch` and `switch` talk to a running one.
+    `wunderproxy run` serves; `status`, `launch` and `switch` talk to a running one;
+    `upload`, `deploy`, `rollback` and `history` work on a whole fleet.
     """
 
 
@@ -93,7 +119,7 @@ def main() -> None:
 @click.option(
     "--api-token",
     envvar="WUNDERPROXY_API_TOKEN",
-    help="Bearer token required by /launch and /switch (else: loopback peers only).",
+    help="Bearer token required by /launch, /switch and /abort (else: loopback peers only).",
 )
 @click.option(
     "--health-timeout",
@@ -380,15 +406,55 @@ api_option = click.option(
     help="URL of the manager API.",
 )
 token_option = click.option(
-    "--api-token", envvar="WUNDERPROXY_API_TOKEN", help="Bearer token for /launch and /switch."
+    "--api-token",
+    envvar="WUNDERPROXY_API_TOKEN",
+    help="Bearer token for /launch, /switch and /abort.",
 )
+
+
+hosts_option = click.option(
+    "--host",
+    "host_urls",
+    envvar="WUNDERPROXY_HOSTS",
+    multiple=True,
+    type=_ApiURL(),
+    help="A host's manager API URL (http://HOST:PORT). Repeatable; the env var is comma-separated.",
+)
+
+
+def store_options(command: Callable[..., None]) -> Callable[..., None]:
+    """``--store`` and ``--prefix``: where the fleet's launch configs are."""
+    command = click.option(
+        "--prefix",
+        envvar="WUNDERPROXY_PREFIX",
+        help="Key prefix of the app's launch configs in the store. Default: ask the first --host.",
+    )(command)
+    return click.option(
+        "--store",
+        envvar="WUNDERPROXY_STORE",
+        metavar="BUCKET|file://DIR",
+        help="The store the hosts run on (as given to `wunderproxy run`). Default: ask the "
+        "first --host.",
+    )(command)
 
 
 @main.command()
 @api_option
+@hosts_option
 @click.option("--json", "as_json", is_flag=True, help="Print the /status JSON as it is.")
-def status(api_url: str, as_json: bool) -> None:
-    """Show what runs and how the proxy is doing."""
+def status(api_url: str, host_urls: tuple[str, ...], as_json: bool) -> None:
+    """Show what runs and how the proxy is doing; several --host: a table.
+
+    With several --host, one row per host; exits 1 when a host cannot be reached or the
+    hosts serve different revisions.
+    """
+    api_given = click.get_current_context().get_parameter_source("api_url")
+    if host_urls and api_given is click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("give either --api (one host) or --host (one or more), not both")
+    if len(host_urls) > 1:
+        _fleet_status(_hosts(host_urls, None), as_json)
+        return
+    api_url = host_urls[0] if host_urls else api_url
     document = _call(lambda: ManagerClient(api_url).status())
     if as_json:
         click.echo(json.dumps(document, indent=2))
@@ -432,6 +498,184 @@ def switch(config_hash: str, api_url: str, api_token: str | None) -> None:
     click.echo(answer["message"])
     if answer.get("warning"):
         click.echo(f"warning: {answer['warning']}", err=True)
+
+
+def _fleet_status(hosts: list[Host], as_json: bool) -> None:
+    if as_json:
+        outcomes = read_statuses(hosts)
+        documents = {
+            o.host.client.url: o.value if o.error is None else {"error": str(o.error)}
+            for o in outcomes
+        }
+        click.echo(json.dumps(documents, indent=2))
+        if any(o.error is not None for o in outcomes):
+            sys.exit(1)
+        return
+    fleet = fleet_status(hosts)
+    click.echo(fleet.table)
+    if fleet.problems:
+        for problem in fleet.problems:
+            click.echo(problem)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@store_options
+@hosts_option
+def upload(file: Path, store: str | None, prefix: str | None, host_urls: tuple[str, ...]) -> None:
+    """Store the launch config in FILE under its hash; print the hash.
+
+    Nothing is stored when FILE is not a valid launch config. Uploading the same bytes
+    again is harmless: they have the same hash.
+    """
+    from wunderproxy.store import config_key, save_launch_config
+
+    target = _fleet(lambda: find_store(store, prefix, _hosts(host_urls, None)))
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {file}: {exc.strerror or exc}") from exc
+    config = _fleet(lambda: save_launch_config(target, raw, str(file)))
+    click.echo(
+        f"uploaded revision {config.revision} to {target.description} as {config_key(config.hash)}",
+        err=True,
+    )
+    click.echo(config.hash)
+
+
+def lock_options(command: Callable[..., None]) -> Callable[..., None]:
+    """``--force`` and ``--lock-ttl``: how a deploy treats the fleet's deploy lock."""
+    command = click.option(
+        "--lock-ttl",
+        type=_SECONDS,
+        default=DEFAULT_LOCK_TTL,
+        help="Seconds the deploy lock holds if this deploy dies without releasing it.",
+    )(command)
+    return click.option(
+        "--force",
+        is_flag=True,
+        help="Break the deploy lock even if it has not expired: for when the deploy holding "
+        "it was killed. An expired lock is taken without it.",
+    )(command)
+
+
+@main.command()
+@click.argument("config_hash", metavar="HASH")
+@lock_options
+@store_options
+@hosts_option
+@token_option
+def deploy(
+    config_hash: str,
+    force: bool,
+    lock_ttl: float,
+    store: str | None,
+    prefix: str | None,
+    host_urls: tuple[str, ...],
+    api_token: str | None,
+) -> None:
+    """Deploy HASH to every host: launch everywhere, then switch everywhere.
+
+    The switches start only once every host's launch is healthy. A launch that fails
+    anywhere switches nothing and removes the new containers; a switch that fails half-way
+    switches the others back. One deploy at a time: the lock is deploy.lock in the store.
+    """
+    hosts = _hosts_to_deploy(host_urls, api_token)
+    target = _fleet(lambda: find_store(store, prefix, hosts))
+    lock = DeployLock(target, deployer(), lock_ttl)
+    result = _fleet(
+        lambda: locked(
+            lock, force, _progress, lambda: FleetDeploy(hosts, _progress).run(config_hash)
+        )
+    )
+    click.echo(result)
+
+
+@main.command()
+@lock_options
+@store_options
+@hosts_option
+@token_option
+def rollback(
+    force: bool,
+    lock_ttl: float,
+    store: str | None,
+    prefix: str | None,
+    host_urls: tuple[str, ...],
+    api_token: str | None,
+) -> None:
+    """Deploy the previous revision of the history to every host.
+
+    The previous entry of history.json is the newest whose hash differs from the newest
+    entry's; it is deployed as `deploy` does, under the same lock.
+    """
+    from wunderproxy.store import read_history
+
+    hosts = _hosts_to_deploy(host_urls, api_token)
+    target = _fleet(lambda: find_store(store, prefix, hosts))
+    lock = DeployLock(target, deployer(), lock_ttl)
+
+    def roll_back() -> str:
+        # Read under the lock: a deploy finishing meanwhile changes what "previous" is.
+        entry = rollback_target(read_history(target), target.description)
+        _progress(
+            f"rolling back to revision {entry.get('Revision')} ({entry.get('Hash')}), "
+            f"deployed at {entry.get('DeployedAt')} by {entry.get('DeployedBy')}"
+        )
+        return FleetDeploy(hosts, _progress).run(entry.get("Hash", ""))
+
+    click.echo(_fleet(lambda: locked(lock, force, _progress, roll_back)))
+
+
+@main.command()
+@store_options
+@hosts_option
+def history(store: str | None, prefix: str | None, host_urls: tuple[str, ...]) -> None:
+    """Show the fleet's deploys, newest first (history.json in the store)."""
+    from wunderproxy.store import read_history
+
+    target = _fleet(lambda: find_store(store, prefix, _hosts(host_urls, None)))
+    entries = _fleet(lambda: read_history(target))
+    if not entries:
+        click.echo(f"no deploys recorded in history.json under {target.description}", err=True)
+        return
+    click.echo(history_table(entries))
+
+
+def _hosts(urls: tuple[str, ...], token: str | None) -> list[Host]:
+    seen = set()
+    for url in urls:
+        if url in seen:
+            raise click.UsageError(f"--host {url} is given twice")
+        seen.add(url)
+    return [Host(ManagerClient(url, token)) for url in urls]
+
+
+def _hosts_to_deploy(urls: tuple[str, ...], token: str | None) -> list[Host]:
+    if not urls:
+        raise click.UsageError(
+            "no hosts to deploy to: give --host API_URL for each host (repeatable), or "
+            "WUNDERPROXY_HOSTS=URL,URL; for this host alone: --host http://127.0.0.1:8001"
+        )
+    return _hosts(urls, token)
+
+
+def _progress(line: str) -> None:
+    click.echo(line, err=True)
+
+
+def _fleet(work: Callable[[], T]) -> T:
+    """Run ``work``; what it cannot do becomes the command's error (exit 1, or 130 after
+    Ctrl-C)."""
+    try:
+        return work()
+    except DeployFailed as exc:
+        failed = click.ClickException(str(exc))
+        failed.exit_code = exc.exit_code
+        raise failed from exc
+    except (FleetError, LockError, WunderproxyError, ClientError) as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 def _call(request: Any) -> dict[str, Any]:

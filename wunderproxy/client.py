@@ -1,4 +1,5 @@
-"""A client for a running manager, used by ``wunderproxy status|launch|switch``."""
+"""A client for a running manager, used by the client commands (``status``, ``launch``,
+``switch``, and the fleet's ``deploy`` and ``rollback``)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,18 @@ _TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 _TAG = re.compile(r"<[^>]*>")
 
 
+STATUS_TIMEOUT = 10.0  # seconds: /status answers at once unless the host is in trouble
+
+
 class ClientError(Exception):
-    """The manager could not be reached or refused the request; the message says why."""
+    """The manager could not be reached or refused the request; the message says why.
+
+    ``status`` is the HTTP status of a refusal, None when no answer came.
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -29,8 +40,8 @@ class ManagerClient:
     timeout: float = 600.0
 
     def status(self) -> dict[str, Any]:
-        """``GET /status`` as a dict."""
-        return self._json("GET", "/status", b"")
+        """``GET /status`` as a dict; gives up after ``STATUS_TIMEOUT`` at most."""
+        return self._json("GET", "/status", b"", min(self.timeout, STATUS_TIMEOUT))
 
     def launch(self, config_hash: str) -> dict[str, Any]:
         """``POST /launch``; returns the JSON answer once the container is healthy."""
@@ -40,15 +51,19 @@ class ManagerClient:
         """``POST /switch``; returns the JSON answer."""
         return self._post_json("/switch", config_hash)
 
+    def abort(self, config_hash: str) -> dict[str, Any]:
+        """``POST /abort``; returns the JSON answer once nothing of the launch runs."""
+        return self._post_json("/abort", config_hash)
+
     def _post_json(self, path: str, config_hash: str) -> dict[str, Any]:
-        answer = self._json("POST", path, config_hash.encode())
+        answer = self._json("POST", path, config_hash.encode(), self.timeout)
         if not isinstance(answer.get("message"), str):
             raise ClientError(f"{self.url}{path} answered JSON without a message: {answer}")
         return answer
 
-    def _json(self, method: str, path: str, body: bytes) -> dict[str, Any]:
+    def _json(self, method: str, path: str, body: bytes, timeout: float) -> dict[str, Any]:
         """The JSON object a 200 answer carries; ClientError saying what came instead."""
-        data, content_type = self._call(method, path, body)
+        data, content_type = self._call(method, path, body, timeout)
         try:
             document = json.loads(data)
         except ValueError:
@@ -61,17 +76,17 @@ class ManagerClient:
             )
         return document
 
-    def _call(self, method: str, path: str, body: bytes) -> tuple[bytes, str]:
+    def _call(self, method: str, path: str, body: bytes, timeout: float) -> tuple[bytes, str]:
         """The body and Content-Type of a 200 answer; ClientError for anything else."""
         host, port = self._host_port()
         headers = {
             "Accept": "application/json",
             "Content-Type": "text/plain",
-            "X-Deployed-By": _deployer(),
+            "X-Deployed-By": deployer(),
         }
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        connection = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        connection = http.client.HTTPConnection(host, port, timeout=timeout)
         try:
             connection.request(method, path, body=body or None, headers=headers)
             response = connection.getresponse()
@@ -79,21 +94,33 @@ class ManagerClient:
         except (OSError, http.client.HTTPException) as exc:
             raise ClientError(
                 f"cannot reach the manager at {self.url}: {exc}; is wunderproxy running "
-                "there (see --api)?"
+                "there, and is that its API address?"
             ) from exc
         finally:
             connection.close()
         if response.status != 200:
-            raise ClientError(_error_message(response.status, data))
+            raise ClientError(_error_message(response.status, data), response.status)
         return data, response.getheader("Content-Type", "")
 
     def _host_port(self) -> tuple[str, int]:
-        url = self.url if "://" in self.url else f"http://{self.url}"
-        parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ClientError(f"--api {self.url!r}: expected http://HOST:PORT")
-        host = "127.0.0.1" if parts.hostname in ("0.0.0.0", "::") else parts.hostname
-        return host, parts.port or 80
+        try:
+            return api_address(self.url)
+        except ValueError as error:
+            raise ClientError(f"--api {self.url!r}: {error}") from error
+
+
+def api_address(url: str) -> tuple[str, int]:
+    """The host and port of a manager's URL (``http://HOST:PORT`` or ``HOST:PORT``);
+    ValueError when it is not one."""
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    try:
+        port = parts.port or 80
+    except ValueError as error:  # a port that is not a number, or out of range
+        raise ValueError(f"expected http://HOST:PORT ({error})") from None
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError("expected http://HOST:PORT")
+    host = "127.0.0.1" if parts.hostname in ("0.0.0.0", "::") else parts.hostname
+    return host, port
 
 
 def _error_message(status: int, data: bytes) -> str:
@@ -117,7 +144,7 @@ def _message_of(data: bytes) -> str:
     return text or "(empty answer)"
 
 
-def _deployer() -> str:
+def deployer() -> str:
     """``user@host`` of whoever runs the client, recorded in history.json."""
     try:
         return f"{getpass.getuser()}@{socket.gethostname()}"

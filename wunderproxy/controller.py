@@ -15,6 +15,7 @@ import functools
 import logging
 import socket
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -78,6 +79,16 @@ class Startup:
 
 
 @dataclass(frozen=True)
+class AbortResult:
+    """What an abort undid: a launch still under way (``cancelled_launch``), and the
+    launched container it stopped and removed, if there was one."""
+
+    config_hash: str
+    cancelled_launch: bool
+    removed: Container | None
+
+
+@dataclass(frozen=True)
 class SwitchResult:
     """The container serving now; ``changed`` is False when it already served."""
 
@@ -99,6 +110,8 @@ class Controller:
         self._docker = DockerWatch(state, engine.ping, self._blocking)
         self._docker_probe: asyncio.Task[None] | None = None
         self._launches: dict[str, asyncio.Task[LaunchResult]] = {}
+        # Launches cancelled by POST /abort, so that whoever waits on one says so.
+        self._aborts: weakref.WeakSet[asyncio.Task[LaunchResult]] = weakref.WeakSet()
         self._drains: dict[Container, asyncio.Task[None]] = {}
         self._stale_removals: set[asyncio.Task[None]] = set()
         self._record_lock = asyncio.Lock()
@@ -127,7 +140,12 @@ class Controller:
             self._launches[config_hash] = task
             task.add_done_callback(lambda _: self._launches.pop(config_hash, None))
         # A client that hangs up does not cancel the launch: others may be waiting on it.
-        result = await asyncio.shield(task)
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if self._was_aborted(task):
+                raise _aborted(config_hash) from None
+            raise
         if known is not None and known.state == "serving":
             self._switch_to(result.container)  # the serving one died: replace it at once
         elif known is not None:
@@ -146,6 +164,16 @@ class Controller:
                 revision = config.revision
             events.add("launch", revision, config_hash)
             result = await self._start_healthy(config)
+        except asyncio.CancelledError:
+            if asyncio.current_task() in self._aborts:
+                events.add(
+                    "aborted",
+                    revision,
+                    config_hash,
+                    seconds=time.monotonic() - began,
+                    detail="launch cancelled by POST /abort",
+                )
+            raise
         except Exception as exc:
             events.add(
                 "failed", revision, config_hash, seconds=time.monotonic() - began, detail=str(exc)
@@ -177,7 +205,7 @@ class Controller:
                 LABEL_INSTANCE: self._config.fleet.instance,
             },
         )
-        started = await self._docker.call(self._engine.start, spec)
+        started = await self._start(spec)
         for warning in started.warnings:
             log.warning("%s", warning)
         try:
@@ -213,6 +241,22 @@ class Controller:
         )
         return LaunchResult(container, started=True)
 
+    async def _start(self, spec: ContainerSpec) -> StartedContainer:
+        """Create and start the container.
+
+        The engine call runs on in its thread when the launch is cancelled (an abort,
+        shutdown), and may still start the container: then it is removed once it exists.
+        """
+        call = asyncio.ensure_future(self._docker.call(self._engine.start, spec))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            with contextlib.suppress(WunderproxyError):  # the start failed: nothing to remove
+                started = await call
+                log.info("launch cancelled: removing container %s", started.id[:12])
+                await self._remove_quietly(started.id)
+            raise
+
     async def _exit_report(self, container_id: str, revision: str) -> str | None:
         """Why the container stopped while starting, with its last log lines; None if up."""
         status = await self._docker.call(self._engine.status, container_id)
@@ -224,6 +268,72 @@ class Controller:
             f"container {container_id[:8]} of revision {revision} stopped while starting "
             f"(status {status}); the container was removed. Its last log lines:\n{tail}"
         )
+
+    # -- abort ---------------------------------------------------------------------
+
+    async def abort(self, raw_hash: str) -> AbortResult:
+        """Undo a launch of ``raw_hash`` that was not switched to.
+
+        A launch still under way is cancelled (whoever waits on it gets Conflict) and what
+        it started is removed; a launched container is stopped and removed. The container
+        serving is refused (Conflict), one draining is left to its drain, and NotFound says
+        that nothing of the hash was launched here.
+        """
+        config_hash = parse_hash(raw_hash)
+        serving = self._state.find(config_hash, "serving")
+        if serving is not None:
+            raise Conflict(
+                f"{config_hash} (revision {serving.revision}) serves now, in container "
+                f"{serving.container_id[:8]}; to take it out, switch to another hash: its "
+                "container is then drained and removed"
+            )
+        task = self._launches.get(config_hash)
+        cancelled = task is not None and not task.done()
+        if task is not None and cancelled:
+            self._aborts.add(task)
+            task.cancel()
+            # Once it has ended, what it started is gone: the answer can say so.
+            await asyncio.wait([task])
+        # A launch that finished meanwhile left a launched container: it goes too.
+        launched = self._state.find(config_hash, "launched")
+        if launched is not None:
+            self._state.forget(launched)  # no switch can pick it from here on
+            try:
+                await self._docker.call(
+                    self._engine.remove, launched.container_id, self._config.stop_timeout
+                )
+            except WunderproxyError:
+                self._state.add(launched)  # still there: a later abort can try again
+                raise
+            self._state.events.add(
+                "aborted",
+                launched.revision,
+                config_hash,
+                launched.container_id,
+                detail="launched container stopped and removed by POST /abort",
+            )
+            log.info(
+                "aborted revision %s: removed its launched container %s",
+                launched.revision,
+                launched.container_id[:12],
+            )
+        elif not cancelled:
+            draining = self._state.find(config_hash, "draining")
+            left = (
+                f"; its container {draining.container_id[:8]} that is draining is left to "
+                "finish its drain"
+                if draining is not None
+                else ""
+            )
+            raise NotFound(f"nothing of {config_hash} is launched here{left}")
+        return AbortResult(config_hash, cancelled_launch=cancelled, removed=launched)
+
+    def _was_aborted(self, task: asyncio.Task[LaunchResult]) -> bool:
+        """True when ``task`` ended because POST /abort cancelled it, and the caller
+        waiting on it is not itself being cancelled."""
+        waiter = asyncio.current_task()
+        waiter_cancelled = waiter is not None and waiter.cancelling() > 0
+        return task.cancelled() and task in self._aborts and not waiter_cancelled
 
     # -- switch --------------------------------------------------------------------
 
@@ -426,7 +536,12 @@ class Controller:
         task = asyncio.create_task(self._launch(config.hash, config))
         self._launches[config.hash] = task
         try:
-            result = await task
+            try:
+                result = await task
+            except asyncio.CancelledError:
+                if self._was_aborted(task):
+                    raise _aborted(config.hash) from None
+                raise
         except WunderproxyError as exc:
             log.error("could not start current.json: %s", exc)
             return False
@@ -533,6 +648,13 @@ class Controller:
     async def _blocking(self, function: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(function, *args))
+
+
+def _aborted(config_hash: str) -> Conflict:
+    return Conflict(
+        f"the launch of {config_hash} was aborted (POST /abort) before it became healthy; "
+        "nothing of it runs here"
+    )
 
 
 def default_deployer() -> str:

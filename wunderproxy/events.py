@@ -1,4 +1,5 @@
-"""Deploy events kept in memory: what was launched, switched, drained or failed, and when."""
+"""Deploy events kept in memory: what was launched, switched, drained, aborted or failed,
+and when."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any, Literal
 
 from wunderproxy.timestamps import rfc3339
 
-EventKind = Literal["launch", "healthy", "switch", "drained", "failed"]
+EventKind = Literal["launch", "healthy", "switch", "drained", "failed", "aborted"]
 # Deploy results counted for /metrics (wunderproxy_deploys_total{result}).
 DeployResult = Literal["switched", "failed"]
 

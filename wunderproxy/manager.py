@@ -1,4 +1,5 @@
-"""The manager API over h11: ``POST /launch`` and ``POST /switch`` change what runs;
+"""The manager API over h11: ``POST /launch``, ``POST /switch`` and ``POST /abort`` change
+what runs;
 ``GET /status`` (JSON), ``GET /`` (the status page) and ``GET /metrics`` (Prometheus) tell.
 
 Every failure is a :class:`~wunderproxy.errors.WunderproxyError`; :func:`error_response`
@@ -18,7 +19,13 @@ from typing import Any
 
 import h11
 
-from wunderproxy.controller import Controller, LaunchResult, SwitchResult, default_deployer
+from wunderproxy.controller import (
+    AbortResult,
+    Controller,
+    LaunchResult,
+    SwitchResult,
+    default_deployer,
+)
 from wunderproxy.errors import (
     BadRequest,
     Forbidden,
@@ -44,6 +51,7 @@ _ROUTES: dict[str, tuple[str, ...]] = {
     "/metrics": ("GET", "HEAD"),
     "/launch": ("POST",),
     "/switch": ("POST",),
+    "/abort": ("POST",),
 }
 
 
@@ -135,7 +143,7 @@ class Manager:
         if allowed is None:
             raise NotFound(
                 f"no endpoint {request.path[:100]}; the API has GET / (status page), "
-                "GET /status, GET /metrics, POST /launch and POST /switch"
+                "GET /status, GET /metrics, POST /launch, POST /switch and POST /abort"
             )
         if request.method not in allowed:
             raise MethodNotAllowed(
@@ -153,6 +161,8 @@ class Manager:
         config_hash = _body_text(request.body)
         if request.path == "/launch":
             return _launch_reply(await self._controller.launch(config_hash), request.wants_json)
+        if request.path == "/abort":
+            return _abort_reply(await self._controller.abort(config_hash), request.wants_json)
         deployed_by = request.headers.get("x-deployed-by") or default_deployer()
         result = await self._controller.switch(config_hash, deployed_by)
         return _switch_reply(result, request.wants_json)
@@ -208,6 +218,25 @@ def _launch_reply(result: LaunchResult, wants_json: bool) -> Reply:
         )
     if wants_json:
         return json_reply(200, {"message": message, "started": result.started} | _facts(c))
+    return Reply(200, (message + "\n").encode(), "text/plain; charset=utf-8")
+
+
+def _abort_reply(result: AbortResult, wants_json: bool) -> Reply:
+    removed = result.removed
+    if removed is not None:
+        message = (
+            f"aborted {result.config_hash}: stopped and removed container "
+            f"{removed.container_id[:8]} of revision {removed.revision}"
+        )
+    else:
+        message = (
+            f"aborted {result.config_hash}: cancelled its launch under way; nothing of it runs here"
+        )
+    if wants_json:
+        facts = _facts(removed) if removed is not None else {"hash": result.config_hash}
+        return json_reply(
+            200, {"message": message, "cancelled_launch": result.cancelled_launch} | facts
+        )
     return Reply(200, (message + "\n").encode(), "text/plain; charset=utf-8")
 
 

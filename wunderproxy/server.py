@@ -24,7 +24,7 @@ from wunderproxy.listeners import (
     streams,
     take_new_connections,
 )
-from wunderproxy.state import ProxyState
+from wunderproxy.state import Home, ProxyState
 from wunderproxy.store import Store
 
 log = logging.getLogger("wunderproxy")
@@ -62,7 +62,8 @@ class Server:
     ) -> None:
         self.config = config
         self.access_log = access_log
-        self.state = ProxyState(config.app, __version__)
+        home = Home(config.fleet.instance, config.bucket, config.prefix)
+        self.state = ProxyState(config.app, __version__, home)
         if config.fleet.secret is not None:
             self.state.fallback = Fallback(config.fleet)
         self.controller = Controller(config, self.state, store, engine)
@@ -113,8 +114,8 @@ class Server:
             )
         if not self.config.api.is_loopback_only and self.config.api_token is None:
             log.warning(
-                "the API listens on %s without --api-token: /launch and /switch are refused "
-                "to every peer but this host; set --api-token to deploy from elsewhere",
+                "the API listens on %s without --api-token: /launch, /switch and /abort are "
+                "refused to every peer but this host; set --api-token to deploy from elsewhere",
                 self.config.api,
             )
         if self._take_over:

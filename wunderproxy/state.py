@@ -126,6 +126,21 @@ class Container:
         }
 
 
+@dataclass(frozen=True)
+class Home:
+    """Where this wunderproxy's app lives: its instance name, and the store its launch
+    configs are in (``bucket`` as given on the command line: a bucket name or
+    ``file://DIR``). Fleet commands read it from ``/status`` to find the store."""
+
+    instance: str
+    bucket: str
+    prefix: str
+
+    def describe(self) -> dict[str, Any]:
+        """The ``instance`` and ``store`` keys of ``/status``."""
+        return {"instance": self.instance, "store": {"bucket": self.bucket, "prefix": self.prefix}}
+
+
 @dataclass
 class RequestCounters:
     """Requests and answers since start and since the last switch."""
@@ -144,9 +159,10 @@ def health_path_of(config: LaunchConfig) -> bytes:
 class ProxyState:
     """Which container serves, which others run, and what the proxy has seen."""
 
-    def __init__(self, app: str, version: str) -> None:
+    def __init__(self, app: str, version: str, home: Home | None = None) -> None:
         self.app = app
         self.version = version
+        self.home = home
         self.current: Container | None = None
         self.containers: list[Container] = []
         self.requests = RequestCounters()
@@ -250,6 +266,7 @@ class ProxyState:
             "app": self.app,
             "version": self.version,
             "uptime_seconds": round(time.monotonic() - self._started, 3),
+            **(self.home.describe() if self.home is not None else {}),
             "current": current.describe() if current is not None else None,
             "containers": [c.describe() for c in self.containers],
             "requests": {

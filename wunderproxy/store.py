@@ -1,16 +1,21 @@
 """Where launch configs live: an S3 bucket, or a local directory with the same key layout.
 
 Keys under PREFIX (see SPEC "Store layout"): ``container.HASH.json`` for each config,
-``current.json`` (a byte copy of the config deployed now) and ``history.json`` (the last
-deploys, oldest first). Store methods block; async callers run them in a thread executor.
+``current.json`` (a byte copy of the config deployed now), ``history.json`` (the last
+deploys, oldest first) and, while a fleet deploy runs, ``deploy.lock`` (see
+:mod:`wunderproxy.deploylock`). Store methods block; async callers run them in a thread
+executor.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -57,6 +62,20 @@ class Store(Protocol):
         """Store ``data`` under ``key``, replacing what was there."""
         ...
 
+    def create(self, key: str, data: bytes) -> bool:
+        """Store ``data`` under ``key`` only if nothing is there; False if something was.
+
+        Of two callers racing for an absent key, at most one gets True: this is what a
+        lock is taken with.
+        """
+        ...
+
+    def delete(self, key: str, expected: bytes) -> bool:
+        """Remove ``key`` only if it holds exactly ``expected``; False if it held anything
+        else or nothing. A lock is released and broken with it, never removing one that
+        someone else took meanwhile."""
+        ...
+
 
 class S3Store:
     """Keys in an S3 bucket (or any S3-compatible server named by AWS_ENDPOINT_URL)."""
@@ -100,6 +119,39 @@ class S3Store:
             self._connect().put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
         except (ClientError, BotoCoreError) as error:
             raise self._failed("put", key, error) from error
+
+    def create(self, key: str, data: bytes) -> bool:
+        """A conditional write (``If-None-Match: *``): S3 itself refuses it when the key
+        exists, so two writers can never both succeed."""
+        try:
+            self._connect().put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*"
+            )
+        except ClientError as error:
+            # 412: the key exists. 409: another conditional write to it is under way.
+            if _error_code(error) in {"PreconditionFailed", "ConditionalRequestConflict"}:
+                return False
+            raise self._failed("conditional put", key, error) from error
+        except BotoCoreError as error:
+            raise self._failed("conditional put", key, error) from error
+        return True
+
+    def delete(self, key: str, expected: bytes) -> bool:
+        """Read the object and its ETag, then delete it only if the ETag still matches
+        (``If-Match``): what was compared is what is deleted."""
+        try:
+            client = self._connect()
+            response = client.get_object(Bucket=self.bucket, Key=self._key(key))
+            if response["Body"].read() != expected:
+                return False
+            client.delete_object(Bucket=self.bucket, Key=self._key(key), IfMatch=response["ETag"])
+        except ClientError as error:
+            if _error_code(error) in {"NoSuchKey", "404", "PreconditionFailed"}:
+                return False
+            raise self._failed("conditional delete", key, error) from error
+        except BotoCoreError as error:
+            raise self._failed("conditional delete", key, error) from error
+        return True
 
     def _connect(self) -> S3Client:
         # One client for the store's life: clients are thread-safe, sessions are not, so the
@@ -175,30 +227,84 @@ class FileStore:
         """Write the file atomically: readers see the old bytes or the new, never a mix."""
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # A temp file in the same directory, so that os.replace is a rename on one file
-            # system. mkstemp makes it private (0600): configs may carry secrets in Env.
-            fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as file:
-                    file.write(data)
-                    file.flush()
-                    os.fsync(file.fileno())
+            with self._written(path, data) as temp:
                 os.replace(temp, path)
-            except BaseException:
-                Path(temp).unlink(missing_ok=True)
-                raise
         except OSError as error:
-            raise UpstreamFailed(
-                f"cannot write {path}: {error.strerror or error}; check that the directory "
-                "exists and wunderproxy may write to it"
-            ) from error
+            raise _write_failed(path, error) from error
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Link a complete temp file to the name: ``link`` fails if the name exists, so of
+        two writers one wins, and no reader ever sees a half-written file (as it could
+        between ``open(O_CREAT|O_EXCL)`` and the write)."""
+        path = self._path(key)
+        try:
+            with self._written(path, data) as temp, self._exclusive(path.parent):
+                os.link(temp, path)
+        except FileExistsError:
+            return False
+        except OSError as error:
+            raise _write_failed(path, error) from error
+        return True
+
+    def delete(self, key: str, expected: bytes) -> bool:
+        """Compare and remove while holding the directory's lock, which :meth:`create`
+        takes too: no other writer can slip in between."""
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with self._exclusive(path.parent):
+                try:
+                    if path.read_bytes() != expected:
+                        return False
+                except FileNotFoundError:
+                    return False
+                path.unlink()
+        except OSError as error:
+            raise _write_failed(path, error) from error
+        return True
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _exclusive(directory: Path) -> Iterator[None]:
+        """An exclusive ``flock`` on ``directory`` for the block: it serialises
+        :meth:`create` and :meth:`delete` of every process on this machine."""
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the last descriptor releases the lock
+
+    @contextlib.contextmanager
+    def _written(self, path: Path, data: bytes) -> Iterator[str]:
+        """A temp file beside ``path`` holding ``data``, synced; removed afterwards.
+
+        In the same directory, so that renaming or linking it is one file system's
+        operation. mkstemp makes it private (0600): configs may carry secrets in Env.
+        """
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            yield temp
+        finally:
+            Path(temp).unlink(missing_ok=True)
 
     def _path(self, key: str) -> Path:
         # Keys come from this module, but a stray "../" must never leave the store.
         if not key or key.startswith("/") or ".." in Path(key).parts:
             raise ValueError(f"store key {key!r} must be a relative path inside the store")
         return self.root / key
+
+
+def _write_failed(path: Path, error: OSError) -> UpstreamFailed:
+    return UpstreamFailed(
+        f"cannot write {path}: {error.strerror or error}; check that the directory "
+        "exists and wunderproxy may write to it"
+    )
 
 
 def open_store(bucket: str, prefix: str) -> Store:
@@ -219,6 +325,17 @@ def load_launch_config(store: Store, hash_: str) -> LaunchConfig:
     if raw is None:
         raise NotFound(f"no {key} under {store.description}; upload it first")
     return parse_launch_config(raw, hash_, source=f"{key} under {store.description}")
+
+
+def save_launch_config(store: Store, raw: bytes, source: str) -> LaunchConfig:
+    """Check ``raw`` as a launch config, then store it as ``container.MD5.json``.
+
+    InvalidConfig naming the field (``source`` names the document), and nothing stored,
+    when it is not a valid one. Saving the same bytes again rewrites the same key.
+    """
+    config = parse_launch_config(raw, md5_hex(raw), source=source)
+    store.put(config_key(config.hash), raw)
+    return config
 
 
 def load_current(store: Store) -> LaunchConfig | None:

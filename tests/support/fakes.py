@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from wunderproxy.engine import ContainerRecord, ContainerSpec, StartedContainer
 from wunderproxy.errors import DockerUnreachable, UpstreamFailed
 
+# Engine methods a test can make block (see FakeEngine.hold).
+_HOLDABLE = ("ensure_image", "start")
+
 
 class MemoryStore:
-    """A :class:`~wunderproxy.store.Store` in a dict; ``fail_puts`` makes every put fail."""
+    """A :class:`~wunderproxy.store.Store` in a dict; ``fail_puts`` makes every write fail."""
 
     description = "memory://test/apps/myapp"
 
@@ -34,10 +37,29 @@ class MemoryStore:
 
     def put(self, key: str, data: bytes) -> None:
         with self._lock:
-            if self.fail_puts is not None:
-                raise UpstreamFailed(f"put {key} in {self.description} failed: {self.fail_puts}")
+            self._check_put(key)
             self.puts.append(key)
             self.objects[key] = bytes(data)
+
+    def create(self, key: str, data: bytes) -> bool:
+        with self._lock:
+            self._check_put(key)
+            if key in self.objects:
+                return False
+            self.puts.append(key)
+            self.objects[key] = bytes(data)
+            return True
+
+    def delete(self, key: str, expected: bytes) -> bool:
+        with self._lock:
+            if self.objects.get(key) != expected:
+                return False
+            del self.objects[key]
+            return True
+
+    def _check_put(self, key: str) -> None:
+        if self.fail_puts is not None:
+            raise UpstreamFailed(f"put {key} in {self.description} failed: {self.fail_puts}")
 
 
 @dataclass(frozen=True)
@@ -55,8 +77,10 @@ class FakeEngine:
     - ``exit_while_starting(logs)`` makes containers started from then on report
       ``exited`` with ``logs`` (their health check must fail for this to be noticed);
     - ``exit(container_id, logs)`` makes one container report ``exited`` from now on;
-    - ``hold_images()`` makes ``ensure_image`` block until ``release()``, so that a launch
-      stays pending; ``image_requested`` is set once a launch is blocked there;
+    - ``hold("ensure_image")`` or ``hold("start")`` makes that method block until
+      ``release()``, so that a launch stays pending there; ``requested[method]`` is set once
+      a launch is blocked in it (``hold_images()`` and ``image_requested`` are the
+      ``ensure_image`` ones);
     - ``unreachable()`` makes every call fail as when the engine does not answer
       (DockerUnreachable), until ``reachable()``.
     """
@@ -68,8 +92,9 @@ class FakeEngine:
         self.specs: list[ContainerSpec] = []
         self.failures: dict[str, str] = {}
         self.exit_logs: str | None = None
-        self.image_requested = threading.Event()
-        self._gate: threading.Event | None = None
+        self.requested = {method: threading.Event() for method in _HOLDABLE}
+        self.image_requested = self.requested["ensure_image"]
+        self._gates: dict[str, threading.Event] = {}
         self._exited: dict[str, str] = {}
         self.left_running: list[ContainerRecord] = []  # found at start-up, as after a restart
         self.down = False
@@ -94,12 +119,16 @@ class FakeEngine:
     def reachable(self) -> None:
         self.down = False
 
+    def hold(self, method: str) -> None:
+        assert method in _HOLDABLE, method
+        self._gates[method] = threading.Event()
+
     def hold_images(self) -> None:
-        self._gate = threading.Event()
+        self.hold("ensure_image")
 
     def release(self) -> None:
-        if self._gate is not None:
-            self._gate.set()
+        for gate in self._gates.values():
+            gate.set()
 
     # -- what was asked ------------------------------------------------------------
 
@@ -125,15 +154,12 @@ class FakeEngine:
 
     def ensure_image(self, image: str) -> None:
         self._record("ensure_image", image)
-        gate = self._gate
-        if gate is not None:
-            self.image_requested.set()
-            if not gate.wait(timeout=10):
-                raise UpstreamFailed("test gate was never released")
+        self._wait_at_gate("ensure_image")
         self._maybe_fail("ensure_image")
 
     def start(self, spec: ContainerSpec) -> StartedContainer:
         self._record("start", spec)
+        self._wait_at_gate("start")
         self._maybe_fail("start")
         with self._lock:
             container_id = self._id(len(self.specs))
@@ -191,6 +217,13 @@ class FakeEngine:
     def _record(self, method: str, *args: object) -> None:
         with self._lock:
             self.calls.append(Call(method, args))
+
+    def _wait_at_gate(self, method: str) -> None:
+        gate = self._gates.get(method)
+        if gate is not None:
+            self.requested[method].set()
+            if not gate.wait(timeout=10):
+                raise UpstreamFailed("test gate was never released")
 
     def _maybe_fail(self, method: str) -> None:
         if self.down:

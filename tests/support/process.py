@@ -55,6 +55,18 @@ def http_call(
         connection.close()
 
 
+def run_cli(*args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
+    """``python -m wunderproxy ARGS`` run to its end, as an operator runs a client command;
+    it inherits this process's environment (the AWS_* the S3 fixture sets)."""
+    return subprocess.run(
+        [sys.executable, "-m", "wunderproxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 @dataclass
 class WunderproxyProcess:
     """A running ``wunderproxy run``; its log is in ``log_path``."""
@@ -63,6 +75,11 @@ class WunderproxyProcess:
     proxy_port: int
     api_port: int
     log_path: Path
+
+    @property
+    def api_url(self) -> str:
+        """The manager's URL, as ``--host`` takes it."""
+        return f"http://127.0.0.1:{self.api_port}"
 
     def get(self, path: str, **kwargs: Any) -> Answer:
         """A request through the proxy."""

@@ -1,8 +1,9 @@
-"""Polling for a condition in async tests, bounded in time."""
+"""Polling for a condition, bounded in time: in async tests, and in plain ones."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 
@@ -12,3 +13,12 @@ async def eventually(condition: Callable[[], bool], within: float = 5.0) -> bool
         while not condition():  # noqa: ASYNC110 - the condition is a plain counter
             await asyncio.sleep(0.01)
     return True
+
+
+def wait_until(condition: Callable[[], bool], what: str, within: float = 30.0) -> None:
+    """Poll ``condition()`` every 0.1 s; AssertionError naming ``what`` after ``within`` s."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: still not so after {within:g} s")
+        time.sleep(0.1)

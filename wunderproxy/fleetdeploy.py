@@ -1,0 +1,351 @@
+"""A deploy of one launch config to every host of a fleet, from one command, in two phases.
+
+1. ``POST /launch`` on every host at once; each host's progress is told as it changes.
+2. Only once every host is healthy, ``POST /switch`` on every host.
+
+So a launch that fails anywhere switches nothing anywhere: the fleet keeps serving the old
+revision, and the new containers are removed (``POST /abort``, which also cancels the
+launches still waiting, so that a failure is reported at once). A switch that fails on one
+host after others switched would leave the fleet on mixed revisions: the hosts that switched
+are switched back to the hash each served before (its container is still draining there, or
+is launched again if it was already stopped), and the command says which host failed and
+which were switched back. Ctrl-C does the same: before the switch it aborts the launches,
+during it it switches back.
+
+The whole deploy runs under the fleet's deploy lock (:mod:`wunderproxy.deploylock`),
+released on success, failure and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, NoReturn
+
+from wunderproxy.client import ClientError
+from wunderproxy.deploylock import DeployLock, LockError
+from wunderproxy.errors import WunderproxyError
+from wunderproxy.hosts import FanOut, FleetError, Host, Outcome, read_statuses
+from wunderproxy.launchconfig import parse_hash
+from wunderproxy.timestamps import rfc3339
+
+Progress = Callable[[str], None]
+"""Where progress lines go (the CLI: standard error)."""
+
+WAITING_NOTE_INTERVAL = 15.0  # seconds between "still waiting for ..." lines of a launch
+EXIT_INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
+
+
+class DeployFailed(FleetError):
+    """The deploy did not complete; the message says where what went wrong and what state
+    the fleet was left in. ``exit_code`` is 130 after Ctrl-C, else 1."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def locked(lock: DeployLock, force: bool, progress: Progress, work: Callable[[], str]) -> str:
+    """Run ``work`` holding the deploy lock; release it however ``work`` ends."""
+    taken = lock.acquire(force)
+    if taken.broken is not None:
+        progress(taken.broken)
+    progress(f"took {lock.where}, until {rfc3339(taken.record.expires_at)}")
+    try:
+        return work()
+    finally:
+        try:
+            lock.release()
+        except (LockError, WunderproxyError) as error:
+            progress(f"warning: could not release the deploy lock: {error}")
+
+
+def rollback_target(history: list[dict[str, str]], where: str) -> dict[str, str]:
+    """The newest entry of ``history`` (oldest first) whose hash differs from the newest
+    entry's; FleetError when there is none."""
+    if not history:
+        raise FleetError(f"history.json under {where} records no deploy: nothing to roll back to")
+    newest = history[-1].get("Hash")
+    for entry in reversed(history[:-1]):
+        if entry.get("Hash") != newest:
+            return entry
+    raise FleetError(
+        f"history.json under {where} records no deploy of another hash than the newest "
+        f"({newest}): nothing to roll back to; deploy the hash you want with "
+        "`wunderproxy deploy HASH`"
+    )
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a host served when the deploy began: the hash to switch back to."""
+
+    config_hash: str | None
+    revision: str | None
+
+
+class FleetDeploy:
+    """Deploys a hash to ``hosts``, telling ``progress`` how each host fares."""
+
+    def __init__(
+        self,
+        hosts: Sequence[Host],
+        progress: Progress,
+        waiting_note_interval: float = WAITING_NOTE_INTERVAL,
+    ) -> None:
+        if not hosts:
+            raise FleetError("no hosts to deploy to: give --host API_URL (or WUNDERPROXY_HOSTS)")
+        self._hosts = list(hosts)
+        self._progress = progress
+        self._note_interval = waiting_note_interval
+        self._before: dict[Host, Served] = {}
+
+    def run(self, raw_hash: str) -> str:
+        """Launch everywhere, then switch everywhere; the result line, or DeployFailed."""
+        try:
+            config_hash = parse_hash(raw_hash)
+        except WunderproxyError as error:
+            raise FleetError(str(error)) from error
+        self._read_what_hosts_serve()
+        launched = self._launch_everywhere(config_hash)
+        self._switch_everywhere(config_hash)
+        revisions = sorted({str(answer.get("revision")) for answer in launched.values()})
+        names = ", ".join(host.name for host in self._hosts)
+        return (
+            f"deployed revision {', '.join(revisions)} ({config_hash}) to "
+            f"{len(self._hosts)} host{'s' if len(self._hosts) != 1 else ''}: {names}"
+        )
+
+    # -- before: what each host serves ------------------------------------------------
+
+    def _read_what_hosts_serve(self) -> None:
+        outcomes = read_statuses(self._hosts)
+        unreachable = [o for o in outcomes if o.error is not None]
+        if unreachable:
+            raise DeployFailed(
+                "cannot read /status of "
+                + "; ".join(f"{o.host.name}: {o.error}" for o in unreachable)
+                + ". Nothing was launched: bring the host back, or leave it out of --host"
+            )
+        self._hosts = []
+        for outcome in outcomes:
+            status = outcome.value or {}
+            host = outcome.host.named(status)
+            current = status.get("current") or {}
+            self._before[host] = Served(current.get("hash"), current.get("revision"))
+            self._hosts.append(host)
+
+    # -- phase 1: launch ----------------------------------------------------------------
+
+    def _launch_everywhere(self, config_hash: str) -> dict[Host, dict[str, Any]]:
+        for host in self._hosts:
+            self._progress(f"{host.name}: launching {config_hash}, waiting until it is healthy")
+        launches = FanOut(self._hosts, lambda host: host.client.launch(config_hash))
+        healthy: dict[Host, dict[str, Any]] = {}
+        failed: list[Outcome[dict[str, Any]]] = []
+        began = time.monotonic()
+        try:
+            # Until the first failure: from then on the deploy cannot succeed, and the
+            # launches still waiting are cancelled rather than waited for.
+            while launches.pending and not failed:
+                outcome = launches.next(self._note_interval)
+                if outcome is None:
+                    waiting = ", ".join(host.name for host in launches.pending)
+                    self._progress(
+                        f"still waiting for {waiting} ({time.monotonic() - began:.0f} s)"
+                    )
+                elif outcome.error is not None:
+                    failed.append(outcome)
+                    self._progress(f"{outcome.host.name}: failed: {outcome.error}")
+                else:
+                    answer = outcome.value or {}
+                    healthy[outcome.host] = answer
+                    self._progress(f"{outcome.host.name}: healthy: {_container_facts(answer)}")
+        except KeyboardInterrupt:
+            self._progress("interrupted: aborting the launches; nothing was switched")
+            self._abort(config_hash, self._hosts)
+            raise DeployFailed(
+                f"interrupted before any switch; {config_hash} was aborted on every host, "
+                "which all serve what they served before",
+                EXIT_INTERRUPTED,
+            ) from None
+        if failed:
+            self._fail_launch(config_hash, launches, failed)
+        return healthy
+
+    def _fail_launch(
+        self,
+        config_hash: str,
+        launches: FanOut[dict[str, Any]],
+        failed: list[Outcome[dict[str, Any]]],
+    ) -> NoReturn:
+        """Abort ``config_hash`` everywhere, the launches still waiting included, and say
+        where it failed and why."""
+        if launches.pending:
+            waiting = ", ".join(host.name for host in launches.pending)
+            self._progress(f"cancelling the launches still waiting on {waiting}")
+        # Also on the failed hosts: harmless (404), and it removes a container whose
+        # launch failed only on the way back to us (a timeout, a dropped connection).
+        self._abort(config_hash, self._hosts)
+        cancelled = []
+        late_healthy = []
+        for outcome in launches.all():  # cancelled ones answer at once (409, aborted)
+            if outcome.error is None:
+                late_healthy.append(outcome.host)  # healthy just after its abort passed
+            elif outcome.error.status == 409:
+                cancelled.append(outcome.host.name)
+            else:
+                failed.append(outcome)
+                self._progress(f"{outcome.host.name}: failed: {outcome.error}")
+        if late_healthy:
+            self._abort(config_hash, late_healthy)
+        failed.sort(key=lambda o: self._hosts.index(o.host))
+        lines = [f"  {o.host.name}: {o.error}" for o in failed]
+        if cancelled:
+            lines.append(f"  (cancelled while waiting: {', '.join(cancelled)})")
+        raise DeployFailed(
+            f"launch of {config_hash} failed on {len(failed)} of {len(self._hosts)} hosts; "
+            "nothing was switched anywhere and the new containers were removed:\n"
+            + "\n".join(lines)
+        )
+
+    def _abort(self, config_hash: str, hosts: Sequence[Host]) -> dict[Host, ClientError | None]:
+        """``POST /abort`` on ``hosts``; the error of each host where it failed, else None.
+        404 (nothing of it there) counts as done."""
+        results: dict[Host, ClientError | None] = {}
+        for outcome in FanOut(hosts, lambda host: host.client.abort(config_hash)).all():
+            error = outcome.error
+            if error is not None and error.status == 404:
+                self._progress(f"{outcome.host.name}: nothing of {config_hash} to remove")
+                error = None
+            elif error is not None:
+                self._progress(f"{outcome.host.name}: abort failed: {error}")
+            else:
+                self._progress(f"{outcome.host.name}: {(outcome.value or {}).get('message')}")
+            results[outcome.host] = error
+        return results
+
+    # -- phase 2: switch ----------------------------------------------------------------
+
+    def _switch_everywhere(self, config_hash: str) -> None:
+        switched: list[Host] = []
+        failed: list[Outcome[dict[str, Any]]] = []
+        # Every switch's outcome must be known to switch back the right hosts, and switches
+        # take milliseconds: a Ctrl-C now is acted on once they have answered.
+        with _ctrl_c_deferred(self._progress) as interrupted:
+            switches = FanOut(self._hosts, lambda host: host.client.switch(config_hash))
+            for outcome in switches.all():
+                if outcome.error is not None:
+                    failed.append(outcome)
+                    self._progress(f"{outcome.host.name}: switch failed: {outcome.error}")
+                else:
+                    switched.append(outcome.host)
+                    self._progress(f"{outcome.host.name}: {(outcome.value or {}).get('message')}")
+        if failed or interrupted.is_set():
+            self._recover(config_hash, switched, failed, interrupted.is_set())
+
+    def _recover(
+        self,
+        config_hash: str,
+        switched: list[Host],
+        failed: list[Outcome[dict[str, Any]]],
+        interrupted: bool,
+    ) -> None:
+        """Bring every host back to what it served before; DeployFailed saying how it went."""
+        failed.sort(key=lambda o: self._hosts.index(o.host))
+        lines = [f"  {o.host.name}: {o.error}" for o in failed]
+        if interrupted:
+            lines.append("  interrupted (Ctrl-C) while switching")
+        # A switch that failed on the way back to us may have happened: /abort finds out
+        # (409: it serves the new hash), and otherwise removes the launched container.
+        aborted = self._abort(config_hash, [o.host for o in failed])
+        switched += [h for h, e in aborted.items() if e is not None and e.status == 409]
+        back, stuck = self._switch_back(config_hash, switched)
+        if back:
+            lines.append("switched back to what they served before: " + ", ".join(back))
+        if stuck:
+            lines.append("could NOT be switched back, still serving the new hash:")
+            lines += [f"  {line}" for line in stuck]
+        lines.append(
+            "the fleet serves what it served before"
+            if not stuck
+            else "the fleet serves mixed revisions: fix the hosts above, then deploy again"
+        )
+        what = "interrupted" if interrupted and not failed else "failed"
+        raise DeployFailed(
+            f"switch to {config_hash} {what}:\n" + "\n".join(lines),
+            EXIT_INTERRUPTED if interrupted else 1,
+        )
+
+    def _switch_back(self, config_hash: str, hosts: list[Host]) -> tuple[list[str], list[str]]:
+        """Switch ``hosts`` back to the hash each served before: the names switched back,
+        and a line for each that could not be."""
+        back: list[str] = []
+        stuck: list[str] = []
+        movable: list[Host] = []
+        for host in hosts:
+            before = self._before[host].config_hash
+            if before is None:
+                stuck.append(
+                    f"{host.name}: it served nothing before, so there is nothing to go back to"
+                )
+            elif before != config_hash:
+                movable.append(host)
+        outcomes = {o.host: o for o in FanOut(movable, self._switch_host_back).all()}
+        for outcome in (outcomes[host] for host in self._hosts if host in outcomes):
+            if outcome.error is None:
+                back.append(outcome.host.name)
+                self._progress(
+                    f"{outcome.host.name}: switched back to {self._before[outcome.host].revision}"
+                )
+            else:
+                stuck.append(f"{outcome.host.name}: {outcome.error}")
+                self._progress(f"{outcome.host.name}: switch back failed: {outcome.error}")
+        return back, stuck
+
+    def _switch_host_back(self, host: Host) -> dict[str, Any]:
+        """Switch to the hash served before: at once while its container drains, else
+        (404: already stopped) after launching it again."""
+        before = self._before[host].config_hash
+        assert before is not None
+        try:
+            return host.client.switch(before)
+        except ClientError as error:
+            if error.status != 404:
+                raise
+        self._progress(f"{host.name}: its previous container is gone: launching {before} again")
+        host.client.launch(before)
+        return host.client.switch(before)
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred(progress: Progress) -> Iterator[threading.Event]:
+    """Within the block, a first Ctrl-C only sets the event it yields; a second one
+    raises KeyboardInterrupt as usual. Only the main thread can handle signals: elsewhere
+    (a test's thread), Ctrl-C is left as it is."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        interrupted.set()
+        progress("interrupted: waiting for the switches under way, then switching back")
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _container_facts(answer: dict[str, Any]) -> str:
+    container = str(answer.get("container_id") or "?")[:8]
+    return f"container {container}, revision {answer.get('revision')}, port {answer.get('port')}"
