@@ -13,6 +13,8 @@ No image can be pulled from the internet on the test machines, so the app is bus
   sleeps 60 s: an answer cut short if the container dies meanwhile.
 - ``/cgi-bin/echo`` reads ``CONTENT_LENGTH`` bytes of request body and answers
   ``received=N revision=$REVISION``.
+- ``/cgi-bin/fallback`` answers ``container=$HOSTNAME fallback=VALUE``: the request's
+  ``X-Wunderproxy-Fallback`` header as the app saw it (empty without one).
 
 What busybox httpd 1.35 does, checked by hand against a running container:
 
@@ -45,10 +47,15 @@ BUSYBOX = "/bin/busybox"
 APP_PORT = "9292/tcp"
 
 # Prints a well-framed CGI answer: body from $1, no body for HEAD (see the module docstring).
+# One printf, so that head and body leave in one write, as most apps send a small answer:
+# a container killed mid-answer cuts only the answers it had begun.
 _RESPOND = r"""respond() {
-  printf 'Content-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n\r\n' \
-    $((${#1} + 1))
-  [ "$REQUEST_METHOD" = HEAD ] || printf '%s\n' "$1"
+  head='Content-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n\r\n'
+  if [ "$REQUEST_METHOD" = HEAD ]; then
+    printf "$head" $((${#1} + 1))
+  else
+    printf "$head%s\n" $((${#1} + 1)) "$1"
+  fi
 }
 """
 
@@ -59,6 +66,7 @@ CGI_SCRIPTS = {
     "drip": (
         "printf 'Content-Type: text/plain\\r\\nContent-Length: 100\\r\\n\\r\\nhalf.'\nsleep 60\n"
     ),
+    "fallback": 'respond "container=$HOSTNAME fallback=$HTTP_X_WUNDERPROXY_FALLBACK"\n',
     "echo": (
         'received=$(head -c "${CONTENT_LENGTH:-0}" | wc -c)\n'
         'respond "received=$received revision=$REVISION"\n'
