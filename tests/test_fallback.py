@@ -10,6 +10,7 @@ import hashlib
 import hmac
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,6 +63,23 @@ async def there(tmp_path: Path, green: Backend) -> AsyncIterator[Proxy]:
 async def here(tmp_path: Path, there: Proxy) -> AsyncIterator[Proxy]:
     async with running_proxy(tmp_path / "here.log", fallback=fleet_of("web-1", there)) as proxy:
         yield proxy
+
+
+@pytest.fixture
+async def silent() -> AsyncIterator[int]:
+    """The port of a server that accepts and never answers, as Docker's userland proxy
+    does for a container that died."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    for writer in held:
+        writer.close()
+    server.close()
+    await server.wait_closed()
 
 
 def peer_url(proxy: Proxy) -> str:
@@ -337,3 +355,44 @@ async def test_an_upgrade_goes_through_a_peer_and_is_counted_as_upgraded_here(
     assert (counts["active"], counts["idle"], counts["upgraded"]) == (1, 0, 1)
     client.close()
     await eventually(lambda: here.state.connection_counts()["upgraded"] == 0)
+
+
+async def test_requests_waiting_on_a_container_that_dies_go_to_a_peer(
+    here: Proxy, green: Backend, silent: int
+) -> None:
+    """Docker's userland proxy accepts for a dead container and never answers: when Docker
+    says the container died, what waits there is sent on (see deaths.py)."""
+    container = make_container(silent, "rev7", HEALTH)
+    here.serve(container)
+    clients = [await here.connect() for _ in range(3)]
+    waiting = [asyncio.create_task(c.request("GET", f"/{n}")) for n, c in enumerate(clients)]
+    await eventually(lambda: container.in_flight == 3)
+    assert here.state.fallback is not None
+    here.state.fallback.mark_down(container, HEALTH)
+    container.close_links(idle_only=False)
+    answers = await asyncio.wait_for(asyncio.gather(*waiting), 5)
+    assert [a[1]["x-backend"] for a in answers] == ["green"] * 3
+    assert container.in_flight == 0
+
+
+async def test_a_request_connecting_to_a_container_as_it_dies_goes_to_a_peer(
+    here: Proxy, green: Backend, silent: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection made just after the death is not among those closed then."""
+    container = make_container(silent, "rev7", HEALTH)
+    here.serve(container)
+    loop = asyncio.get_running_loop()
+    connect = loop.create_connection
+
+    async def dies_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        connected = await connect(*args, **kwargs)
+        if container.links:  # the connection to the container, not to the peer
+            assert here.state.fallback is not None
+            here.state.fallback.mark_down(container, HEALTH)
+        return connected
+
+    monkeypatch.setattr(loop, "create_connection", dies_meanwhile)
+    client = await here.connect()
+    status, headers, _ = await asyncio.wait_for(client.request("GET", "/a"), 5)
+    assert (status, headers["x-backend"]) == (200, "green")
+    assert not container.links, "the connection made to the dead container was closed"

@@ -28,7 +28,7 @@ from tests.support.waiting import eventually
 from tests.support.wire import Answer, read_answer, send_request
 from wunderproxy import dockerwatch
 from wunderproxy import manager as manager_module
-from wunderproxy.config import Address, Config, Fleet
+from wunderproxy.config import Address, Config, Fleet, Peer
 from wunderproxy.controller import Controller, Startup
 from wunderproxy.engine import (
     LABEL_APP,
@@ -37,6 +37,7 @@ from wunderproxy.engine import (
     LABEL_REVISION,
     ContainerRecord,
 )
+from wunderproxy.fallback import Fallback
 from wunderproxy.manager import (
     MAX_BODY,
     ApiRequest,
@@ -340,7 +341,7 @@ async def test_the_probe_follows_the_engine_going_and_coming_back_with_no_reques
     engine.reachable()
     await eventually(lambda: state.docker_error is None)
     assert await docker_seen(manager) == ({"state": "ok"}, "Ok", "1.0")
-    assert {call.method for call in engine.calls} == {"ping"}, "nothing but pings"
+    assert {call.method for call in engine.calls} == {"ping", "deaths"}, "nothing but pings"
 
 
 async def test_status_with_nothing_deployed_shows_no_current_container(
@@ -1663,6 +1664,70 @@ async def test_containers_started_carry_the_instance_label(
     await controller.launch(upload(store, "rev1"))
     await controller.shutdown(grace=1.0)
     assert [spec.labels[LABEL_INSTANCE] for spec in engine.specs] == ["blue"]
+
+
+# -- a serving container that dies --------------------------------------------------------
+
+
+def with_a_peer(state: ProxyState) -> Fallback:
+    fallback = Fallback(
+        Fleet(instance="web-1", peers=(Peer.parse("http://127.0.0.1:9"),), secret=b"s")
+    )
+    state.fallback = fallback
+    return fallback
+
+
+async def test_a_serving_container_that_dies_sends_requests_to_peers_at_once(
+    controller: Controller, engine: FakeEngine, serving: Container, state: ProxyState
+) -> None:
+    fallback = with_a_peer(state)
+    busy, idle = FakeLink(idle=False), FakeLink(idle=True)
+    serving.links.update((busy, idle))
+    controller.watch_docker()
+    engine.die(serving.container_id, 137)
+    await eventually(lambda: serving.down)
+    assert busy.closed and idle.closed, "nothing in flight waits on a dead container"
+    assert state.current is serving, "it stays current: a deploy replaces it"
+    (died,) = [e for e in state.events.newest_first() if e.kind == "died"]
+    assert (died.container_id, died.detail) == (serving.container_id, "exit code 137")
+    fallback.stop()
+
+
+async def test_without_peers_a_dead_container_is_not_skipped_but_its_connections_close(
+    controller: Controller, engine: FakeEngine, serving: Container, state: ProxyState
+) -> None:
+    busy = FakeLink(idle=False)
+    serving.links.add(busy)
+    controller.watch_docker()
+    engine.die(serving.container_id)
+    await eventually(lambda: busy.closed)
+    assert not serving.down
+
+
+async def test_the_death_of_a_container_not_serving_changes_nothing(
+    manager: Manager,
+    controller: Controller,
+    engine: FakeEngine,
+    serving: Container,
+    state: ProxyState,
+    store: MemoryStore,
+) -> None:
+    with_a_peer(state)
+    assert (await post(manager, "/launch", upload(store, "rev1"))).status == 200
+    (launched,) = [c for c in state.containers if c.state == "launched"]
+    link = FakeLink(idle=False)
+    launched.links.add(link)
+    controller.watch_docker()
+    engine.die(launched.container_id)
+    engine.die("0" * 64)  # not one of ours
+    engine.die(serving.container_id)  # after the others: once it is seen, they were too
+    await eventually(lambda: serving.down)
+    assert not launched.down and not link.closed
+    assert [e.container_id for e in state.events.newest_first() if e.kind == "died"] == [
+        serving.container_id
+    ]
+    assert state.fallback is not None
+    state.fallback.stop()
 
 
 # -- drains -----------------------------------------------------------------------------

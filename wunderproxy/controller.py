@@ -24,6 +24,7 @@ from typing import Protocol, TypeVar
 
 from wunderproxy import store as stores
 from wunderproxy.config import Config, default_instance
+from wunderproxy.deaths import Deaths, DeathWatch
 from wunderproxy.dockerwatch import DockerWatch
 from wunderproxy.engine import (
     LABEL_APP,
@@ -59,6 +60,7 @@ class Engine(Protocol):
     def remove(self, container_id: str, stop_timeout: int) -> None: ...
     def remove_images(self, repository: str, keep: set[str]) -> list[str]: ...
     def list_containers(self, labels: dict[str, str]) -> list[ContainerRecord]: ...
+    def deaths(self, labels: dict[str, str], since: int | None = None) -> Deaths: ...
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ class Controller:
         # Every engine call goes through it, so that /status knows whether Docker answers.
         self._docker = DockerWatch(state, engine.ping, self._blocking)
         self._docker_probe: asyncio.Task[None] | None = None
+        self._deaths = DeathWatch(engine.deaths, {LABEL_APP: config.app}, self._container_died)
         self._launches: dict[str, asyncio.Task[LaunchResult]] = {}
         # Launches cancelled by POST /abort, so that whoever waits on one says so.
         self._aborts: weakref.WeakSet[asyncio.Task[LaunchResult]] = weakref.WeakSet()
@@ -552,8 +555,41 @@ class Controller:
         return True
 
     def watch_docker(self) -> None:
-        """Probe the Docker engine in the background until shutdown (see DockerWatch)."""
+        """Probe the Docker engine in the background until shutdown (see DockerWatch), and
+        follow the deaths of this app's containers (see deaths.py)."""
         self._docker_probe = asyncio.create_task(self._docker.run())
+        self._deaths.start()
+
+    def _container_died(self, container_id: str, exit_code: int | None) -> None:
+        """Docker says a container died. If it was serving: fail what is in flight there
+        now (requests that may go twice go to a peer) and send new requests to peers,
+        rather than let them wait on a port nothing answers behind."""
+        container = next(
+            (c for c in self._state.containers if c.container_id == container_id), None
+        )
+        if container is None or container.stopping or container.state != "serving":
+            return  # stopped by us, or not serving: its launch or drain deals with it
+        fallback = self._state.fallback
+        log.error(
+            "the serving container %s of revision %s died (exit code %s): %s; deploy again, "
+            "or launch its hash again to restart it",
+            container_id[:12],
+            container.revision,
+            "unknown" if exit_code is None else exit_code,
+            "requests go to peers meanwhile"
+            if fallback is not None and fallback.peers
+            else "requests get 502 meanwhile",
+        )
+        self._state.events.add(
+            "died",
+            container.revision,
+            container.hash,
+            container_id,
+            detail=f"exit code {exit_code}" if exit_code is not None else "",
+        )
+        if fallback is not None and fallback.peers:
+            fallback.mark_down(container, container.config.health_check_path)
+        container.close_links(idle_only=False)
 
     async def _read_history(self) -> None:
         """Load history.json for the status page; without it the page shows no deploys."""
@@ -638,6 +674,7 @@ class Controller:
         """Finish drains under way (within ``grace`` seconds) and stop the thread pool."""
         if self._docker_probe is not None:
             self._docker_probe.cancel()
+        self._deaths.stop()
         for task in [*self._launches.values(), *self._stale_removals]:
             task.cancel()
         pending = list(self._launches.values()) + list(self._drains.values())

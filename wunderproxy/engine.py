@@ -17,7 +17,7 @@ import contextlib
 import copy
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,6 +165,27 @@ def _pull_failed(image: str, explanation: str) -> str:
             "is the registry running there?"
         )
     return f"pulling {image} from the registry at {registry} failed: {explanation}"
+
+
+class ContainerDeaths:
+    """Docker's ``die`` events as ``(container id, exit code)``, until closed."""
+
+    def __init__(
+        self, stream: Any, errors: Callable[[str], contextlib.AbstractContextManager[None]]
+    ) -> None:
+        self._stream = stream
+        self._errors = errors
+
+    def __iter__(self) -> Iterator[tuple[str, int | None]]:
+        with self._errors("following container events"):
+            for event in self._stream:
+                attributes = (event.get("Actor") or {}).get("Attributes") or {}
+                code = str(attributes.get("exitCode", ""))
+                yield str(event.get("id", "")), int(code) if code.isdigit() else None
+
+    def close(self) -> None:
+        """End the stream; may be called from another thread."""
+        self._stream.close()
 
 
 class DockerEngine:
@@ -371,6 +392,19 @@ class DockerEngine:
                 ContainerRecord(item["Id"], item.get("State", ""), item_labels, item["Image"], port)
             )
         return records
+
+    def deaths(self, labels: dict[str, str], since: int | None = None) -> ContainerDeaths:
+        """Follow the deaths of containers that carry all of ``labels`` (from the Unix time
+        ``since``, else from now): a blocking stream, to read from a thread of its own."""
+        api = self._api()
+        filters = {
+            "type": ["container"],
+            "event": ["die"],
+            "label": [f"{key}={value}" for key, value in labels.items()],
+        }
+        with self._errors("following container events"):
+            stream = api.events(since=since, filters=filters, decode=True)
+        return ContainerDeaths(stream, self._errors)
 
     def remove_images(self, repository: str, keep: set[str]) -> list[str]:
         """Remove the local tags of ``repository`` except those in ``keep``; return the removed.

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from wunderproxy.timestamps import rfc3339
 
-EventKind = Literal["launch", "healthy", "switch", "drained", "failed", "aborted"]
+EventKind = Literal["launch", "healthy", "switch", "drained", "failed", "aborted", "died"]
 # Deploy results counted for /metrics (wunderproxy_deploys_total{result}).
 DeployResult = Literal["switched", "failed"]
 

@@ -557,6 +557,12 @@ class ClientConnection(asyncio.Protocol):
         if self._closed or self._cycle is not cycle:
             upstream.close()
             return
+        container = cycle.container
+        if container is not None and container.down and cycle.may_fall_back:
+            # It died while we connected: Docker's proxy accepts for it all the same.
+            upstream.close()
+            self._fall_back(cycle, [], replay, answers.UNREACHABLE)
+            return
         self._forward_to(upstream, fresh=True, reused=False)
         self._write_request(cycle, upstream, replay)
 
@@ -829,7 +835,8 @@ class ClientConnection(asyncio.Protocol):
             return
         replay, cycle.replay = cycle.replay, None
         if replay is not None and cycle.received:
-            if cycle.reused:
+            container_died = cycle.container is not None and cycle.container.down
+            if cycle.reused and not (container_died and cycle.may_fall_back):
                 log.info(
                     "%s closed a kept-alive connection as a request went out: "
                     "sending it again on a new one",

@@ -10,7 +10,9 @@ Their methods are called from the controller's thread pool, so they lock what th
 from __future__ import annotations
 
 import hashlib
+import queue
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from wunderproxy.engine import ContainerRecord, ContainerSpec, StartedContainer
@@ -70,6 +72,20 @@ class Call:
     args: tuple[object, ...]
 
 
+class FakeDeaths:
+    """The deaths ``FakeEngine.die`` reports, until closed."""
+
+    def __init__(self, deaths: queue.Queue[tuple[str, int | None] | None]) -> None:
+        self._deaths = deaths
+
+    def __iter__(self) -> Iterator[tuple[str, int | None]]:
+        while (death := self._deaths.get()) is not None:
+            yield death
+
+    def close(self) -> None:
+        self._deaths.put(None)
+
+
 class FakeEngine:
     """The controller's ``Engine``: records calls and points every container at one address.
 
@@ -82,7 +98,9 @@ class FakeEngine:
       a launch is blocked in it (``hold_images()`` and ``image_requested`` are the
       ``ensure_image`` ones);
     - ``unreachable()`` makes every call fail as when the engine does not answer
-      (DockerUnreachable), until ``reachable()``.
+      (DockerUnreachable), until ``reachable()``;
+    - ``die(container_id, exit_code)`` reports a container's death to whoever follows
+      ``deaths()``.
     """
 
     def __init__(self, host: str, port: int) -> None:
@@ -99,6 +117,7 @@ class FakeEngine:
         self.left_running: list[ContainerRecord] = []  # found at start-up, as after a restart
         self.down = False
         self._lock = threading.Lock()
+        self._deaths: queue.Queue[tuple[str, int | None] | None] = queue.Queue()
 
     # -- steering ------------------------------------------------------------------
 
@@ -211,6 +230,15 @@ class FakeEngine:
         self._record("remove_images", repository, frozenset(keep))
         self._maybe_fail("remove_images")
         return []
+
+    def deaths(self, labels: dict[str, str], since: int | None = None) -> FakeDeaths:
+        self._record("deaths", dict(labels), since)
+        self._maybe_fail("deaths")
+        return FakeDeaths(self._deaths)
+
+    def die(self, container_id: str, exit_code: int | None = 137) -> None:
+        """Report ``container_id``'s death, as Docker's event stream does."""
+        self._deaths.put((container_id, exit_code))
 
     # -- helpers -------------------------------------------------------------------
 

@@ -1,0 +1,119 @@
+"""Peer fallback across a real fleet: three wunderproxies on one Docker engine, each with its
+own container and registry (tests/support/fleet.py), every host a peer of the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+
+import pytest
+
+from tests.support.fleet import Fleet, FleetHost
+from tests.support.load import LoadGenerator, Worker
+from tests.support.process import http_call
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.e2e
+
+FALLBACK_PATH = "/cgi-bin/fallback"  # answers container=ID fallback=MARK (as the app saw it)
+GETS = (
+    Worker("keep-alive", "GET", "/cgi-bin/whoami", keep_alive=True),
+    Worker("keep-alive", "GET", "/cgi-bin/whoami", keep_alive=True),
+    Worker("new-connection", "GET", "/cgi-bin/whoami", keep_alive=False),
+    Worker("new-connection", "GET", "/cgi-bin/whoami", keep_alive=False),
+)
+
+
+def mark(fleet: Fleet, instance: str, request_line: str) -> str:
+    """The mark ``instance`` puts on a request, computed here from the fleet's secret."""
+    key = fleet.secret.encode()
+    signature = hmac.new(key, f"{instance} {request_line}".encode(), hashlib.sha256)
+    return f"{instance} {signature.hexdigest()}"
+
+
+def seen_by_app(host: FleetHost, **headers: str) -> tuple[str, str]:
+    """The container that answered ``FALLBACK_PATH`` through ``host``, and the mark it saw."""
+    answer = host.process.get(FALLBACK_PATH, headers=headers)
+    assert answer.status == 200, f"{host.instance}: {answer.status} {answer.text}"
+    container, _, fallback = answer.text.strip().partition(" ")
+    return container.removeprefix("container="), fallback.removeprefix("fallback=")
+
+
+def fallback_figures(host: FleetHost) -> dict[str, int]:
+    """Requests ``host`` sent to each peer and received from each instance."""
+    figures = host.process.status()["fallback"]["by_peer"]
+    return {**{f"to {k}": v for k, v in figures["sent"].items()}} | {
+        f"from {k}": v for k, v in figures["received"].items()
+    }
+
+
+def test_a_killed_container_costs_no_request_while_its_peers_serve(fleet: Fleet) -> None:
+    fleet.serve("rev1")
+    web1, *peers = fleet.hosts
+    (doomed,) = fleet.containers(web1)
+    peer_containers = {str(c.id)[:12] for peer in peers for c in fleet.containers(peer)}
+
+    with LoadGenerator(web1.process.proxy_port, GETS, max_seconds=60) as load:
+        wait_until(lambda: load.count() >= 100, "100 requests before the kill")
+        doomed.kill()
+        killed_at = time.monotonic()
+        wait_until(
+            lambda: load.count(lambda o: o.started > killed_at + 1) >= 200,
+            "200 requests from a second after the kill",
+        )
+        outcomes = load.stop()
+
+    failed = [o for o in outcomes if o.failed]
+    assert failed == [], f"{len(failed)} of {len(outcomes)} failed, e.g. {failed[:3]}"
+    after = [o for o in outcomes if o.started > killed_at + 1]
+    answered_by = {o.body.partition("container=")[2] for o in after}
+    assert answered_by == peer_containers, "the peers took turns"
+    # The app saw where the request came from.
+    container, seen = seen_by_app(web1)
+    assert container in peer_containers
+    assert seen == mark(fleet, "web-1", f"GET {FALLBACK_PATH} HTTP/1.1")
+    # A load balancer's health check sees this host as it is.
+    health = web1.process.get("/health")
+    assert health.status == 502, health.text
+    # Counted on both sides, the same.
+    sent = web1.process.status()["fallback"]
+    received = sum(fallback_figures(peer).get("from web-1", 0) for peer in peers)
+    assert sent["sent"] == received >= len(after) + 1
+    assert sent["unplaced"] == 0
+    metrics = web1.process.api("GET", "/metrics").text
+    for peer in peers:
+        sent_there = fallback_figures(web1)[f"to {peer.proxy_url}"]
+        line = f'wunderproxy_fallback_requests_total{{direction="sent",peer="{peer.proxy_url}"}}'
+        assert f"{line} {float(sent_there)}" in metrics
+
+
+def test_fallback_makes_one_hop_and_forged_marks_never_reach_the_app(fleet: Fleet) -> None:
+    web1, web2, web3 = fleet.hosts
+    # Nothing deployed anywhere: each peer answers web-1's request at once, without sending
+    # it on, and web-1 gives its own answer.
+    answer = web1.process.get("/cgi-bin/whoami")
+    assert (answer.status, answer.text) == (503, "no container is deployed yet\n")
+    assert fallback_figures(web1) == {f"to {web2.proxy_url}": 1, f"to {web3.proxy_url}": 1}
+    for peer in (web2, web3):
+        assert fallback_figures(peer) == {"from web-1": 1}, "received once, sent on never"
+    # A request that may not be sent twice gets the first peer's own 502.
+    answer = http_call(web3.process.proxy_port, "POST", "/cgi-bin/echo", b"once")
+    assert (answer.status, answer.text) == (502, "fallback request found no container\n")
+
+    # web-2 serves; a client's forged mark never reaches its app, whether the request is
+    # served where it arrived or sent on by web-1 with a mark of its own.
+    for step in (web2.process.launch, web2.process.switch):
+        assert step(fleet.hashes["rev1"]).status == 200
+    wait_until(
+        lambda: all(p["skipped_for"] == 0 for p in web1.process.status()["fallback"]["peers"]),
+        "web-1 trying its peers again",
+        within=10,
+    )
+    forged = mark(fleet, "web-9", f"GET {FALLBACK_PATH} HTTP/1.1").replace("a", "b")
+    assert seen_by_app(web2, **{"X-Wunderproxy-Fallback": forged})[1] == ""
+    (serving,) = fleet.containers(web2)
+    expected = (str(serving.id)[:12], mark(fleet, "web-1", f"GET {FALLBACK_PATH} HTTP/1.1"))
+    for _ in range(3):  # whichever peer web-1 tries first, web-2's app answers
+        assert seen_by_app(web1, **{"X-Wunderproxy-Fallback": forged}) == expected
