@@ -396,3 +396,17 @@ async def test_a_request_connecting_to_a_container_as_it_dies_goes_to_a_peer(
     status, headers, _ = await asyncio.wait_for(client.request("GET", "/a"), 5)
     assert (status, headers["x-backend"]) == (200, "green")
     assert not container.links, "the connection made to the dead container was closed"
+
+
+async def test_a_request_on_a_dropped_kept_alive_connection_is_not_sent_again_to_a_dead_container(
+    proxy: Proxy, blue: Backend
+) -> None:
+    """Without peers too: the keep-alive race's second try would wait on Docker's proxy."""
+    container = make_container(blue, "rev1", HEALTH)
+    proxy.serve(container)
+    client = await proxy.connect()
+    assert (await client.request("GET", "/a"))[0] == 200
+    blue.answering = False
+    container.down = True  # as when Docker said it died
+    assert (await client.request("GET", "/a"))[0] == 502
+    assert blue.dropped == 1, "tried once, not again"

@@ -1693,7 +1693,7 @@ async def test_a_serving_container_that_dies_sends_requests_to_peers_at_once(
     fallback.stop()
 
 
-async def test_without_peers_a_dead_container_is_not_skipped_but_its_connections_close(
+async def test_without_peers_a_dead_container_is_marked_down_and_its_connections_close(
     controller: Controller, engine: FakeEngine, serving: Container, state: ProxyState
 ) -> None:
     busy = FakeLink(idle=False)
@@ -1701,7 +1701,7 @@ async def test_without_peers_a_dead_container_is_not_skipped_but_its_connections
     controller.watch_docker()
     engine.die(serving.container_id)
     await eventually(lambda: busy.closed)
-    assert not serving.down
+    assert serving.down, "a request on a dropped kept-alive connection is not sent there again"
 
 
 async def test_the_death_of_a_container_not_serving_changes_nothing(

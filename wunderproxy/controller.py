@@ -589,6 +589,8 @@ class Controller:
         )
         if fallback is not None and fallback.peers:
             fallback.mark_down(container, container.config.health_check_path)
+        else:
+            container.down = True  # nothing is sent to it again on a dropped connection
         container.close_links(idle_only=False)
 
     async def _read_history(self) -> None:

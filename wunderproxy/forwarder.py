@@ -835,8 +835,9 @@ class ClientConnection(asyncio.Protocol):
             return
         replay, cycle.replay = cycle.replay, None
         if replay is not None and cycle.received:
-            container_died = cycle.container is not None and cycle.container.down
-            if cycle.reused and not (container_died and cycle.may_fall_back):
+            # Not again to a container known down: Docker's proxy may still accept for it.
+            container_down = cycle.container is not None and cycle.container.down
+            if cycle.reused and not container_down:
                 log.info(
                     "%s closed a kept-alive connection as a request went out: "
                     "sending it again on a new one",
