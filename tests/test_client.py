@@ -3,6 +3,7 @@ whatever answers, the operator reads a message, never a Python traceback."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -17,6 +18,9 @@ import pytest
 from tests.support.docker import free_port
 from wunderproxy import client as client_module
 from wunderproxy.client import ClientError, ManagerClient
+from wunderproxy.config import Fleet, Peer
+from wunderproxy.fallback import Fallback
+from wunderproxy.state import ProxyState
 
 HASH = "0123456789abcdef0123456789abcdef"
 
@@ -179,3 +183,25 @@ def test_status_gives_up_after_the_status_timeout_not_the_launch_timeout(
         with pytest.raises(ClientError, match="timed out"):
             client.status()
         assert time.monotonic() - started < 5
+
+
+def test_status_of_a_fleet_member_says_what_peer_fallback_did(canned: CannedServer) -> None:
+    state = ProxyState("shop", "test")
+    fallback = Fallback(
+        Fleet(
+            instance="web-1",
+            peers=(Peer.parse("http://10.0.0.2"), Peer.parse("http://10.0.0.3:8080")),
+            secret=b"s",
+        )
+    )
+    state.fallback = fallback
+    fallback.sent.update({"http://10.0.0.2:80": 2})
+    fallback.received.update({"web-3": 1})
+    fallback.refused(fallback.peers[1])
+    canned.answer(200, "application/json", json.dumps(state.snapshot()).encode())
+    result = wunderproxy_client("status", "--api", canned.url)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "peer fallback as web-1: 2 sent, 1 received, 0 no peer took; "
+        "skipping http://10.0.0.3:8080\n" in result.stdout
+    )

@@ -727,4 +727,12 @@ def _summary(status: dict[str, Any]) -> str:
     lines.append(
         f"connections: {conns['open']} open, {conns['active']} active, {conns['idle']} idle"
     )
+    fallback = status.get("fallback")
+    if fallback:
+        skipped = [p["url"] for p in fallback["peers"] if p["skipped_for"] > 0]
+        lines.append(
+            f"peer fallback as {fallback['instance']}: {fallback['sent']} sent, "
+            f"{fallback['received']} received, {fallback['unplaced']} no peer took"
+            + (f"; skipping {', '.join(skipped)}" if skipped else "")
+        )
     return "\n".join(lines)
