@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import http.client
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -384,3 +385,35 @@ def test_remove_images_leaves_an_image_that_a_container_uses(
     assert removed == [images.ref("rev2")]
     assert engine.status(in_use.id) == "running"
     docker_client.images.get(images.ref("rev1"))
+
+
+def test_deaths_follows_the_containers_with_the_labels_as_docker_kills_them(
+    engine: DockerEngine,
+    images: AppImages,
+    app_name: str,
+    test_labels: dict[str, str],
+    docker_client: docker.DockerClient,
+) -> None:
+    image = images.ref("rev1")
+    engine.ensure_image(image)
+    ours = engine.start(spec_for(image, app_name, test_labels, revision="a"))
+    other = docker_client.containers.run(image, labels=test_labels, detach=True)
+    deaths = engine.deaths({LABEL_APP: app_name})
+    seen: list[tuple[str, int | None]] = []
+    reader = threading.Thread(target=lambda: seen.extend(deaths), daemon=True)
+    reader.start()
+    other.kill()
+    docker_client.api.kill(ours.id)
+    deadline = time.monotonic() + 10
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+    deaths.close()
+    reader.join(5)
+    assert seen == [(ours.id, 137)], "only the labelled container, with its exit code"
+    assert not reader.is_alive(), "close() ends the stream"
+    # Asked again from before the death, the stream has it: deaths missed while the
+    # engine was away are seen on reconnecting.
+    replayed = engine.deaths({LABEL_APP: app_name}, since=int(time.time()) - 30)
+    first = next(iter(replayed))
+    replayed.close()
+    assert first == (ours.id, 137)

@@ -197,18 +197,40 @@ async def test_the_health_check_path_is_never_sent_to_a_peer(here: Proxy, green:
     assert (await client.request("GET", "/healthy"))[1]["x-backend"] == "green"
 
 
-async def test_a_forged_mark_is_removed_before_the_request_goes_anywhere(
-    here: Proxy, blue: Backend, green: Backend
+async def test_a_mark_that_does_not_verify_is_removed_and_keeps_the_request_here(
+    here: Proxy, blue: Backend, green: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A client's forgery, or a peer's mark under another secret: sending such requests on
+    would let two peers with different secrets pass one back and forth for ever."""
     forged = [("X-Wunderproxy-Fallback", mark_of("web-9", "GET /x HTTP/1.1").replace("a", "b"))]
     client = await here.connect()
     send_request(client.conn, client.writer, "GET", "/x", headers=forged)
-    assert (await client.response())[1]["x-backend"] == "green", "no container: a peer serves it"
-    assert mark_seen(green) == mark_of("web-1", "GET /x HTTP/1.1")
+    assert (await client.response())[0] == 503, "no container here, and not sent on"
+    assert green.requests == 0
     here.serve(make_container(blue, "rev7", HEALTH))
-    send_request(client.conn, client.writer, "GET", "/x", headers=forged)
-    assert (await client.response())[1]["x-backend"] == "blue"
-    assert mark_seen(blue) is None
+    for _ in range(2):
+        send_request(client.conn, client.writer, "GET", "/x", headers=forged)
+        assert (await client.response())[1]["x-backend"] == "blue"
+        assert mark_seen(blue) is None
+    assert here.state.snapshot()["fallback"]["unverified"] == 3
+    warnings = [r for r in caplog.records if "does not verify" in r.getMessage()]
+    assert len(warnings) == 1, "once a minute, whatever a client sends"
+    assert "do not share one --fallback-secret" in warnings[0].getMessage()
+
+
+async def test_peers_with_different_secrets_do_not_pass_a_request_back_and_forth(
+    here: Proxy, there: Proxy
+) -> None:
+    there.state.current = None
+    there.state.fallback = Fallback(
+        Fleet(instance="web-2", peers=(Peer.parse(peer_url(here)),), secret=b"another secret")
+    )
+    client = await here.connect()
+    assert (await asyncio.wait_for(client.request("GET", "/a"), 5))[0] == 503
+    assert here.state.snapshot()["fallback"]["sent"] == 1, "answered by there's own 503"
+    assert there.state.snapshot()["fallback"]["sent"] == 0, "not sent back"
+    assert there.state.fallback.unverified_marks == 1
+    assert here.state.requests.total == there.state.requests.total == 1
 
 
 async def test_a_request_from_a_peer_is_never_sent_on(

@@ -25,6 +25,9 @@ log = logging.getLogger("wunderproxy.manager")
 
 # Seconds between two attempts to follow the engine's events while it does not answer.
 RECONNECT_INTERVAL = 2.0
+# Seconds before a lost stream's end from which events are asked again: an event in flight
+# as the stream broke is not missed (one seen twice changes nothing).
+LOST_EVENTS_MARGIN = 2
 
 
 class Deaths(Protocol):
@@ -71,8 +74,8 @@ class DeathWatch:
 
     def _run(self) -> None:
         since: int | None = None  # after a lost stream: the events from then on
+        lost = False  # the stream was lost and not yet followed again
         while not self._stopping.is_set():
-            began = int(time.time())
             try:
                 stream = self._follow(self._labels, since)
                 with self._lock:
@@ -80,6 +83,9 @@ class DeathWatch:
                 if self._stopping.is_set():  # stop() came before the stream was kept
                     stream.close()
                     return
+                if lost:
+                    log.info("following the Docker engine's container events again")
+                    lost = False
                 for container_id, exit_code in stream:
                     assert self._loop is not None
                     if self._loop.is_closed():  # the process is exiting
@@ -88,6 +94,15 @@ class DeathWatch:
             except Exception as exc:  # a stream cut off may raise anything
                 if self._stopping.is_set():
                     return
-                log.debug("cannot follow the Docker engine's events: %s", exc)
-            since = began
+                if not lost:
+                    log.warning(
+                        "cannot follow the Docker engine's container events (%s): a container "
+                        "that dies is noticed only when a request finds it gone; retrying "
+                        "every %g s",
+                        exc,
+                        RECONNECT_INTERVAL,
+                    )
+                    lost = True
+            # Asked again from a little before the stream was lost: the deaths meanwhile.
+            since = int(time.time()) - LOST_EVENTS_MARGIN
             self._stopping.wait(RECONNECT_INTERVAL)

@@ -179,9 +179,10 @@ class ContainerDeaths:
     def __iter__(self) -> Iterator[tuple[str, int | None]]:
         with self._errors("following container events"):
             for event in self._stream:
-                attributes = (event.get("Actor") or {}).get("Attributes") or {}
-                code = str(attributes.get("exitCode", ""))
-                yield str(event.get("id", "")), int(code) if code.isdigit() else None
+                # Actor.ID: the top-level "id" is gone from Engine API 1.52 (Docker 29) on.
+                actor = event.get("Actor") or {}
+                code = str((actor.get("Attributes") or {}).get("exitCode", ""))
+                yield str(actor.get("ID", "")), int(code) if code.isdigit() else None
 
     def close(self) -> None:
         """End the stream; may be called from another thread."""

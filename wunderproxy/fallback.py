@@ -6,8 +6,9 @@ before any answer) sends the request on to a peer wunderproxy instead of answeri
 instance name and the hex HMAC-SHA256, keyed with the fleet's secret, of ``INSTANCE``, one
 space and the request line. A peer serves a request with a valid mark itself or answers 502,
 and never sends it on: a request makes at most one hop, so a fleet whose containers are all
-down cannot bounce it around. A mark with a wrong signature is a client's forgery and is
-removed before the request goes anywhere.
+down cannot bounce it around. A mark with a wrong signature (a client's forgery, or a peer
+with another secret) is removed before the app sees it, and that request is not sent on
+either.
 
 The signature covers the request line, not the body or the time: a captured mark can only
 be replayed with the same request line, and all it buys is that the request is not sent on
@@ -38,6 +39,8 @@ UNSERVED = b"X-Wunderproxy-Unserved"
 # that may fall back skip it meanwhile.
 PROBE_INTERVAL = 1.0
 PROBE_TIMEOUT = 2.0
+# Seconds between two warnings of requests whose mark does not verify.
+UNVERIFIED_WARNING_INTERVAL = 60.0
 
 _MARK_LINE = re.compile(rb"\r\n" + FALLBACK_FIELD.encode() + rb":[^\r]*", re.IGNORECASE)
 
@@ -86,6 +89,8 @@ class Fallback:
         self.sent: Counter[str] = Counter()  # by peer URL
         self.received: Counter[str] = Counter()  # by sending instance
         self.unplaced = 0  # requests no peer accepted
+        self.unverified_marks = 0  # requests with a mark that did not verify
+        self._quiet_until = 0.0  # no warning of unverified marks before then
         self._probes: dict[Container, asyncio.Task[None]] = {}
 
     # -- the mark ------------------------------------------------------------------
@@ -115,6 +120,22 @@ class Fallback:
         """True when ``answer`` (its first bytes) is a peer's 502 for ``head`` that says no
         container took the request there."""
         return answer.startswith(b"HTTP/1.1 502 ") and self.unserved(head) in answer
+
+    def unverified(self, client: str) -> None:
+        """A request came with a mark this host cannot verify: count it, and say so (at most
+        once a minute: a client can send any number)."""
+        self.unverified_marks += 1
+        now = time.monotonic()
+        if now < self._quiet_until:
+            return
+        self._quiet_until = now + UNVERIFIED_WARNING_INTERVAL
+        log.warning(
+            "a request from %s carried an X-Wunderproxy-Fallback field that does not verify "
+            "(%d so far): removed, and the request is served here only. If it came from a "
+            "peer, the peers do not share one --fallback-secret",
+            client,
+            self.unverified_marks,
+        )
 
     def marked(self, head: bytes) -> bytes:
         """``head`` with this instance's mark added, to send to a peer."""
@@ -183,6 +204,7 @@ class Fallback:
             "sent": sum(self.sent.values()),
             "received": sum(self.received.values()),
             "unplaced": self.unplaced,
+            "unverified": self.unverified_marks,
             "by_peer": {"sent": dict(self.sent), "received": dict(self.received)},
             "peers": [
                 {"url": p.url, "skipped_for": round(max(0.0, p.skip_until - now), 1)}

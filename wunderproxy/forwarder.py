@@ -435,19 +435,20 @@ class ClientConnection(asyncio.Protocol):
         return self._dispatch(cycle, container, rest, None)
 
     def _read_mark(self, cycle: RequestCycle, fallback: Fallback) -> None:
-        """Note which peer sent a request with a valid mark (it is never sent on), remove a
-        forged mark, and decide whether the request may go to a peer."""
+        """Note which peer sent a marked request, and decide whether the request may go to a
+        peer: one that came with a mark never does, valid or not.
+
+        A mark this host cannot verify is removed before the app sees it. It is a client's
+        forgery, or a peer's signed with another secret: were such requests sent on, two
+        peers with different secrets would pass one back and forth for ever.
+        """
         request = cycle.request
         if request.fallback is not None:
             cycle.sender = fallback.sender(request.fallback, request.data)
-            if cycle.sender is not None:
-                return
-            log.info(
-                "removed a forged %s field from a request of %s",
-                "X-Wunderproxy-Fallback",
-                self._peer(),
-            )
-            cycle.head = unmarked(request.data)
+            if cycle.sender is None:
+                fallback.unverified(self._peer())
+                cycle.head = unmarked(request.data)
+            return
         # The health check of a load balancer must see this host as it is.
         if fallback.peers and request.target.partition(b"?")[0] != self._state.health_check_path:
             cycle.may_fall_back = True
