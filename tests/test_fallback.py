@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from tests.support.backend import Backend
 from tests.support.docker import free_port
 from tests.support.proxied import Proxy, make_container, running_proxy
 from tests.support.waiting import eventually
 from tests.support.wire import send_request
+from wunderproxy.cli import _PeerURL, main
 from wunderproxy.config import Fleet, Peer
 from wunderproxy.fallback import Fallback, request_line, unmarked
 from wunderproxy.metrics import Metrics
@@ -262,14 +264,26 @@ async def test_a_peer_without_a_container_says_so_and_the_next_peer_serves(
         client = await here.connect()
         for _ in range(4):
             assert (await client.request("GET", "/a"))[1]["x-backend"] == "blue"
-        # A request that may not go twice gets the peer's answer; that peer is skipped.
-        here.state.fallback = fleet_of("web-1", there, third)
+        # Any method: no app saw it where no container was.
+        here.state.fallback = fleet_of("web-1", there, third)  # `there` first again
         poster = await here.connect()
-        status, headers, body = await poster.request("POST", "/echo", b"once")
-        assert (status, body) == (502, b"fallback request found no container\n")
-        assert "x-wunderproxy-unserved" in headers
-        assert (await poster.request("POST", "/echo", b"twice"))[1]["x-backend"] == "blue"
+        assert (await poster.request("POST", "/echo", b"once"))[1:] == (
+            {"x-backend": "blue", "content-length": "4"},
+            b"once",
+        )
+        # A body still on its way when the peer answers cannot be sent again: that 502
+        # goes to the client, and the peer is skipped from then on.
+        here.state.fallback = fleet_of("web-1", there, third)
+        late = await here.connect()
+        late.send_raw(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\n")
+        answer = b""
+        while b"no container\n" not in answer:
+            answer += await asyncio.wait_for(late.reader.read(1024), 5)
+        assert answer.startswith(b"HTTP/1.1 502 ") and b"X-Wunderproxy-Unserved" in answer
+        late.send_raw(b"hello")
+        assert (await poster.request("POST", "/echo", b"again"))[1]["x-backend"] == "blue"
         assert green.requests == 0
+        assert [h.target for h in blue.heads if h.method == b"POST"] == [b"/echo", b"/echo"]
 
 
 def test_only_the_peers_own_signed_unserved_field_lets_a_request_go_again() -> None:
@@ -432,3 +446,36 @@ async def test_a_request_on_a_dropped_kept_alive_connection_is_not_sent_again_to
     container.down = True  # as when Docker said it died
     assert (await client.request("GET", "/a"))[0] == 502
     assert blue.dropped == 1, "tried once, not again"
+
+
+# -- the options ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arguments", "environment", "says"),
+    [
+        (["--peer", "http://10.0.0.2:80"], {}, "--peer needs --fallback-secret"),
+        (["--fallback-secret", "s", "--peer", "https://10.0.0.2"], {}, "give http://HOST:PORT"),
+        (["--fallback-secret", "s", "--peer", "10.0.0.2:80"], {}, "give http://HOST:PORT"),
+        (["--fallback-secret", "s", "--peer", "http://h/path"], {}, "give http://HOST:PORT"),
+        (["--instance", "wéb-1"], {}, "ASCII letters, digits"),
+        (["--instance", "web 1"], {}, "ASCII letters, digits"),
+        ([], {"WUNDERPROXY_PEERS": "http://10.0.0.2, http://10.0.0.3:8080"}, "--fallback-secret"),
+    ],
+)
+def test_fleet_options_that_cannot_work_stop_start_up_saying_why(
+    arguments: list[str], environment: dict[str, str], says: str, tmp_path: Path
+) -> None:
+    result = CliRunner().invoke(
+        main, ["run", f"file://{tmp_path}", "p", "app", *arguments], env=environment
+    )
+    assert result.exit_code == 2 and says in result.output, result.output
+
+
+def test_peers_from_the_environment_are_comma_separated_urls() -> None:
+    peers = [Peer.parse(p) for p in _PeerURL().split_envvar_value(" http://a:1,, http://b ")]
+    assert [(p.url, p.host, p.port) for p in peers] == [
+        ("http://a:1", "a", 1),
+        ("http://b:80", "b", 80),
+    ]
+    assert Peer.parse("http://[::1]:81").url == "http://[::1]:81"

@@ -482,3 +482,17 @@ async def test_a_container_answering_before_the_whole_body_still_gets_the_rest_o
         assert proxy.state.requests.by_status == {413: 1, 200: 1}
     assert "failed" not in caplog.text, "an answer that ended is no failure"
     server.close()
+
+
+async def test_the_proxys_own_answer_to_head_has_no_body_and_keeps_the_connection_in_step(
+    proxy: Proxy, blue: Backend
+) -> None:
+    client = await proxy.connect()
+    status, headers, body = await client.request("HEAD", "/")
+    assert (status, headers["content-length"], body) == (503, "29", b"")
+    proxy.serve(make_container(blue, "rev1"))
+    assert await client.request("GET", "/") == (
+        200,
+        {"x-backend": "blue", "content-length": "4"},
+        b"blue",
+    )

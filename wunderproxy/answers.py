@@ -42,13 +42,15 @@ TOO_MANY_CONNECTIONS = Failure(503, "too many connections")
 FALLBACK_NO_CONTAINER = Failure(502, "fallback request found no container")
 
 
-def plain_response(status: int, message: str, close: bool, fields: bytes = b"") -> bytes:
+def plain_response(
+    status: int, message: str, close: bool, fields: bytes = b"", head_only: bool = False
+) -> bytes:
     """A short plain-text answer the proxy sends on its own (``fields``: more header lines,
-    each ending in CRLF)."""
+    each ending in CRLF; ``head_only``: the answer to a HEAD request, which has no body)."""
     body = (message + "\n").encode()
     head = (
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
         "Content-Type: text/plain; charset=utf-8\r\n"
         f"Content-Length: {len(body)}\r\n" + ("Connection: close\r\n" if close else "")
     )
-    return head.encode() + fields + b"\r\n" + body
+    return head.encode() + fields + b"\r\n" + (b"" if head_only else body)

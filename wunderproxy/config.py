@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,8 @@ DEFAULT_MAX_HEADER_SIZE = 16 * 1024
 # knows what its uploads may weigh; a proxy-wide limit that is too low breaks it silently.
 DEFAULT_MAX_BODY_SIZE: int | None = None
 
+
+_INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 # Seconds a peer that refused a fallback request is skipped before it is tried again.
 PEER_RETRY_AFTER = 5.0
@@ -150,9 +153,10 @@ class Fleet:
     secret: bytes | None = None
 
     def __post_init__(self) -> None:
-        if not self.instance or any(c.isspace() for c in self.instance):
+        if _INSTANCE_NAME.fullmatch(self.instance) is None:
             raise ConfigError(
-                f"--instance {self.instance!r}: give a name without spaces, such as web-1"
+                f"--instance {self.instance!r}: give a name of ASCII letters, digits, '.', "
+                "'_' and '-', such as web-1 (it goes into a header and a Docker label)"
             )
         if self.peers and not self.secret:
             raise ConfigError(

@@ -500,8 +500,11 @@ class ClientConnection(asyncio.Protocol):
         cycle.target = upstream
         cycle.reused = reused
         # Kept to send again: after the keep-alive race, or to a (next) peer if the
-        # container (or peer) closes the connection without an answer.
-        if (reused or cycle.may_fall_back) and cycle.request.method in IDEMPOTENT:
+        # container (or peer) closes the connection without an answer; and any request sent
+        # to a peer, which the peer may answer it did not serve (see _unserved).
+        if cycle.peer is not None or (
+            (reused or cycle.may_fall_back) and cycle.request.method in IDEMPOTENT
+        ):
             cycle.replay = bytearray(cycle.head)
         self._exchange.request_forwarded(fresh_upstream=fresh)
 
@@ -648,7 +651,8 @@ class ClientConnection(asyncio.Protocol):
         if failure is answers.FALLBACK_NO_CONTAINER and self._fallback is not None:
             assert cycle is not None
             fields = self._fallback.unserved(cycle.request.data)
-        data = answers.plain_response(failure.status, failure.message, close, fields)
+        head_only = cycle is not None and cycle.request.method == b"HEAD"
+        data = answers.plain_response(failure.status, failure.message, close, fields, head_only)
         if cycle is not None:
             cycle.status = failure.status
             cycle.bytes_out += len(data)
@@ -781,8 +785,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _unserved(self, upstream: Upstream, data: bytes) -> bool:
         """A peer answered that no container took the request there either: skip that
-        peer for a while, and send the request to the next one if it can go again (True:
-        the answer is dropped). Otherwise its 502 goes to the client."""
+        peer for a while, and send the request to the next one (True: the answer is
+        dropped). Any method may go: no app saw it. Unless it is over REPLAY_LIMIT or its
+        body is still arriving: then the peer's 502 goes to the client."""
         cycle = self._cycle
         fallback = self._fallback
         if (
@@ -835,7 +840,7 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         replay, cycle.replay = cycle.replay, None
-        if replay is not None and cycle.received:
+        if replay is not None and cycle.received and cycle.request.method in IDEMPOTENT:
             # Not again to a container known down: Docker's proxy may still accept for it.
             container_down = cycle.container is not None and cycle.container.down
             if cycle.reused and not container_down:
