@@ -1686,6 +1686,7 @@ async def test_a_serving_container_that_dies_sends_requests_to_peers_at_once(
     controller.watch_docker()
     engine.die(serving.container_id, 137)
     await eventually(lambda: serving.down)
+    assert state.snapshot()["current"]["down"] is True
     assert busy.closed and idle.closed, "nothing in flight waits on a dead container"
     assert state.current is serving, "it stays current: a deploy replaces it"
     (died,) = [e for e in state.events.newest_first() if e.kind == "died"]

@@ -123,6 +123,7 @@ class Container:
             "started_at": rfc3339(self.started_at),
             "in_flight": self.in_flight,
             "upgraded": self.upgraded,
+            "down": self.down,
         }
 
 
