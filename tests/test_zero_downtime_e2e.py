@@ -11,10 +11,10 @@ from pathlib import Path
 import docker
 import pytest
 
+from tests.support.configs import PREFIX, app_config, upload_launch_config
 from tests.support.docker import AppImages, containers_of
 from tests.support.load import LoadGenerator, Outcome
 from tests.support.process import wunderproxy
-from tests.test_deploy_e2e import PREFIX, app_config, upload
 from wunderproxy.store import S3Store
 
 pytestmark = pytest.mark.e2e
@@ -80,8 +80,8 @@ def test_twenty_switches_under_load_fail_no_request_and_route_each_to_the_right_
 ) -> None:
     store = S3Store(s3_bucket, PREFIX)
     hashes = {
-        "rev1": upload(store, app_config(app_images, "rev1"), current=True),
-        "rev2": upload(store, app_config(app_images, "rev2")),
+        "rev1": upload_launch_config(store, app_config(app_images, "rev1"), current=True),
+        "rev2": upload_launch_config(store, app_config(app_images, "rev2")),
     }
     with wunderproxy(
         tmp_path, s3_bucket, PREFIX, app_name, app_images.registry_port, "--drain-timeout", "10"
@@ -132,7 +132,7 @@ def test_hitless_restart_of_wunderproxy_under_load_fails_no_request(
     tmp_path: Path,
 ) -> None:
     store = S3Store(s3_bucket, PREFIX)
-    upload(store, app_config(app_images, "rev1"), current=True)
+    upload_launch_config(store, app_config(app_images, "rev1"), current=True)
     pid_file = tmp_path / "wunderproxy.pid"
     port = app_images.registry_port
     with wunderproxy(
