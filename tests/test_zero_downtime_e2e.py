@@ -3,7 +3,6 @@ wunderproxy itself, with the real Docker engine, registry and S3 server."""
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,14 +12,13 @@ import pytest
 
 from tests.support.configs import PREFIX, app_config, upload_launch_config
 from tests.support.docker import AppImages, containers_of
-from tests.support.load import LoadGenerator, Outcome
+from tests.support.load import LoadGenerator, Outcome, assert_no_failures, revision_of
 from tests.support.process import wunderproxy
 from wunderproxy.store import S3Store
 
 pytestmark = pytest.mark.e2e
 
 SWITCHES = 20
-REVISION = re.compile(r"revision=(\S+)")
 ROUTE_SLACK = 0.25  # seconds from a client starting a request to the proxy routing it
 
 
@@ -31,12 +29,6 @@ class Switch:
     sent: float
     answered: float
     revision: str
-
-
-def revision_of(outcome: Outcome) -> str:
-    match = REVISION.search(outcome.body)
-    assert match, f"no revision in {outcome}"
-    return match.group(1)
 
 
 def serving_when(outcome: Outcome, switches: list[Switch], first: str) -> str | None:
@@ -55,11 +47,6 @@ def serving_when(outcome: Outcome, switches: list[Switch], first: str) -> str | 
             return None
         serving = switch.revision
     return serving
-
-
-def assert_no_failures(outcomes: list[Outcome]) -> None:
-    failed = [o for o in outcomes if o.failed]
-    assert not failed, f"{len(failed)} of {len(outcomes)} requests failed, e.g. {failed[:5]}"
 
 
 def wait_until_only(
