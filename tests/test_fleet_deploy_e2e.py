@@ -101,7 +101,8 @@ def load_through(fleet: Fleet, mix: tuple[Worker, ...]) -> Iterator[dict[str, Lo
 
 
 def wait_for_answers(loads: dict[str, LoadGenerator], after: float = 0.0) -> None:
-    """Until every proxy has answered ANSWERS_WANTED requests started after ``after``."""
+    """Wait until ANSWERS_WANTED requests started after ``after`` have come back (answered
+    or failed) through every proxy."""
     wait_until(
         lambda: all(
             load.count(lambda o: o.started > after) >= ANSWERS_WANTED for load in loads.values()
@@ -116,8 +117,8 @@ def stop(loads: dict[str, LoadGenerator]) -> dict[str, list[Outcome]]:
 
 
 def revisions(outcomes: list[Outcome], began: float, ended: float) -> tuple[set[str], set[str]]:
-    """The revisions that answered requests over before ``began``, and those that answered
-    requests started after ``ended``."""
+    """The revisions that answered the requests over before ``began``, and those that
+    answered the requests started after ``ended``."""
     before = {revision_of(o) for o in outcomes if o.finished < began}
     after = {revision_of(o) for o in outcomes if o.started > ended}
     return before, after
