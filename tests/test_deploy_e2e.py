@@ -5,51 +5,20 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import docker
 import pytest
 
-from tests.support.configs import encode_config
+from tests.support.configs import PREFIX, app_config, encode_config, upload_launch_config
 from tests.support.docker import AppImages, containers_of, forget_local_images
-from tests.support.process import Answer, WunderproxyProcess, http_call, wunderproxy
+from tests.support.process import Answer, http_call, revision_served, run_cli, wunderproxy
 from wunderproxy.engine import LABEL_REVISION
-from wunderproxy.store import FileStore, S3Store, Store, config_key
+from wunderproxy.store import FileStore, S3Store, Store
 
 pytestmark = pytest.mark.e2e
-
-PREFIX = "deploys/testapp"
-
-
-def app_config(images: AppImages, revision: str, **fields: Any) -> dict[str, Any]:
-    """A launch config for the busybox test app; Init lets it stop at once on SIGTERM."""
-    config: dict[str, Any] = {
-        "Revision": revision,
-        "ContainerConfig": {"Image": images.ref(revision), "Env": [f"REVISION={revision}"]},
-        "HostConfig": {"Init": True},
-        "HealthCheckPath": "/health",
-    }
-    config.update(fields)
-    return config
-
-
-def upload(store: Store, config: dict[str, Any], *, current: bool = False) -> str:
-    config_hash, raw = encode_config(config)
-    store.put(config_key(config_hash), raw)
-    if current:
-        store.put("current.json", raw)
-    return config_hash
-
-
-def revision_served(running: WunderproxyProcess) -> str:
-    answer = running.get("/cgi-bin/revision")
-    assert answer.status == 200, answer.text
-    return answer.text.strip()
 
 
 def wait_for_containers(
@@ -73,13 +42,13 @@ def deploy_and_check(
     tmp_path: Path,
 ) -> None:
     """current.json comes up at start; launch + switch moves traffic; the old one goes."""
-    upload(store, app_config(images, "rev1"), current=True)
+    upload_launch_config(store, app_config(images, "rev1"), current=True)
     forget_local_images(client, images)  # the launch must pull from the registry
     with wunderproxy(tmp_path, bucket, PREFIX, app, images.registry_port) as running:
         running.wait_until_serving("rev1")
         assert revision_served(running) == "revision=rev1"
 
-        rev2 = upload(store, app_config(images, "rev2"))
+        rev2 = upload_launch_config(store, app_config(images, "rev2"))
         launched = running.launch(f"  {rev2}\n")
         assert launched.status == 200, launched.text
         assert launched.text.startswith("started container ")
@@ -134,7 +103,7 @@ def test_restarted_wunderproxy_serves_current_again_and_the_app_kept_running(
     tmp_path: Path,
 ) -> None:
     store = S3Store(s3_bucket, PREFIX)
-    upload(store, app_config(app_images, "rev1"), current=True)
+    upload_launch_config(store, app_config(app_images, "rev1"), current=True)
     with wunderproxy(tmp_path, s3_bucket, PREFIX, app_name, app_images.registry_port) as first:
         first.wait_until_serving("rev1")
         assert first.stop() == 0
@@ -166,7 +135,7 @@ def test_a_second_wunderproxy_started_beside_a_running_one_serves_from_its_first
     tmp_path: Path,
 ) -> None:
     store = S3Store(s3_bucket, PREFIX)
-    upload(store, app_config(app_images, "rev1"), current=True)
+    upload_launch_config(store, app_config(app_images, "rev1"), current=True)
     with wunderproxy(tmp_path, s3_bucket, PREFIX, app_name, app_images.registry_port) as first:
         first.wait_until_serving("rev1")
         # Not --take-over: a plain second process, as an operator might start by mistake
@@ -197,7 +166,7 @@ def test_while_current_json_launches_slowly_the_api_answers_and_the_proxy_says_5
         "-c",
         "sleep 4; exec busybox httpd -f -p 9292 -h /www",
     ]
-    upload(store, config, current=True)
+    upload_launch_config(store, config, current=True)
     with wunderproxy(tmp_path, s3_bucket, PREFIX, app_name, app_images.registry_port) as running:
         assert running.status()["current"] is None, "the API answers while it launches"
         assert running.get("/cgi-bin/revision").status == 503
@@ -212,7 +181,7 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(
     tmp_path: Path,
 ) -> None:
     store = S3Store(s3_bucket, PREFIX)
-    upload(store, app_config(app_images, "rev1"), current=True)
+    upload_launch_config(store, app_config(app_images, "rev1"), current=True)
     with wunderproxy(tmp_path, s3_bucket, PREFIX, app_name, app_images.registry_port) as running:
         running.wait_until_serving("rev1")
         with ThreadPoolExecutor(1) as pool:
@@ -238,7 +207,7 @@ def test_start_without_current_json_answers_503_until_a_deploy(
         answer = running.get("/")
         assert answer.status == 503
         assert running.status()["current"] is None
-        rev1 = upload(store, app_config(app_images, "rev1"))
+        rev1 = upload_launch_config(store, app_config(app_images, "rev1"))
         assert running.launch(rev1).status == 200
         assert running.switch(rev1).status == 200
         assert revision_served(running) == "revision=rev1"
@@ -260,7 +229,7 @@ def test_default_image_name_is_the_local_registry_repository_of_the_app(
     docker_client.images.remove(image)
     store = S3Store(s3_bucket, PREFIX)
     config = {"Revision": "v7", "HealthCheckPath": "/health", "HostConfig": {"Init": True}}
-    upload(store, config, current=True)
+    upload_launch_config(store, config, current=True)
     with wunderproxy(tmp_path, s3_bucket, PREFIX, app_name, app_images.registry_port) as running:
         running.wait_until_serving("v7")
         assert revision_served(running) == "revision=v7"
@@ -276,7 +245,7 @@ def test_config_file_entries_reach_the_container_and_the_cli_client_deploys(
     env_file = tmp_path / "app.env"
     env_file.write_text("# greeting for the app\n\nAPP_GREETING=hello-from-env-file\n")
     store = S3Store(s3_bucket, PREFIX)
-    rev1 = upload(store, app_config(app_images, "rev1"))
+    rev1 = upload_launch_config(store, app_config(app_images, "rev1"))
     with wunderproxy(
         tmp_path,
         s3_bucket,
@@ -287,18 +256,18 @@ def test_config_file_entries_reach_the_container_and_the_cli_client_deploys(
         str(env_file),
     ) as running:
         api = f"http://127.0.0.1:{running.api_port}"
-        launch = cli("launch", rev1, "--api", api)
+        launch = run_cli("launch", rev1, "--api", api)
         assert launch.returncode == 0, launch.stderr
         assert "waiting" in launch.stderr
         assert "started container" in launch.stdout
-        switch = cli("switch", rev1, "--api", api)
+        switch = run_cli("switch", rev1, "--api", api)
         assert switch.returncode == 0, switch.stderr
         assert "switched proxy to port" in switch.stdout
         assert revision_served(running) == "revision=rev1 greeting=hello-from-env-file"
-        status = cli("status", "--api", api)
+        status = run_cli("status", "--api", api)
         assert "serving revision rev1" in status.stdout
         assert "response times since start: p50 " in status.stdout  # one request went through
-        failed = cli("launch", "0" * 32, "--api", api)
+        failed = run_cli("launch", "0" * 32, "--api", api)
         assert failed.returncode != 0
         assert "404" in failed.stderr and "upload it first" in failed.stderr
 
@@ -308,19 +277,9 @@ def test_config_file_with_a_malformed_line_stops_start_up_naming_file_and_line(
 ) -> None:
     env_file = tmp_path / "bad.env"
     env_file.write_text("GOOD=1\nthis line is wrong\n")
-    result = cli("run", "file:///nonexistent", "p", "app", "--config-file", str(env_file))
+    result = run_cli("run", "file:///nonexistent", "p", "app", "--config-file", str(env_file))
     assert result.returncode == 2
     assert f"{env_file}:2:" in result.stderr
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "wunderproxy", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def test_abort_removes_a_launched_container_and_cancels_a_launch_under_way(
@@ -331,7 +290,7 @@ def test_abort_removes_a_launched_container_and_cancels_a_launch_under_way(
     tmp_path: Path,
 ) -> None:
     store = S3Store(s3_bucket, PREFIX)
-    upload(store, app_config(app_images, "rev1"), current=True)
+    upload_launch_config(store, app_config(app_images, "rev1"), current=True)
     with wunderproxy(
         tmp_path, s3_bucket, PREFIX, app_name, app_images.registry_port, "--instance", "e2e-a"
     ) as running:
@@ -341,7 +300,7 @@ def test_abort_removes_a_launched_container_and_cancels_a_launch_under_way(
         assert status["store"] == {"bucket": s3_bucket, "prefix": PREFIX}
         serving = status["current"]["container_id"]
 
-        rev2 = upload(store, app_config(app_images, "rev2"))
+        rev2 = upload_launch_config(store, app_config(app_images, "rev2"))
         assert running.launch(rev2).status == 200
         wait_for_containers(docker_client, app_name, {"rev1", "rev2"})
         aborted = running.api("POST", "/abort", rev2)
@@ -356,7 +315,7 @@ def test_abort_removes_a_launched_container_and_cancels_a_launch_under_way(
         # A revision that takes 30 s to listen: its launch is still waiting when aborted.
         slow = app_config(app_images, "rev2")
         slow["ContainerConfig"]["Cmd"] = ["sh", "-c", "sleep 30; exec busybox httpd -f -p 9292"]
-        slow_hash = upload(store, slow)
+        slow_hash = upload_launch_config(store, slow)
         with ThreadPoolExecutor(1) as pool:
             launch = pool.submit(running.launch, slow_hash)
             wait_for_containers(docker_client, app_name, {"rev1", "rev2"})

@@ -19,9 +19,9 @@ import docker
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.configs import PREFIX, app_config, upload_launch_config
 from tests.support.docker import AppImages, containers_of
 from tests.support.process import WunderproxyProcess, http_call, wunderproxy
-from tests.test_deploy_e2e import PREFIX, app_config, upload
 from wunderproxy.server import ADOPT_DEADLINE
 from wunderproxy.store import FileStore
 
@@ -38,7 +38,9 @@ SLACK = 1.5
 @pytest.fixture
 def serving(app_name: str, app_images: AppImages, tmp_path: Path) -> Iterator[WunderproxyProcess]:
     directory = tmp_path / "store"
-    upload(FileStore(str(directory), PREFIX), app_config(app_images, "rev1"), current=True)
+    upload_launch_config(
+        FileStore(str(directory), PREFIX), app_config(app_images, "rev1"), current=True
+    )
     with wunderproxy(
         tmp_path,
         f"file://{directory}",

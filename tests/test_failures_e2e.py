@@ -16,11 +16,17 @@ import boto3
 import docker
 import pytest
 
+from tests.support.configs import PREFIX, app_config, upload_launch_config
 from tests.support.docker import AppImages, containers_of, remove_containers
 from tests.support.load import LoadGenerator, Worker
-from tests.support.process import Answer, WunderproxyProcess, http_call, wunderproxy
+from tests.support.process import (
+    Answer,
+    WunderproxyProcess,
+    http_call,
+    revision_served,
+    wunderproxy,
+)
 from tests.support.relay import Relay
-from tests.test_deploy_e2e import PREFIX, app_config, revision_served, upload
 from wunderproxy.dockerwatch import PROBE_INTERVAL_ERROR, PROBE_INTERVAL_OK
 from wunderproxy.engine import LABEL_APP
 from wunderproxy.store import S3Store, config_key
@@ -54,7 +60,7 @@ class Serving:
         return self.running.api("POST", "/launch", body, headers=AUTH)
 
     def upload(self, config: dict[str, Any]) -> str:
-        return upload(self.store, config)
+        return upload_launch_config(self.store, config)
 
 
 @contextmanager
@@ -86,7 +92,7 @@ def serving_through_relays(
         patch.setenv(name, value)
     boto3.client("s3").create_bucket(Bucket=bucket)
     store = S3Store(bucket, PREFIX)
-    upload(store, app_config(app_images, "rev1"), current=True)
+    upload_launch_config(store, app_config(app_images, "rev1"), current=True)
     try:
         with wunderproxy(
             tmp_path,

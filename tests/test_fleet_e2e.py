@@ -17,6 +17,7 @@ import docker.errors
 import pytest
 
 from tests.support.fleet import FLEET_LABEL, Fleet, FleetHost, running_fleet
+from tests.support.process import revision_served
 from tests.support.registry import registry_answers
 from tests.support.s3 import s3_client
 from wunderproxy.engine import LABEL_INSTANCE, LABEL_REVISION
@@ -24,12 +25,6 @@ from wunderproxy.engine import LABEL_INSTANCE, LABEL_REVISION
 pytestmark = pytest.mark.e2e
 
 WRITES = {"PUT", "POST", "PATCH", "DELETE"}  # what a push sends a registry; a pull sends none
-
-
-def revision_served(host: FleetHost) -> str:
-    answer = host.process.get("/cgi-bin/revision")
-    assert answer.status == 200, f"{host.instance}: {answer.status} {answer.text}"
-    return answer.text.strip()
 
 
 def running_ids(fleet: Fleet, host: FleetHost) -> list[str]:
@@ -52,7 +47,7 @@ def test_an_image_pushed_once_is_pulled_by_every_host_from_its_own_registry(
     for host in fleet.hosts:
         (container,) = fleet.containers(host)
         assert container.attrs["Config"]["Image"] == fleet.image(host, "rev1")
-        assert revision_served(host) == "revision=rev1"
+        assert revision_served(host.process) == "revision=rev1"
         # The engine asks for the tag's manifest (HEAD, or GET), then fetches it by digest.
         asked = [(path, status) for m, path, status in host.registry.requests() if m != "PUT"]
         assert (manifest, 200) in asked, f"{host.instance} did not pull from its registry"
@@ -87,7 +82,7 @@ def test_a_restarted_host_adopts_its_own_container_and_leaves_the_others_serving
     wait_for(lambda: running_ids(fleet, web2) == serving["web-2"], "web-2's stale rev2 removed")
     for host in fleet.hosts:
         assert running_ids(fleet, host) == serving[host.instance], host.instance
-        assert revision_served(host) == "revision=rev1"
+        assert revision_served(host.process) == "revision=rev1"
 
 
 @pytest.mark.fleet(extra=("--drain-timeout", "1"))
@@ -106,12 +101,12 @@ def test_a_switch_on_one_host_drains_and_removes_only_that_hosts_old_container(
         return [c.labels[LABEL_REVISION] for c in fleet.containers(web1)] == ["rev2"]
 
     wait_for(web1_runs_only_rev2, "web-1's rev1 container drained and removed")
-    assert revision_served(web1) == "revision=rev2"
+    assert revision_served(web1.process) == "revision=rev2"
     for host in fleet.hosts[1:]:
         assert running_ids(fleet, host) == serving[host.instance], host.instance
         (container,) = fleet.containers(host)
         assert container.labels[LABEL_INSTANCE] == host.instance
-        assert revision_served(host) == "revision=rev1"
+        assert revision_served(host.process) == "revision=rev1"
 
 
 def test_a_stopped_registry_fails_only_its_hosts_launch_with_a_502_naming_it(

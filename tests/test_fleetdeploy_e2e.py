@@ -18,11 +18,11 @@ import docker
 import pytest
 
 from tests.support.apps import push_app_image
+from tests.support.configs import app_config
 from tests.support.docker import AppImages, containers_of, free_port
-from tests.support.process import WunderproxyProcess, run_cli, wunderproxy
+from tests.support.process import WunderproxyProcess, revision_served, run_cli, wunderproxy
 from tests.support.registry import start_registry, stop_process
 from tests.support.waiting import wait_until
-from tests.test_deploy_e2e import app_config, revision_served
 from wunderproxy.client import deployer
 from wunderproxy.deploylock import DeployLock
 from wunderproxy.engine import LABEL_INSTANCE, LABEL_REVISION

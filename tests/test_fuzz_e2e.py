@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from tests.support import fuzz
+from tests.support.configs import PREFIX, app_config, upload_launch_config
 from tests.support.docker import AppImages
 from tests.support.load import LoadGenerator, Worker
-from tests.support.process import WunderproxyProcess, wunderproxy
-from tests.test_deploy_e2e import PREFIX, app_config, revision_served, upload
+from tests.support.process import WunderproxyProcess, revision_served, wunderproxy
 from wunderproxy.store import S3Store
 
 pytestmark = pytest.mark.e2e
@@ -150,7 +150,7 @@ def assert_no_traceback(log: str) -> None:
 def test_random_bytes_on_both_ports_leave_no_traceback_no_leak_and_normal_requests_served(
     s3_bucket: str, app_name: str, app_images: AppImages, tmp_path: Path
 ) -> None:
-    upload(S3Store(s3_bucket, PREFIX), app_config(app_images, "rev1"), current=True)
+    upload_launch_config(S3Store(s3_bucket, PREFIX), app_config(app_images, "rev1"), current=True)
     proxy_cases = list(fuzz.cases(SEED, WARM_UP_CASES + ROUNDS * PROXY_CASES, fuzz.PROXY_SEEDS))
     api_cases = list(fuzz.cases(SEED, WARM_UP_CASES + ROUNDS * API_CASES, fuzz.API_SEEDS))
     with wunderproxy(tmp_path, s3_bucket, PREFIX, app_name, app_images.registry_port) as running:

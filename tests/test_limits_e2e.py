@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.configs import PREFIX, app_config, upload_launch_config
 from tests.support.docker import AppImages
 from tests.support.process import WunderproxyProcess, wunderproxy
-from tests.test_deploy_e2e import PREFIX, app_config, upload
 from tests.test_observability_e2e import metric_samples, wait_for
 from wunderproxy.store import S3Store
 
@@ -89,7 +89,7 @@ def seconds_spanned(lines: list[str]) -> float:
 @pytest.fixture
 def serving_rev1(s3_bucket: str, app_images: AppImages) -> str:
     """rev1 uploaded as current.json; the bucket's name."""
-    upload(S3Store(s3_bucket, PREFIX), app_config(app_images, "rev1"), current=True)
+    upload_launch_config(S3Store(s3_bucket, PREFIX), app_config(app_images, "rev1"), current=True)
     return s3_bucket
 
 

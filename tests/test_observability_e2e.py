@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.configs import PREFIX, app_config, upload_launch_config
 from tests.support.docker import AppImages
 from tests.support.process import WunderproxyProcess, wunderproxy
-from tests.test_deploy_e2e import PREFIX, app_config, upload
 from wunderproxy.store import S3Store
 
 pytestmark = pytest.mark.e2e
@@ -69,8 +69,8 @@ def test_status_metrics_and_access_log_count_exactly_the_traffic_sent(
     s3_bucket: str, app_name: str, app_images: AppImages, tmp_path: Path
 ) -> None:
     store = S3Store(s3_bucket, PREFIX)
-    upload(store, app_config(app_images, "rev1"), current=True)
-    rev2_hash = upload(store, app_config(app_images, "rev2"))
+    upload_launch_config(store, app_config(app_images, "rev1"), current=True)
+    rev2_hash = upload_launch_config(store, app_config(app_images, "rev2"))
     access_log = tmp_path / "access.log"
     with wunderproxy(
         tmp_path,
@@ -205,7 +205,7 @@ def test_the_status_page_shows_the_revision_and_counts_in_a_real_browser(
     s3_bucket: str, app_name: str, app_images: AppImages, tmp_path: Path
 ) -> None:
     store = S3Store(s3_bucket, PREFIX)
-    upload(store, app_config(app_images, "rev1"), current=True)
+    upload_launch_config(store, app_config(app_images, "rev1"), current=True)
     with wunderproxy(tmp_path, s3_bucket, PREFIX, app_name, app_images.registry_port) as running:
         running.wait_until_serving("rev1")
         for _ in range(7):

@@ -3,7 +3,6 @@ wunderproxy itself, with the real Docker engine, registry and S3 server."""
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,16 +10,15 @@ from pathlib import Path
 import docker
 import pytest
 
+from tests.support.configs import PREFIX, app_config, upload_launch_config
 from tests.support.docker import AppImages, containers_of
-from tests.support.load import LoadGenerator, Outcome
+from tests.support.load import LoadGenerator, Outcome, assert_no_failures, revision_of
 from tests.support.process import wunderproxy
-from tests.test_deploy_e2e import PREFIX, app_config, upload
 from wunderproxy.store import S3Store
 
 pytestmark = pytest.mark.e2e
 
 SWITCHES = 20
-REVISION = re.compile(r"revision=(\S+)")
 ROUTE_SLACK = 0.25  # seconds from a client starting a request to the proxy routing it
 
 
@@ -31,12 +29,6 @@ class Switch:
     sent: float
     answered: float
     revision: str
-
-
-def revision_of(outcome: Outcome) -> str:
-    match = REVISION.search(outcome.body)
-    assert match, f"no revision in {outcome}"
-    return match.group(1)
 
 
 def serving_when(outcome: Outcome, switches: list[Switch], first: str) -> str | None:
@@ -57,11 +49,6 @@ def serving_when(outcome: Outcome, switches: list[Switch], first: str) -> str | 
     return serving
 
 
-def assert_no_failures(outcomes: list[Outcome]) -> None:
-    failed = [o for o in outcomes if o.failed]
-    assert not failed, f"{len(failed)} of {len(outcomes)} requests failed, e.g. {failed[:5]}"
-
-
 def wait_until_only(
     client: docker.DockerClient, app: str, count: int, timeout: float = 30.0
 ) -> None:
@@ -80,8 +67,8 @@ def test_twenty_switches_under_load_fail_no_request_and_route_each_to_the_right_
 ) -> None:
     store = S3Store(s3_bucket, PREFIX)
     hashes = {
-        "rev1": upload(store, app_config(app_images, "rev1"), current=True),
-        "rev2": upload(store, app_config(app_images, "rev2")),
+        "rev1": upload_launch_config(store, app_config(app_images, "rev1"), current=True),
+        "rev2": upload_launch_config(store, app_config(app_images, "rev2")),
     }
     with wunderproxy(
         tmp_path, s3_bucket, PREFIX, app_name, app_images.registry_port, "--drain-timeout", "10"
@@ -132,7 +119,7 @@ def test_hitless_restart_of_wunderproxy_under_load_fails_no_request(
     tmp_path: Path,
 ) -> None:
     store = S3Store(s3_bucket, PREFIX)
-    upload(store, app_config(app_images, "rev1"), current=True)
+    upload_launch_config(store, app_config(app_images, "rev1"), current=True)
     pid_file = tmp_path / "wunderproxy.pid"
     port = app_images.registry_port
     with wunderproxy(

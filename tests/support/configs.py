@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wunderproxy.launchconfig import md5_hex
 from wunderproxy.store import Store, config_key
+
+if TYPE_CHECKING:
+    from tests.support.docker import AppImages
+
+PREFIX = "deploys/testapp"
+"""The store prefix that tests of one wunderproxy deploy the test app under."""
 
 EXAMPLE_CONFIG: dict[str, Any] = {
     "Revision": "2f1c9a7",
@@ -37,8 +43,24 @@ def encode_config(config: dict[str, Any]) -> tuple[str, bytes]:
     return md5_hex(raw), raw
 
 
-def upload_launch_config(store: Store, config: dict[str, Any]) -> str:
-    """Store ``config`` as ``container.HASH.json`` and return its hash."""
+def upload_launch_config(store: Store, config: dict[str, Any], *, current: bool = False) -> str:
+    """Store ``config`` as ``container.HASH.json`` and return its hash; with ``current``, also
+    as ``current.json`` (what a wunderproxy serves from its start)."""
     hash_, raw = encode_config(config)
     store.put(config_key(hash_), raw)
+    if current:
+        store.put("current.json", raw)
     return hash_
+
+
+def app_config(images: AppImages, revision: str, **fields: Any) -> dict[str, Any]:
+    """A launch config for the busybox test app (tests/support/apps.py) pushed as ``images``;
+    Init lets it stop at once on SIGTERM."""
+    config: dict[str, Any] = {
+        "Revision": revision,
+        "ContainerConfig": {"Image": images.ref(revision), "Env": [f"REVISION={revision}"]},
+        "HostConfig": {"Init": True},
+        "HealthCheckPath": "/health",
+    }
+    config.update(fields)
+    return config

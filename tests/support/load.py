@@ -10,12 +10,14 @@ whichever comes first.
 from __future__ import annotations
 
 import http.client
+import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 POST_BODY = b"x" * 16 * 1024
+REVISION = re.compile(r"revision=(\S+)")  # in every answer of the test app's CGI scripts
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,28 @@ DEFAULT_MIX = (
     Worker("slow", "GET", "/cgi-bin/slow?2", keep_alive=False),
     Worker("post", "POST", "/cgi-bin/echo", keep_alive=True, body=POST_BODY),
 )
+
+ONE_OF_EACH_CONNECTION = (
+    Worker("keep-alive", "GET", "/cgi-bin/whoami", keep_alive=True),
+    Worker("new-connection", "GET", "/cgi-bin/whoami", keep_alive=False),
+)
+"""Light load: one client keeping its connection, one opening a new one per request."""
+
+
+def revision_of(outcome: Outcome) -> str:
+    """The revision that answered ``outcome`` (the test app names it in every answer)."""
+    match = REVISION.search(outcome.body)
+    assert match, f"no revision in {outcome}"
+    return match.group(1)
+
+
+def assert_no_failures(outcomes: list[Outcome], where: str = "") -> None:
+    """Fail naming the first few failed requests, if any failed."""
+    failed = [o for o in outcomes if o.failed]
+    assert not failed, (
+        f"{where}{': ' if where else ''}{len(failed)} of {len(outcomes)} requests failed, "
+        f"e.g. {failed[:5]}"
+    )
 
 
 class LoadGenerator:

@@ -140,6 +140,14 @@ class WunderproxyProcess:
             raise
 
 
+def revision_served(running: WunderproxyProcess) -> str:
+    """What the test app's ``/cgi-bin/revision`` answers through the proxy
+    (``revision=REV``); fails on any status but 200."""
+    answer = running.get("/cgi-bin/revision")
+    assert answer.status == 200, f"proxy port {running.proxy_port}: {answer.status} {answer.text}"
+    return answer.text.strip()
+
+
 @contextmanager
 def wunderproxy(
     tmp_path: Path,
