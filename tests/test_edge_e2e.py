@@ -163,6 +163,7 @@ def test_a_container_killed_mid_answer_closes_its_client_and_counts_502(
         "bytes": len(received),
         "duration_seconds": 0,
         "revision": "rev1",
+        "fallback": None,
     }
 
 
