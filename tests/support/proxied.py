@@ -108,6 +108,23 @@ class Client:
         answer = await read_answer(self.conn, self.reader)
         return answer.status, answer.headers, answer.body
 
+    async def read_until(self, ending: bytes) -> bytes:
+        """Raw bytes received until ``ending`` is among them (5 s at most)."""
+        received = b""
+        while ending not in received:
+            received += await asyncio.wait_for(self.reader.read(1024), 5)
+        return received
+
+    async def upgrade(self) -> None:
+        """Upgrade to the test backend's echo (``/ws``) and check that bytes flow both ways,
+        the bytes sent with the request included."""
+        self.send_raw(
+            b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nearly"
+        )
+        assert (await self.read_until(b"early")).startswith(b"HTTP/1.1 101 ")
+        self.send_raw(b"\x81\x05hello not http")
+        assert await self.read_until(b"not http") == b"\x81\x05hello not http"
+
     async def read_all(self) -> bytes:
         return await asyncio.wait_for(self.reader.read(), 10)
 
