@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.configs import encode_config, example_config, upload_launch_config
+from tests.support.s3 import changed_after_read
 from wunderproxy.errors import BadRequest, InvalidConfig, NotFound, UpstreamFailed
 from wunderproxy.launchconfig import parse_launch_config
 from wunderproxy.store import (
@@ -348,6 +349,18 @@ def test_file_store_leaves_no_temp_or_moved_aside_file_behind(tmp_path: Path) ->
     assert [p.name for p in (tmp_path / "p").iterdir()] == ["deploy.lock"]
     store.delete("deploy.lock", b"a")
     assert list((tmp_path / "p").iterdir()) == []
+
+
+def test_s3_delete_leaves_an_object_that_changed_after_it_was_read(
+    s3_server: str, s3_bucket: str
+) -> None:
+    # The bytes compared are the old ones: only S3's If-Match can keep the new object.
+    session = changed_after_read(s3_server, s3_bucket, "myapp/deploy.lock", b"theirs")
+    store = S3Store(s3_bucket, "myapp", session=session)
+    store.put("deploy.lock", b"mine")
+
+    assert store.delete("deploy.lock", b"mine") is False
+    assert store.get("deploy.lock") == b"theirs"
 
 
 def test_s3_store_create_and_delete_report_a_missing_bucket(s3_bucket: str) -> None:

@@ -88,7 +88,10 @@ class S3Store:
         max_attempts: int = DEFAULT_S3_MAX_ATTEMPTS,
         connect_timeout: float = DEFAULT_S3_CONNECT_TIMEOUT,
         read_timeout: float = DEFAULT_S3_READ_TIMEOUT,
+        session: boto3.session.Session | None = None,
     ) -> None:
+        """``session`` is the boto3 session the client is made from (default: a new one);
+        botocore event handlers registered on it apply to every call of the store."""
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.description = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
@@ -98,6 +101,7 @@ class S3Store:
             read_timeout=read_timeout,
         )
         self._client: S3Client | None = None
+        self._session = session
         self._lock = threading.Lock()
 
     def get(self, key: str) -> bytes | None:
@@ -155,10 +159,11 @@ class S3Store:
 
     def _connect(self) -> S3Client:
         # One client for the store's life: clients are thread-safe, sessions are not, so the
-        # client is made once under a lock from a session of its own.
+        # client is made once under a lock (from a new session unless one was given).
         with self._lock:
             if self._client is None:
-                self._client = boto3.session.Session().client("s3", config=self._config)
+                session = self._session or boto3.session.Session()
+                self._client = session.client("s3", config=self._config)
             return self._client
 
     def _key(self, key: str) -> str:
