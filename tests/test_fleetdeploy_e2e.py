@@ -131,10 +131,18 @@ def test_deploy_rollback_history_and_status_across_two_hosts(
         assert running[1].switch(rev2).status == 200
         table = run_cli("status", *hosts(running))
         assert table.returncode == 1
-        assert (
+        mixed_revisions = (
             f"hosts serve different revisions: rev1 on {INSTANCES[0]}; rev2 on {INSTANCES[1]}"
-            in table.stdout
         )
+        assert mixed_revisions in table.stdout
+        as_json = run_cli("status", "--json", *hosts(running))
+        assert as_json.returncode == 1
+        documents = json.loads(as_json.stdout)
+        assert [documents[host.api_url]["current"]["revision"] for host in running] == [
+            "rev1",
+            "rev2",
+        ]
+        assert mixed_revisions in as_json.stderr
 
 
 def test_a_deploy_while_another_holds_the_lock_is_refused_naming_the_holder(

@@ -34,7 +34,7 @@ from wunderproxy.deploylock import DEFAULT_LOCK_TTL, DeployLock, LockError
 from wunderproxy.errors import WunderproxyError
 from wunderproxy.fleetdeploy import DeployFailed, FleetDeploy, locked, rollback_target
 from wunderproxy.fleetview import fleet_status, history_table
-from wunderproxy.hosts import FleetError, Host, find_store, read_statuses
+from wunderproxy.hosts import FleetError, Host, find_store
 from wunderproxy.runtime import LoopChoice, run_event_loop
 
 # A timeout: a positive number of seconds.
@@ -501,21 +501,12 @@ def switch(config_hash: str, api_url: str, api_token: str | None) -> None:
 
 
 def _fleet_status(hosts: list[Host], as_json: bool) -> None:
-    if as_json:
-        outcomes = read_statuses(hosts)
-        documents = {
-            o.host.client.url: o.value if o.error is None else {"error": str(o.error)}
-            for o in outcomes
-        }
-        click.echo(json.dumps(documents, indent=2))
-        if any(o.error is not None for o in outcomes):
-            sys.exit(1)
-        return
     fleet = fleet_status(hosts)
-    click.echo(fleet.table)
+    # With --json, standard output is JSON alone: the problems go to standard error.
+    click.echo(json.dumps(fleet.documents, indent=2) if as_json else fleet.table)
     if fleet.problems:
         for problem in fleet.problems:
-            click.echo(problem)
+            click.echo(problem, err=as_json)
         sys.exit(1)
 
 
