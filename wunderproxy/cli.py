@@ -32,7 +32,13 @@ from wunderproxy.config import (
 )
 from wunderproxy.deploylock import DEFAULT_LOCK_TTL, DeployLock, LockError
 from wunderproxy.errors import WunderproxyError
-from wunderproxy.fleetdeploy import DeployFailed, FleetDeploy, locked, rollback_target
+from wunderproxy.fleetdeploy import (
+    DeployFailed,
+    FleetDeploy,
+    abort_fleet,
+    locked,
+    rollback_target,
+)
 from wunderproxy.fleetview import fleet_status, history_table
 from wunderproxy.hosts import FleetError, Host, find_store
 from wunderproxy.runtime import LoopChoice, run_event_loop
@@ -83,7 +89,7 @@ def main() -> None:
     """Zero-downtime front door for a Docker app: a proxy and a deploy manager.
 
     `wunderproxy run` serves; `status`, `launch` and `switch` talk to a running one;
-    `upload`, `deploy`, `rollback` and `history` work on a whole fleet.
+    `upload`, `deploy`, `rollback`, `history` and `abort` work on a whole fleet.
     """
 
 
@@ -500,6 +506,21 @@ def switch(config_hash: str, api_url: str, api_token: str | None) -> None:
         click.echo(f"warning: {answer['warning']}", err=True)
 
 
+@main.command()
+@click.argument("config_hash", metavar="HASH")
+@hosts_option
+@token_option
+def abort(config_hash: str, host_urls: tuple[str, ...], api_token: str | None) -> None:
+    """Remove what a launch of HASH left on every host, where it does not serve.
+
+    Cancels a launch still under way and removes a launched container that was not
+    switched to; a line per host. A host with nothing of HASH is fine. Exits 1 naming
+    each host where the abort failed (where HASH serves: switch to another hash first).
+    """
+    hosts = _hosts_required(host_urls, api_token)
+    _fleet(lambda: abort_fleet(config_hash, hosts, click.echo))
+
+
 def _fleet_status(hosts: list[Host], as_json: bool) -> None:
     fleet = fleet_status(hosts)
     # With --json, standard output is JSON alone: the problems go to standard error.
@@ -572,7 +593,7 @@ def deploy(
     anywhere switches nothing and removes the new containers; a switch that fails half-way
     switches the others back. One deploy at a time: the lock is deploy.lock in the store.
     """
-    hosts = _hosts_to_deploy(host_urls, api_token)
+    hosts = _hosts_required(host_urls, api_token)
     target = _fleet(lambda: find_store(store, prefix, hosts))
     lock = DeployLock(target, deployer(), lock_ttl)
     result = _fleet(
@@ -603,7 +624,7 @@ def rollback(
     """
     from wunderproxy.store import read_history
 
-    hosts = _hosts_to_deploy(host_urls, api_token)
+    hosts = _hosts_required(host_urls, api_token)
     target = _fleet(lambda: find_store(store, prefix, hosts))
     lock = DeployLock(target, deployer(), lock_ttl)
 
@@ -643,10 +664,10 @@ def _hosts(urls: tuple[str, ...], token: str | None) -> list[Host]:
     return [Host(ManagerClient(url, token)) for url in urls]
 
 
-def _hosts_to_deploy(urls: tuple[str, ...], token: str | None) -> list[Host]:
+def _hosts_required(urls: tuple[str, ...], token: str | None) -> list[Host]:
     if not urls:
         raise click.UsageError(
-            "no hosts to deploy to: give --host API_URL for each host (repeatable), or "
+            "no hosts given: give --host API_URL for each host (repeatable), or "
             "WUNDERPROXY_HOSTS=URL,URL; for this host alone: --host http://127.0.0.1:8001"
         )
     return _hosts(urls, token)
