@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -74,6 +74,12 @@ class Store(Protocol):
         """Remove ``key`` only if it holds exactly ``expected``; False if it held anything
         else or nothing. A lock is released and broken with it, never removing one that
         someone else took meanwhile."""
+        ...
+
+    def replace(self, key: str, expected: bytes, data: bytes) -> bool:
+        """Store ``data`` under ``key`` only if it holds exactly ``expected``; False if it
+        held anything else or nothing. A lock is renewed with it, never overwriting one
+        that someone else took meanwhile."""
         ...
 
 
@@ -143,18 +149,52 @@ class S3Store:
     def delete(self, key: str, expected: bytes) -> bool:
         """Read the object and its ETag, then delete it only if the ETag still matches
         (``If-Match``): what was compared is what is deleted."""
+        return self._if_unchanged(
+            "conditional delete",
+            key,
+            expected,
+            lambda client, etag: client.delete_object(
+                Bucket=self.bucket, Key=self._key(key), IfMatch=etag
+            ),
+        )
+
+    def replace(self, key: str, expected: bytes, data: bytes) -> bool:
+        """Read the object and its ETag, then write ``data`` only if the ETag still
+        matches (``PutObject`` with ``If-Match``): what was compared is what is replaced."""
+        return self._if_unchanged(
+            "conditional replace",
+            key,
+            expected,
+            lambda client, etag: client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, IfMatch=etag
+            ),
+        )
+
+    def _if_unchanged(
+        self, action: str, key: str, expected: bytes, change: Callable[[S3Client, str], object]
+    ) -> bool:
+        """``change(client, etag)`` if ``key`` holds ``expected``: True once done, False
+        when it held anything else or nothing, or changed after it was read. ``change``
+        must have S3 check that the object still has the ETag read with it."""
         try:
             client = self._connect()
             response = client.get_object(Bucket=self.bucket, Key=self._key(key))
             if response["Body"].read() != expected:
                 return False
-            client.delete_object(Bucket=self.bucket, Key=self._key(key), IfMatch=response["ETag"])
+            change(client, response["ETag"])
         except ClientError as error:
-            if _error_code(error) in {"NoSuchKey", "404", "PreconditionFailed"}:
+            # Gone (404, also a conditional put's), changed since it was read (412), or
+            # another conditional write to it under way (409): not what was compared.
+            if _error_code(error) in {
+                "NoSuchKey",
+                "404",
+                "PreconditionFailed",
+                "ConditionalRequestConflict",
+            }:
                 return False
-            raise self._failed("conditional delete", key, error) from error
+            raise self._failed(action, key, error) from error
         except BotoCoreError as error:
-            raise self._failed("conditional delete", key, error) from error
+            raise self._failed(action, key, error) from error
         return True
 
     def _connect(self) -> S3Client:
@@ -253,17 +293,27 @@ class FileStore:
 
     def delete(self, key: str, expected: bytes) -> bool:
         """Compare and remove while holding the directory's lock, which :meth:`create`
-        takes too: no other writer can slip in between."""
+        and :meth:`replace` take too: no other writer can slip in between."""
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with self._exclusive(path.parent):
-                try:
-                    if path.read_bytes() != expected:
-                        return False
-                except FileNotFoundError:
+                if not _holds(path, expected):
                     return False
                 path.unlink()
+        except OSError as error:
+            raise _write_failed(path, error) from error
+        return True
+
+    def replace(self, key: str, expected: bytes, data: bytes) -> bool:
+        """Compare, then rename a complete temp file over the name, while holding the
+        directory's lock as :meth:`delete` does."""
+        path = self._path(key)
+        try:
+            with self._written(path, data) as temp, self._exclusive(path.parent):
+                if not _holds(path, expected):
+                    return False
+                os.replace(temp, path)
         except OSError as error:
             raise _write_failed(path, error) from error
         return True
@@ -303,6 +353,14 @@ class FileStore:
         if not key or key.startswith("/") or ".." in Path(key).parts:
             raise ValueError(f"store key {key!r} must be a relative path inside the store")
         return self.root / key
+
+
+def _holds(path: Path, expected: bytes) -> bool:
+    """Whether the file at ``path`` holds exactly ``expected`` (False when absent)."""
+    try:
+        return path.read_bytes() == expected
+    except FileNotFoundError:
+        return False
 
 
 def _write_failed(path: Path, error: OSError) -> UpstreamFailed:
