@@ -5,6 +5,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -364,26 +365,23 @@ def test_file_store_leaves_no_temp_or_moved_aside_file_behind(tmp_path: Path) ->
     assert list((tmp_path / "p").iterdir()) == []
 
 
-def test_s3_delete_leaves_an_object_that_changed_after_it_was_read(
-    s3_server: str, s3_bucket: str
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda store: store.delete("deploy.lock", b"mine"),
+        lambda store: store.replace("deploy.lock", b"mine", b"mine, renewed"),
+    ],
+    ids=["delete", "replace"],
+)
+def test_s3_conditional_change_leaves_an_object_that_changed_after_it_was_read(
+    s3_server: str, s3_bucket: str, change: Callable[[S3Store], bool]
 ) -> None:
     # The bytes compared are the old ones: only S3's If-Match can keep the new object.
     session = changed_after_read(s3_server, s3_bucket, "myapp/deploy.lock", b"theirs")
     store = S3Store(s3_bucket, "myapp", session=session)
     store.put("deploy.lock", b"mine")
 
-    assert store.delete("deploy.lock", b"mine") is False
-    assert store.get("deploy.lock") == b"theirs"
-
-
-def test_s3_replace_leaves_an_object_that_changed_after_it_was_read(
-    s3_server: str, s3_bucket: str
-) -> None:
-    session = changed_after_read(s3_server, s3_bucket, "myapp/deploy.lock", b"theirs")
-    store = S3Store(s3_bucket, "myapp", session=session)
-    store.put("deploy.lock", b"mine")
-
-    assert store.replace("deploy.lock", b"mine", b"mine, renewed") is False
+    assert change(store) is False
     assert store.get("deploy.lock") == b"theirs"
 
 
