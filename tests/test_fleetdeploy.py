@@ -61,8 +61,10 @@ def progress() -> Lines:
     return Lines()
 
 
-def deployer(fleet: list[FakeHost], progress: Lines) -> FleetDeploy:
-    return FleetDeploy([Host(host) for host in fleet], progress, waiting_note_interval=0.05)
+def deployer(fleet: list[FakeHost], progress: Lines, lock: DeployLock | None = None) -> FleetDeploy:
+    return FleetDeploy(
+        [Host(host) for host in fleet], progress, waiting_note_interval=0.05, lock=lock
+    )
 
 
 HOSTS_OPTIONS = (
@@ -517,6 +519,68 @@ def test_a_forced_deploy_says_which_lock_it_broke(fleet: list[FakeHost], progres
     assert progress.lines[0].startswith("broke deploy.lock in ")
     assert "held by alice@deploy-1" in progress.lines[0]
     assert serving(fleet) == [NEW, NEW, NEW]
+
+
+def test_a_deploy_whose_lock_was_taken_while_it_launched_switches_nothing_and_aborts(
+    fleet: list[FakeHost], log: CallLog, progress: Lines
+) -> None:
+    store = MemoryStore()
+    lock = DeployLock(store, "ops@ci")
+    # Another deploy breaks the lock while this one waits for its launches.
+    progress.when(
+        "web-2 (http://web-2.test:8001): healthy",
+        lambda: DeployLock(store, "bob@laptop", pid=7).acquire(force=True),
+    )
+
+    with pytest.raises(DeployFailed) as failed:
+        locked(lock, False, progress, lambda: deployer(fleet, progress, lock).run(NEW))
+
+    message = str(failed.value)
+    assert failed.value.exit_code == 1
+    assert message.startswith(
+        f"stopped before any switch: deploy.lock in {store.description} is no longer this "
+        "deploy's: it is held by bob@laptop (pid 7) since "
+    )
+    assert message.endswith(
+        f"; {NEW} was aborted on every host, which all serve what they served before"
+    )
+    assert log.of("switch") == []
+    assert set(log.of("abort")) == {("web-1", NEW), ("web-2", NEW), ("web-3", NEW)}
+    assert serving(fleet) == [OLD, OLD, OLD]
+    assert all(not host.launched for host in fleet)
+    assert b'"owner": "bob@laptop"' in (store.get(LOCK_KEY) or b""), "bob's lock stays"
+    assert not progress.having("could not release"), "the loss was said once, not again"
+
+
+def test_a_deploy_that_outlives_its_lock_ttl_keeps_the_lock_by_renewing_it(
+    fleet: list[FakeHost], progress: Lines
+) -> None:
+    store = MemoryStore()
+    ttl = 3.0  # renewed every second: two renewals may come late by a second each
+    lock = DeployLock(store, "ops@ci", ttl)
+    slow = fleet[2]
+    slow.hold_launch()
+    others: list[str] = []
+
+    def another_deploy_after_the_first_expiry() -> None:
+        slow.launch_started.wait(10)
+        time.sleep(ttl + 1)
+        try:
+            DeployLock(store, "bob@laptop").acquire()
+            others.append("taken")
+        except LockError as error:
+            others.append(str(error))
+        finally:
+            slow.release()
+
+    threading.Thread(target=another_deploy_after_the_first_expiry, daemon=True).start()
+    result = locked(lock, False, progress, lambda: deployer(fleet, progress, lock).run(NEW))
+
+    assert result.startswith(f"deployed revision rev-b ({NEW}) to 3 hosts")
+    [refusal] = others
+    assert "is held by ops@ci" in refusal
+    assert serving(fleet) == [NEW, NEW, NEW]
+    assert store.get(LOCK_KEY) is None
 
 
 def test_a_lock_that_cannot_be_released_is_a_warning_not_a_failed_deploy(

@@ -54,13 +54,18 @@ class DeployFailed(FleetError):
 
 
 def locked(lock: DeployLock, force: bool, progress: Progress, work: Callable[[], str]) -> str:
-    """Run ``work`` holding the deploy lock; release it however ``work`` ends."""
+    """Run ``work`` holding the deploy lock, renewed while it runs; release it however
+    ``work`` ends."""
     taken = lock.acquire(force)
     if taken.broken is not None:
         progress(taken.broken)
-    progress(f"took {lock.where}, until {rfc3339(taken.record.expires_at)}")
+    progress(
+        f"took {lock.where}, until {rfc3339(taken.record.expires_at)} (renewed while this "
+        "deploy runs)"
+    )
     try:
-        return work()
+        with lock.renewed(progress):
+            return work()
     finally:
         try:
             lock.release()
@@ -100,12 +105,16 @@ class FleetDeploy:
         hosts: Sequence[Host],
         progress: Progress,
         waiting_note_interval: float = WAITING_NOTE_INTERVAL,
+        lock: DeployLock | None = None,
     ) -> None:
+        """``lock``: the deploy lock this deploy holds, checked before anything is
+        switched."""
         if not hosts:
             raise FleetError("no hosts to deploy to: give --host API_URL (or WUNDERPROXY_HOSTS)")
         self._hosts = list(hosts)
         self._progress = progress
         self._note_interval = waiting_note_interval
+        self._lock = lock
         self._before: dict[Host, Served] = {}
 
     def run(self, raw_hash: str) -> str:
@@ -113,6 +122,7 @@ class FleetDeploy:
         config_hash = _parsed(raw_hash)
         self._read_what_hosts_serve()
         launched = self._launch_everywhere(config_hash)
+        self._check_lock(config_hash)
         self._switch_everywhere(config_hash)
         revisions = sorted({str(answer.get("revision")) for answer in launched.values()})
         names = ", ".join(host.name for host in self._hosts)
@@ -169,18 +179,9 @@ class FleetDeploy:
         except KeyboardInterrupt:
             self._progress("interrupted: aborting the launches; nothing was switched")
             _, left = self._abort_launches(config_hash, launches)
-            if not left:
-                raise DeployFailed(
-                    f"interrupted before any switch; {config_hash} was aborted on every host, "
-                    "which all serve what they served before",
-                    EXIT_INTERRUPTED,
-                ) from None
-            raise DeployFailed(
-                "interrupted before any switch; every host serves what it served before, "
-                f"but {config_hash} could not be aborted everywhere:\n"
-                + "\n".join(_left_behind(config_hash, left)),
-                EXIT_INTERRUPTED,
-            ) from None
+            _stopped_before_switching(
+                "interrupted before any switch", config_hash, left, EXIT_INTERRUPTED
+            )
         if failed:
             self._fail_launch(config_hash, launches, failed)
         return healthy
@@ -233,12 +234,27 @@ class FleetDeploy:
         aborted = abort_everywhere(config_hash, self._hosts, self._progress)
         # A launch whose abort failed is not waited for: its host may not answer for
         # minutes, and it is named as one that may keep the new container anyway.
-        rest = launches.all(not_waiting_for=[h for h, e in aborted.items() if e is not None])
+        rest = launches.all(not_waiting_for=_failed(aborted))
         late_healthy = [outcome.host for outcome in rest if outcome.error is None]
         if late_healthy:
             aborted.update(abort_everywhere(config_hash, late_healthy, self._progress))
-        left = {host: error for host, error in aborted.items() if error is not None}
-        return rest, {host: left[host] for host in self._hosts if host in left}
+        return rest, _failed(aborted)
+
+    # -- between the phases: is the lock still ours? ---------------------------------------
+
+    def _check_lock(self, config_hash: str) -> None:
+        """Switch nothing unless the deploy lock is still this deploy's: another deploy
+        that took it may be switching the same hosts. If it is not, abort everywhere."""
+        if self._lock is None:
+            return
+        try:
+            self._lock.check()
+        except LockError as error:
+            self._progress(f"{error}: aborting the launches; nothing was switched")
+            aborted = abort_everywhere(config_hash, self._hosts, self._progress)
+            _stopped_before_switching(
+                f"stopped before any switch: {error}", config_hash, _failed(aborted)
+            )
 
     # -- phase 2: switch ----------------------------------------------------------------
 
@@ -276,11 +292,10 @@ class FleetDeploy:
         # Any other error of the abort leaves the host's state unknown.
         aborted = abort_everywhere(config_hash, [o.host for o in failed], self._progress)
         unknown: dict[Host, ClientError] = {}
-        for host in self._hosts:
-            error = aborted.get(host)
-            if error is not None and error.status == 409:
+        for host, error in _failed(aborted).items():
+            if error.status == 409:
                 switched.append(host)
-            elif error is not None:
+            else:
                 unknown[host] = error
         back, stuck = self._switch_back(config_hash, switched)
         if back:
@@ -353,9 +368,9 @@ class FleetDeploy:
 def abort_everywhere(
     config_hash: str, hosts: Sequence[Host], progress: Progress
 ) -> dict[Host, ClientError | None]:
-    """``POST /abort`` of ``config_hash`` on every host at once, a progress line for each;
-    the error of each host where it failed, else None. 404 (nothing of it there) counts
-    as done: nothing of it runs there."""
+    """``POST /abort`` of ``config_hash`` on every host at once, a progress line for each
+    as it answers; by host, in the order given, the error where it failed, else None.
+    404 (nothing of it there) counts as done: nothing of it runs there."""
     results: dict[Host, ClientError | None] = {}
     for outcome in FanOut(hosts, lambda host: host.client.abort(config_hash)).all():
         error = outcome.error
@@ -367,22 +382,23 @@ def abort_everywhere(
         else:
             progress(f"{outcome.host.name}: {(outcome.value or {}).get('message')}")
         results[outcome.host] = error
-    return results
+    return {host: results[host] for host in hosts}
+
+
+def _failed(aborted: dict[Host, ClientError | None]) -> dict[Host, ClientError]:
+    """The hosts where an abort failed, with its error."""
+    return {host: error for host, error in aborted.items() if error is not None}
 
 
 def abort_fleet(raw_hash: str, hosts: Sequence[Host], report: Progress) -> None:
     """``POST /abort`` of a hash on every host, a line for each (``report``); FleetError
     naming the hosts where it failed and what to do there."""
     config_hash = _parsed(raw_hash)
-    aborted = abort_everywhere(config_hash, hosts, report)
-    failed = {host: error for host, error in aborted.items() if error is not None}
+    failed = _failed(abort_everywhere(config_hash, hosts, report))
     if not failed:
         return
     lines = [f"abort of {config_hash} failed on {len(failed)} of {_hosts(len(hosts))}:"]
-    for host in hosts:
-        error = failed.get(host)
-        if error is None:
-            continue
+    for host, error in failed.items():
         lines.append(f"  {host.name}: {error}")
         if error.status == 409:
             lines.append(
@@ -400,6 +416,24 @@ def _parsed(raw_hash: str) -> str:
         return parse_hash(raw_hash)
     except WunderproxyError as error:
         raise FleetError(str(error)) from error
+
+
+def _stopped_before_switching(
+    why: str, config_hash: str, left: dict[Host, ClientError], exit_code: int = 1
+) -> NoReturn:
+    """DeployFailed for a deploy that ``why`` stopped after its launches were aborted,
+    naming the hosts in ``left`` where the abort failed."""
+    if not left:
+        raise DeployFailed(
+            f"{why}; {config_hash} was aborted on every host, which all serve what they "
+            "served before",
+            exit_code,
+        ) from None
+    raise DeployFailed(
+        f"{why}; every host serves what it served before, but {config_hash} could not be "
+        "aborted everywhere:\n" + "\n".join(_left_behind(config_hash, left)),
+        exit_code,
+    ) from None
 
 
 def _left_behind(config_hash: str, left: dict[Host, ClientError]) -> list[str]:
