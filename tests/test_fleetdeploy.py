@@ -214,7 +214,8 @@ def test_a_failed_launch_names_each_host_whose_abort_failed_and_how_to_remove_th
     assert message.endswith(
         "the new container may still be on these hosts, whose abort failed:\n"
         "  web-3 (http://web-3.test:8001): cannot reach the manager at web-3: timed out\n"
-        f"remove it once they answer: `wunderproxy abort {NEW} --host http://web-3.test:8001`"
+        f"remove it with `wunderproxy abort {NEW} --host http://web-3.test:8001` once they "
+        "answer"
     )
     assert fleet[2].launched == {NEW}, "the fake keeps what the message says may be there"
     assert serving(fleet) == [OLD, OLD, OLD]
@@ -317,7 +318,8 @@ def test_ctrl_c_while_launching_names_each_host_whose_abort_failed(
         f"{NEW} could not be aborted everywhere:\n"
         "the new container may still be on these hosts, whose abort failed:\n"
         "  web-3 (http://web-3.test:8001): cannot reach the manager at web-3: timed out\n"
-        f"remove it once they answer: `wunderproxy abort {NEW} --host http://web-3.test:8001`"
+        f"remove it with `wunderproxy abort {NEW} --host http://web-3.test:8001` once they "
+        "answer"
     )
     assert fleet[2].launched == {NEW}
 
@@ -422,7 +424,9 @@ def test_a_switch_whose_answer_was_lost_and_whose_abort_failed_is_named_as_unkno
     ) in message
     assert message.endswith(
         "the fleet may serve mixed revisions: see what each host serves with `wunderproxy "
-        f"status {HOSTS_OPTIONS}`, then deploy again the hash you want"
+        f"status {HOSTS_OPTIONS}`, then deploy again the hash you want; `wunderproxy abort "
+        f"{NEW} --host http://web-2.test:8001` removes the new container where it does not "
+        "serve"
     )
     assert serving(fleet) == [OLD, NEW, OLD], "web-2 did switch: the message must not hide it"
 
@@ -632,7 +636,7 @@ def test_abort_fleet_names_each_host_where_it_failed_and_what_to_do_there(
         "    it serves there: switch http://web-1.test:8001 to another hash first, which "
         "drains and removes its container\n"
         "  http://web-3.test:8001: cannot reach the manager at web-3: refused\n"
-        "run the abort again once those hosts answer"
+        "run the abort again once the hosts that did not answer do"
     )
 
 

@@ -289,7 +289,7 @@ def test_abort_removes_what_a_launch_left_on_each_host_and_names_those_it_cannot
         assert f"abort of {rev1} failed on 1 of 3 hosts:\n  {gone}: cannot reach the manager" in (
             aborted.stderr
         )
-        assert "run the abort again once those hosts answer" in aborted.stderr
+        assert "run the abort again once the hosts that did not answer do" in aborted.stderr
         assert running_revisions(docker_client, app_name) == {}
 
         assert run_cli("deploy", rev1, *hosts(running)).returncode == 0

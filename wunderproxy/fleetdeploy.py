@@ -16,7 +16,9 @@ Where an abort fails too (the host does not answer), the message names the host 
 command that cleans up once it answers: :func:`abort_fleet` (``wunderproxy abort HASH``).
 
 The whole deploy runs under the fleet's deploy lock (:mod:`wunderproxy.deploylock`),
-released on success, failure and Ctrl-C.
+renewed while it runs and released on success, failure and Ctrl-C. Before any switch the
+deploy checks that the lock is still its own: if another deploy broke or took it, that
+deploy may be switching the same hosts, so this one aborts its launches and stops.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, NoReturn
@@ -250,7 +252,7 @@ class FleetDeploy:
         try:
             self._lock.check()
         except LockError as error:
-            self._progress(f"{error}: aborting the launches; nothing was switched")
+            self._progress("stopping before any switch: aborting the launches")
             aborted = abort_everywhere(config_hash, self._hosts, self._progress)
             _stopped_before_switching(
                 f"stopped before any switch: {error}", config_hash, _failed(aborted)
@@ -310,11 +312,16 @@ class FleetDeploy:
             )
             lines += [f"  {host.name}: {error}" for host, error in unknown.items()]
         if stuck or unknown:
-            urls = " ".join(f"--host {host.client.url}" for host in self._hosts)
             lines.append(
                 f"the fleet {'serves' if stuck else 'may serve'} mixed revisions: see what "
-                f"each host serves with `wunderproxy status {urls}`, then deploy again the "
-                "hash you want"
+                f"each host serves with `wunderproxy status {_host_options(self._hosts)}`, "
+                "then deploy again the hash you want"
+                + (
+                    f"; `wunderproxy abort {config_hash} {_host_options(unknown)}` removes "
+                    "the new container where it does not serve"
+                    if unknown
+                    else ""
+                )
             )
         else:
             lines.append("the fleet serves what it served before")
@@ -405,8 +412,8 @@ def abort_fleet(raw_hash: str, hosts: Sequence[Host], report: Progress) -> None:
                 f"    it serves there: switch {host.client.url} to another hash first, "
                 "which drains and removes its container"
             )
-    if any(error.status != 409 for error in failed.values()):
-        lines.append("run the abort again once those hosts answer")
+    if any(error.status is None for error in failed.values()):
+        lines.append("run the abort again once the hosts that did not answer do")
     raise FleetError("\n".join(lines))
 
 
@@ -441,12 +448,16 @@ def _left_behind(config_hash: str, left: dict[Host, ClientError]) -> list[str]:
     and the command that removes it; none when every abort went through."""
     if not left:
         return []
-    urls = " ".join(f"--host {host.client.url}" for host in left)
     return [
         "the new container may still be on these hosts, whose abort failed:",
         *(f"  {host.name}: {error}" for host, error in left.items()),
-        f"remove it once they answer: `wunderproxy abort {config_hash} {urls}`",
+        f"remove it with `wunderproxy abort {config_hash} {_host_options(left)}` once they answer",
     ]
+
+
+def _host_options(hosts: Iterable[Host]) -> str:
+    """``--host URL`` for each host, as a command names them."""
+    return " ".join(f"--host {host.client.url}" for host in hosts)
 
 
 @contextlib.contextmanager
