@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.fakes import MemoryStore
+from tests.support.waiting import wait_until
 from wunderproxy.deploylock import LOCK_KEY, DeployLock, LockError, LockRecord
 from wunderproxy.store import FileStore, S3Store, Store
 
@@ -133,6 +135,100 @@ def test_of_deploys_racing_for_one_expired_lock_exactly_one_takes_it(store: Stor
     assert winner == f"racer-{outcomes.index('taken')}@ci"
     for outcome in outcomes:
         assert outcome == "taken" or "held by racer-" in outcome or "changed 3 times" in outcome
+
+
+class Clock:
+    """A clock a test moves by hand."""
+
+    def __init__(self, now: datetime = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def test_renewing_moves_the_expiry_so_that_a_live_deploy_is_not_taken_over(
+    store: Store,
+) -> None:
+    clock = Clock()
+    alice = DeployLock(store, "alice@deploy-1", 60, pid=4242, clock=clock)
+    alice.acquire()
+    clock.now = T0 + timedelta(seconds=50)
+
+    alice.renew()
+
+    record = LockRecord.decode(store.get(LOCK_KEY) or b"")
+    assert (record.taken_at, record.expires_at) == (T0, T0 + timedelta(seconds=110))
+    with pytest.raises(LockError, match=r"held by alice@deploy-1 .* expires at .*12:01:50Z"):
+        lock(store, "bob@laptop", T0 + timedelta(seconds=70)).acquire()
+    alice.check()
+    alice.release()
+    assert store.get(LOCK_KEY) is None
+
+
+def test_a_lock_taken_by_another_deploy_is_neither_renewed_nor_released_and_check_names_it(
+    store: Store,
+) -> None:
+    alice = lock(store, "alice@deploy-1", ttl=60)
+    alice.acquire()
+    lock(store, "bob@laptop", T0 + timedelta(minutes=2), pid=7).acquire()
+    bobs = store.get(LOCK_KEY)
+
+    with pytest.raises(LockError) as lost:
+        alice.renew()
+
+    assert str(lost.value) == (
+        f"deploy.lock in {store.description} is no longer this deploy's: it is held by "
+        "bob@laptop (pid 7) since 2026-11-24T12:02:00Z (broken with --force, or taken over "
+        "after this deploy's expired at 2026-11-24T12:01:00Z); another deploy may be running"
+    )
+    with pytest.raises(LockError, match="it is held by bob@laptop"):
+        alice.check()
+    alice.release()  # nothing to release, and nothing to warn about again
+    assert store.get(LOCK_KEY) == bobs
+
+
+def test_check_names_who_took_the_lock_and_says_when_it_was_removed(store: Store) -> None:
+    alice = lock(store, "alice@deploy-1")
+    alice.acquire()
+    alice.check()
+    store.delete(LOCK_KEY, store.get(LOCK_KEY) or b"")
+
+    with pytest.raises(LockError, match="is no longer this deploy's: someone removed it"):
+        alice.check()
+
+
+def test_the_lock_is_renewed_every_third_of_its_ttl_while_the_block_runs(store: Store) -> None:
+    alice = DeployLock(store, "alice@deploy-1", 0.6)
+    alice.acquire()
+    warnings: list[str] = []
+    expiries: set[datetime] = set()
+
+    def renewed_twice() -> bool:
+        expiries.add(LockRecord.decode(store.get(LOCK_KEY) or b"").expires_at)
+        return len(expiries) >= 3
+
+    with alice.renewed(warnings.append):
+        wait_until(renewed_twice, "the lock renewed twice", within=10)
+    alice.release()
+
+    assert warnings == []
+    assert store.get(LOCK_KEY) is None
+
+
+def test_a_renewal_that_finds_the_lock_taken_warns_once_and_stops(store: Store) -> None:
+    alice = DeployLock(store, "alice@deploy-1", 0.6)
+    alice.acquire()
+    lock(store, "bob@laptop", datetime.now(UTC), pid=7).acquire(force=True)
+    warnings: list[str] = []
+
+    with alice.renewed(warnings.append):
+        wait_until(lambda: bool(warnings), "a warning", within=10)
+        time.sleep(0.5)  # more than two renewal intervals: none may warn again
+
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"warning: deploy.lock in {store.description} is no longer")
+    assert LockRecord.decode(store.get(LOCK_KEY) or b"").owner == "bob@laptop"
 
 
 class IgnoresConditions(MemoryStore):

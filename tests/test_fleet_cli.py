@@ -112,14 +112,25 @@ def test_upload_without_a_store_says_what_to_give(runner: CliRunner, tmp_path: P
 # -- deploy and rollback: what is refused before any host is asked ---------------------------
 
 
-def test_deploy_without_hosts_is_a_usage_error_saying_how_to_name_them(
-    runner: CliRunner,
+@pytest.mark.parametrize("command", ["deploy", "abort"])
+def test_a_fleet_command_without_hosts_is_a_usage_error_saying_how_to_name_them(
+    runner: CliRunner, command: str
 ) -> None:
-    result = run(runner, "deploy", "0" * 32)
+    result = run(runner, command, "0" * 32)
 
     assert result.exit_code == 2
     assert "give --host API_URL for each host" in result.stderr
     assert "WUNDERPROXY_HOSTS" in result.stderr
+
+
+def test_abort_on_a_host_that_does_not_answer_exits_1_naming_it(runner: CliRunner) -> None:
+    url = nowhere()
+
+    result = run(runner, "abort", "0" * 32, "--host", url)
+
+    assert result.exit_code == 1
+    assert result.stdout.startswith(f"{url}: abort failed: cannot reach the manager at {url}")
+    assert f"abort of {'0' * 32} failed on 1 of 1 host:\n  {url}: cannot reach" in (result.stderr)
 
 
 def test_a_host_given_twice_is_refused(runner: CliRunner) -> None:

@@ -19,6 +19,7 @@ from wunderproxy.fleetdeploy import (
     EXIT_INTERRUPTED,
     DeployFailed,
     FleetDeploy,
+    abort_fleet,
     locked,
     rollback_target,
 )
@@ -60,8 +61,15 @@ def progress() -> Lines:
     return Lines()
 
 
-def deployer(fleet: list[FakeHost], progress: Lines) -> FleetDeploy:
-    return FleetDeploy([Host(host) for host in fleet], progress, waiting_note_interval=0.05)
+def deployer(fleet: list[FakeHost], progress: Lines, lock: DeployLock | None = None) -> FleetDeploy:
+    return FleetDeploy(
+        [Host(host) for host in fleet], progress, waiting_note_interval=0.05, lock=lock
+    )
+
+
+HOSTS_OPTIONS = (
+    "--host http://web-1.test:8001 --host http://web-2.test:8001 --host http://web-3.test:8001"
+)
 
 
 def serving(fleet: list[FakeHost]) -> list[str | None]:
@@ -189,6 +197,46 @@ def test_a_launch_that_ends_healthy_after_its_abort_passed_is_aborted_again(
     assert not fleet[2].launched, "its container was left behind"
 
 
+def test_a_failed_launch_names_each_host_whose_abort_failed_and_how_to_remove_the_container(
+    fleet: list[FakeHost], progress: Lines
+) -> None:
+    fleet[1].fail[("launch", None)] = ClientError("504: not healthy after 60 s", 504)
+    fleet[2].fail[("abort", None)] = ClientError("cannot reach the manager at web-3: timed out")
+
+    message = str(failed_deploy(fleet, progress))
+
+    assert "the new containers were removed" not in message
+    assert message.startswith(
+        f"launch of {NEW} failed on 1 of 3 hosts; nothing was switched anywhere, but the new "
+        "containers could not all be removed:\n"
+        "  web-2 (http://web-2.test:8001): 504: not healthy after 60 s\n"
+    )
+    assert message.endswith(
+        "the new container may still be on these hosts, whose abort failed:\n"
+        "  web-3 (http://web-3.test:8001): cannot reach the manager at web-3: timed out\n"
+        f"remove it with `wunderproxy abort {NEW} --host http://web-3.test:8001` once they "
+        "answer"
+    )
+    assert fleet[2].launched == {NEW}, "the fake keeps what the message says may be there"
+    assert serving(fleet) == [OLD, OLD, OLD]
+
+
+def test_a_launch_whose_abort_failed_is_not_waited_for(
+    fleet: list[FakeHost], progress: Lines
+) -> None:
+    fleet[2].hold_launch()  # answers only when released: a host that does not answer
+    fleet[2].fail[("abort", None)] = ClientError("cannot reach the manager at web-3: timed out")
+    fleet[1].fail[("launch", None)] = ClientError("502: image not in the registry", 502)
+    started = time.monotonic()
+    try:
+        message = str(failed_deploy(fleet, progress))
+    finally:
+        fleet[2].release()
+
+    assert time.monotonic() - started < 5, "the deploy waited for a host it cannot abort"
+    assert "  web-3 (http://web-3.test:8001): cannot reach the manager at web-3" in message
+
+
 def test_a_host_whose_status_cannot_be_read_stops_the_deploy_before_any_launch(
     fleet: list[FakeHost], log: CallLog, progress: Lines
 ) -> None:
@@ -219,6 +267,61 @@ def test_ctrl_c_while_launching_aborts_everywhere_and_switches_nothing(
     assert log.of("switch") == []
     assert {host for host, _ in log.of("abort")} == {"web-1", "web-2", "web-3"}
     assert serving(fleet) == [OLD, OLD, OLD]
+
+
+def test_ctrl_c_while_launching_aborts_again_a_launch_that_ended_healthy_after_its_abort(
+    log: CallLog, progress: Lines
+) -> None:
+    late = LaunchesAfterItsAbort(log, "web-3")
+    fleet = [FakeHost(log, "web-1"), FakeHost(log, "web-2"), late]
+    late.hold_launch()
+    done = threading.Event()
+    launch = late.launch
+
+    def launch_then_say_so(config_hash: str) -> dict[str, Any]:
+        try:
+            return launch(config_hash)
+        finally:
+            done.set()
+
+    late.launch = launch_then_say_so  # type: ignore[method-assign]
+
+    def press_ctrl_c() -> None:
+        raise KeyboardInterrupt
+
+    progress.when("web-1 (http://web-1.test:8001): healthy", press_ctrl_c)
+
+    failed = failed_deploy(fleet, progress)
+
+    assert done.wait(10), "web-3's launch never ended"
+    assert failed.exit_code == EXIT_INTERRUPTED
+    assert [h for h, _ in log.of("abort")].count("web-3") == 2
+    assert not late.launched, "its container was left behind"
+    assert str(failed).endswith("which all serve what they served before")
+
+
+def test_ctrl_c_while_launching_names_each_host_whose_abort_failed(
+    fleet: list[FakeHost], progress: Lines
+) -> None:
+    fleet[2].fail[("abort", None)] = ClientError("cannot reach the manager at web-3: timed out")
+
+    def press_ctrl_c() -> None:
+        raise KeyboardInterrupt
+
+    progress.when("web-3 (http://web-3.test:8001): healthy", press_ctrl_c)
+
+    failed = failed_deploy(fleet, progress)
+
+    assert failed.exit_code == EXIT_INTERRUPTED
+    assert str(failed) == (
+        "interrupted before any switch; every host serves what it served before, but "
+        f"{NEW} could not be aborted everywhere:\n"
+        "the new container may still be on these hosts, whose abort failed:\n"
+        "  web-3 (http://web-3.test:8001): cannot reach the manager at web-3: timed out\n"
+        f"remove it with `wunderproxy abort {NEW} --host http://web-3.test:8001` once they "
+        "answer"
+    )
+    assert fleet[2].launched == {NEW}
 
 
 # -- phase 2 fails ---------------------------------------------------------------------------
@@ -272,7 +375,8 @@ def test_a_switch_back_that_fails_is_named_and_the_fleet_is_said_to_be_mixed(
     assert "  web-1 (http://web-1.test:8001): cannot reach the manager at web-1" in message
     assert "switched back to what they served before: web-3 (http://web-3.test:8001)" in message
     assert message.endswith(
-        "the fleet serves mixed revisions: fix the hosts above, then deploy again"
+        "the fleet serves mixed revisions: see what each host serves with `wunderproxy "
+        f"status {HOSTS_OPTIONS}`, then deploy again the hash you want"
     )
     assert serving(fleet) == [NEW, OLD, OLD]
 
@@ -299,6 +403,32 @@ def test_a_switch_whose_answer_was_lost_but_happened_is_switched_back_too(
     failed_deploy(fleet, progress)
 
     assert serving(fleet) == [OLD, OLD, OLD]
+
+
+def test_a_switch_whose_answer_was_lost_and_whose_abort_failed_is_named_as_unknown(
+    fleet: list[FakeHost], progress: Lines
+) -> None:
+    fleet[1].fail[("switch", NEW)] = ClientError("cannot reach the manager: timed out")
+    fleet[1].switched_despite_error = True
+    fleet[1].fail[("abort", NEW)] = ClientError("cannot reach the manager at web-2: refused")
+
+    failed = failed_deploy(fleet, progress)
+
+    message = str(failed)
+    assert failed.exit_code == 1
+    assert "the fleet serves what it served before" not in message
+    assert (
+        "serving UNKNOWN: their switch may have happened, and the abort that would tell "
+        "failed too:\n"
+        "  web-2 (http://web-2.test:8001): cannot reach the manager at web-2: refused\n"
+    ) in message
+    assert message.endswith(
+        "the fleet may serve mixed revisions: see what each host serves with `wunderproxy "
+        f"status {HOSTS_OPTIONS}`, then deploy again the hash you want; `wunderproxy abort "
+        f"{NEW} --host http://web-2.test:8001` removes the new container where it does not "
+        "serve"
+    )
+    assert serving(fleet) == [OLD, NEW, OLD], "web-2 did switch: the message must not hide it"
 
 
 def test_ctrl_c_while_switching_lets_the_switches_answer_then_switches_back(
@@ -395,6 +525,68 @@ def test_a_forced_deploy_says_which_lock_it_broke(fleet: list[FakeHost], progres
     assert serving(fleet) == [NEW, NEW, NEW]
 
 
+def test_a_deploy_whose_lock_was_taken_while_it_launched_switches_nothing_and_aborts(
+    fleet: list[FakeHost], log: CallLog, progress: Lines
+) -> None:
+    store = MemoryStore()
+    lock = DeployLock(store, "ops@ci")
+    # Another deploy breaks the lock while this one waits for its launches.
+    progress.when(
+        "web-2 (http://web-2.test:8001): healthy",
+        lambda: DeployLock(store, "bob@laptop", pid=7).acquire(force=True),
+    )
+
+    with pytest.raises(DeployFailed) as failed:
+        locked(lock, False, progress, lambda: deployer(fleet, progress, lock).run(NEW))
+
+    message = str(failed.value)
+    assert failed.value.exit_code == 1
+    assert message.startswith(
+        f"stopped before any switch: deploy.lock in {store.description} is no longer this "
+        "deploy's: it is held by bob@laptop (pid 7) since "
+    )
+    assert message.endswith(
+        f"; {NEW} was aborted on every host, which all serve what they served before"
+    )
+    assert log.of("switch") == []
+    assert set(log.of("abort")) == {("web-1", NEW), ("web-2", NEW), ("web-3", NEW)}
+    assert serving(fleet) == [OLD, OLD, OLD]
+    assert all(not host.launched for host in fleet)
+    assert b'"owner": "bob@laptop"' in (store.get(LOCK_KEY) or b""), "bob's lock stays"
+    assert not progress.having("could not release"), "the loss was said once, not again"
+
+
+def test_a_deploy_that_outlives_its_lock_ttl_keeps_the_lock_by_renewing_it(
+    fleet: list[FakeHost], progress: Lines
+) -> None:
+    store = MemoryStore()
+    ttl = 3.0  # renewed every second: two renewals may come late by a second each
+    lock = DeployLock(store, "ops@ci", ttl)
+    slow = fleet[2]
+    slow.hold_launch()
+    others: list[str] = []
+
+    def another_deploy_after_the_first_expiry() -> None:
+        slow.launch_started.wait(10)
+        time.sleep(ttl + 1)
+        try:
+            DeployLock(store, "bob@laptop").acquire()
+            others.append("taken")
+        except LockError as error:
+            others.append(str(error))
+        finally:
+            slow.release()
+
+    threading.Thread(target=another_deploy_after_the_first_expiry, daemon=True).start()
+    result = locked(lock, False, progress, lambda: deployer(fleet, progress, lock).run(NEW))
+
+    assert result.startswith(f"deployed revision rev-b ({NEW}) to 3 hosts")
+    [refusal] = others
+    assert "is held by ops@ci" in refusal
+    assert serving(fleet) == [NEW, NEW, NEW]
+    assert store.get(LOCK_KEY) is None
+
+
 def test_a_lock_that_cannot_be_released_is_a_warning_not_a_failed_deploy(
     progress: Lines,
 ) -> None:
@@ -408,6 +600,52 @@ def test_a_lock_that_cannot_be_released_is_a_warning_not_a_failed_deploy(
     assert locked(lock, False, progress, broken_meanwhile) == "deployed"
     assert progress.having("warning: could not release the deploy lock: ")
     assert store.objects[LOCK_KEY] == b"someone else's"
+
+
+# -- abort -----------------------------------------------------------------------------------
+
+
+def test_abort_fleet_says_what_happened_on_each_host_and_nothing_there_is_fine(
+    fleet: list[FakeHost], log: CallLog, progress: Lines
+) -> None:
+    fleet[0].launched.add(NEW)
+
+    abort_fleet(f" {NEW}\n", [Host(host) for host in fleet], progress)
+
+    assert set(log.of("abort")) == {("web-1", NEW), ("web-2", NEW), ("web-3", NEW)}
+    assert sorted(progress.lines) == [
+        f"http://web-1.test:8001: aborted {NEW}: stopped and removed container",
+        f"http://web-2.test:8001: nothing of {NEW} to remove",
+        f"http://web-3.test:8001: nothing of {NEW} to remove",
+    ]
+    assert not fleet[0].launched
+
+
+def test_abort_fleet_names_each_host_where_it_failed_and_what_to_do_there(
+    fleet: list[FakeHost], progress: Lines
+) -> None:
+    fleet[0].serving = NEW
+    fleet[2].fail[("abort", None)] = ClientError("cannot reach the manager at web-3: refused")
+
+    with pytest.raises(FleetError) as failed:
+        abort_fleet(NEW, [Host(host) for host in fleet], progress)
+
+    assert str(failed.value) == (
+        f"abort of {NEW} failed on 2 of 3 hosts:\n"
+        f"  http://web-1.test:8001: 409: {NEW} serves now\n"
+        "    it serves there: switch http://web-1.test:8001 to another hash first, which "
+        "drains and removes its container\n"
+        "  http://web-3.test:8001: cannot reach the manager at web-3: refused\n"
+        "run the abort again once the hosts that did not answer do"
+    )
+
+
+def test_abort_fleet_refuses_a_malformed_hash_before_asking_any_host(
+    fleet: list[FakeHost], log: CallLog, progress: Lines
+) -> None:
+    with pytest.raises(FleetError, match="is not a config hash"):
+        abort_fleet("v2", [Host(host) for host in fleet], progress)
+    assert log.calls == []
 
 
 # -- rollback --------------------------------------------------------------------------------

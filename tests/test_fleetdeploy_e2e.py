@@ -131,10 +131,18 @@ def test_deploy_rollback_history_and_status_across_two_hosts(
         assert running[1].switch(rev2).status == 200
         table = run_cli("status", *hosts(running))
         assert table.returncode == 1
-        assert (
+        mixed_revisions = (
             f"hosts serve different revisions: rev1 on {INSTANCES[0]}; rev2 on {INSTANCES[1]}"
-            in table.stdout
         )
+        assert mixed_revisions in table.stdout
+        as_json = run_cli("status", "--json", *hosts(running))
+        assert as_json.returncode == 1
+        documents = json.loads(as_json.stdout)
+        assert [documents[host.api_url]["current"]["revision"] for host in running] == [
+            "rev1",
+            "rev2",
+        ]
+        assert mixed_revisions in as_json.stderr
 
 
 def test_a_deploy_while_another_holds_the_lock_is_refused_naming_the_holder(
@@ -256,3 +264,38 @@ def test_ctrl_c_during_the_launches_aborts_them_releases_the_lock_and_exits_130(
         assert running_revisions(docker_client, app_name) == {}
         assert [host.status()["current"] for host in running] == [None, None]
         assert S3Store(s3_bucket, PREFIX).get("deploy.lock") is None
+
+
+def test_abort_removes_what_a_launch_left_on_each_host_and_names_those_it_cannot_abort(
+    s3_bucket: str,
+    app_name: str,
+    app_images: AppImages,
+    docker_client: docker.DockerClient,
+    tmp_path: Path,
+) -> None:
+    rev1 = upload_file(tmp_path, s3_bucket, app_config(app_images, "rev1"))
+    ports = (app_images.registry_port, app_images.registry_port)
+    gone = f"http://127.0.0.1:{free_port()}"
+    with two_hosts(tmp_path, s3_bucket, app_name, ports) as running:
+        assert running[0].launch(rev1).status == 200
+
+        aborted = run_cli("abort", rev1, *hosts(running), "--host", gone)
+
+        assert aborted.returncode == 1
+        assert f"{running[0].api_url}: aborted {rev1}: stopped and removed container " in (
+            aborted.stdout
+        )
+        assert f"{running[1].api_url}: nothing of {rev1} to remove" in aborted.stdout
+        assert f"abort of {rev1} failed on 1 of 3 hosts:\n  {gone}: cannot reach the manager" in (
+            aborted.stderr
+        )
+        assert "run the abort again once the hosts that did not answer do" in aborted.stderr
+        assert running_revisions(docker_client, app_name) == {}
+
+        assert run_cli("deploy", rev1, *hosts(running)).returncode == 0
+        serving = run_cli("abort", rev1, *hosts(running))
+
+        assert serving.returncode == 1
+        assert f"  {running[0].api_url}: 409: {rev1} (revision rev1) serves now" in serving.stderr
+        assert f"switch {running[1].api_url} to another hash first" in serving.stderr
+        assert [revision_served(host) for host in running] == ["revision=rev1"] * 2

@@ -70,6 +70,10 @@ def test_a_host_that_cannot_be_reached_is_a_row_saying_so_and_a_problem() -> Non
     )
     assert header == HEADER, "the message must not widen the columns"
     assert fleet.problems == ["not reached: http://web-2.test:8001"]
+    assert fleet.documents["http://web-2.test:8001"] == {
+        "error": "cannot reach the manager at web-2: refused"
+    }
+    assert fleet.documents["http://web-1.test:8001"]["current"]["revision"] == "rev-a"
 
 
 def test_a_host_serving_nothing_shows_none_and_differs_from_one_serving() -> None:

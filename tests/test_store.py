@@ -5,6 +5,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.configs import encode_config, example_config, upload_launch_config
+from tests.support.s3 import changed_after_read
 from wunderproxy.errors import BadRequest, InvalidConfig, NotFound, UpstreamFailed
 from wunderproxy.launchconfig import parse_launch_config
 from wunderproxy.store import (
@@ -209,6 +211,17 @@ def test_delete_removes_the_key_only_when_it_holds_the_bytes_expected(store: Sto
     assert store.create("deploy.lock", b"next") is True
 
 
+def test_replace_writes_the_key_only_when_it_holds_the_bytes_expected(store: Store) -> None:
+    assert store.replace("deploy.lock", b"mine", b"mine, renewed") is False
+    assert store.get("deploy.lock") is None, "replace must not create a key"
+    store.put("deploy.lock", b"theirs")
+
+    assert store.replace("deploy.lock", b"mine", b"mine, renewed") is False
+    assert store.get("deploy.lock") == b"theirs"
+    assert store.replace("deploy.lock", b"theirs", b"theirs, renewed") is True
+    assert store.get("deploy.lock") == b"theirs, renewed"
+
+
 def test_save_launch_config_stores_it_under_its_hash(store: Store) -> None:
     hash_, raw = encode_config(example_config(Revision="r9"))
 
@@ -344,16 +357,40 @@ def test_file_store_leaves_no_temp_or_moved_aside_file_behind(tmp_path: Path) ->
     store.create("deploy.lock", b"a")
     store.create("deploy.lock", b"b")
     store.delete("deploy.lock", b"b")
+    store.replace("deploy.lock", b"b", b"c")
+    store.replace("deploy.lock", b"a", b"a")
 
     assert [p.name for p in (tmp_path / "p").iterdir()] == ["deploy.lock"]
     store.delete("deploy.lock", b"a")
     assert list((tmp_path / "p").iterdir()) == []
 
 
-def test_s3_store_create_and_delete_report_a_missing_bucket(s3_bucket: str) -> None:
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda store: store.delete("deploy.lock", b"mine"),
+        lambda store: store.replace("deploy.lock", b"mine", b"mine, renewed"),
+    ],
+    ids=["delete", "replace"],
+)
+def test_s3_conditional_change_leaves_an_object_that_changed_after_it_was_read(
+    s3_server: str, s3_bucket: str, change: Callable[[S3Store], bool]
+) -> None:
+    # The bytes compared are the old ones: only S3's If-Match can keep the new object.
+    session = changed_after_read(s3_server, s3_bucket, "myapp/deploy.lock", b"theirs")
+    store = S3Store(s3_bucket, "myapp", session=session)
+    store.put("deploy.lock", b"mine")
+
+    assert change(store) is False
+    assert store.get("deploy.lock") == b"theirs"
+
+
+def test_s3_store_create_delete_and_replace_report_a_missing_bucket(s3_bucket: str) -> None:
     store = S3Store(f"{s3_bucket}-gone", "myapp")
 
     with pytest.raises(UpstreamFailed, match=r"S3 conditional put .* failed: NoSuchBucket"):
         store.create("deploy.lock", b"{}")
     with pytest.raises(UpstreamFailed, match=r"S3 conditional delete .* failed: NoSuchBucket"):
         store.delete("deploy.lock", b"{}")
+    with pytest.raises(UpstreamFailed, match=r"S3 conditional replace .* failed: NoSuchBucket"):
+        store.replace("deploy.lock", b"{}", b"{}")

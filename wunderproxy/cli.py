@@ -5,14 +5,16 @@ Options become a :class:`~wunderproxy.config.Config`; no logic lives here.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
@@ -32,10 +34,19 @@ from wunderproxy.config import (
 )
 from wunderproxy.deploylock import DEFAULT_LOCK_TTL, DeployLock, LockError
 from wunderproxy.errors import WunderproxyError
-from wunderproxy.fleetdeploy import DeployFailed, FleetDeploy, locked, rollback_target
+from wunderproxy.fleetdeploy import (
+    DeployFailed,
+    FleetDeploy,
+    abort_fleet,
+    locked,
+    rollback_target,
+)
 from wunderproxy.fleetview import fleet_status, history_table
-from wunderproxy.hosts import FleetError, Host, find_store, read_statuses
+from wunderproxy.hosts import FleetError, Host, find_store
 from wunderproxy.runtime import LoopChoice, run_event_loop
+
+if TYPE_CHECKING:
+    from wunderproxy.store import Store
 
 # A timeout: a positive number of seconds.
 _SECONDS = click.FloatRange(min=0, min_open=True)
@@ -83,7 +94,7 @@ def main() -> None:
     """Zero-downtime front door for a Docker app: a proxy and a deploy manager.
 
     `wunderproxy run` serves; `status`, `launch` and `switch` talk to a running one;
-    `upload`, `deploy`, `rollback` and `history` work on a whole fleet.
+    `upload`, `deploy`, `rollback`, `history` and `abort` work on a whole fleet.
     """
 
 
@@ -500,22 +511,28 @@ def switch(config_hash: str, api_url: str, api_token: str | None) -> None:
         click.echo(f"warning: {answer['warning']}", err=True)
 
 
+@main.command()
+@click.argument("config_hash", metavar="HASH")
+@hosts_option
+@token_option
+def abort(config_hash: str, host_urls: tuple[str, ...], api_token: str | None) -> None:
+    """Remove what a launch of HASH left on every host, where it does not serve.
+
+    Cancels a launch still under way and removes a launched container that was not
+    switched to; a line per host. A host with nothing of HASH is fine. Exits 1 naming
+    each host where the abort failed (where HASH serves: switch to another hash first).
+    """
+    hosts = _hosts_required(host_urls, api_token)
+    _fleet(lambda: abort_fleet(config_hash, hosts, click.echo))
+
+
 def _fleet_status(hosts: list[Host], as_json: bool) -> None:
-    if as_json:
-        outcomes = read_statuses(hosts)
-        documents = {
-            o.host.client.url: o.value if o.error is None else {"error": str(o.error)}
-            for o in outcomes
-        }
-        click.echo(json.dumps(documents, indent=2))
-        if any(o.error is not None for o in outcomes):
-            sys.exit(1)
-        return
     fleet = fleet_status(hosts)
-    click.echo(fleet.table)
+    # With --json, standard output is JSON alone: the problems go to standard error.
+    click.echo(json.dumps(fleet.documents, indent=2) if as_json else fleet.table)
     if fleet.problems:
         for problem in fleet.problems:
-            click.echo(problem)
+            click.echo(problem, err=as_json)
         sys.exit(1)
 
 
@@ -550,7 +567,8 @@ def lock_options(command: Callable[..., None]) -> Callable[..., None]:
         "--lock-ttl",
         type=_SECONDS,
         default=DEFAULT_LOCK_TTL,
-        help="Seconds the deploy lock holds if this deploy dies without releasing it.",
+        help="Seconds the deploy lock outlives this deploy if it dies without releasing it "
+        "(while it runs, it renews the lock every TTL/3).",
     )(command)
     return click.option(
         "--force",
@@ -560,51 +578,67 @@ def lock_options(command: Callable[..., None]) -> Callable[..., None]:
     )(command)
 
 
+@dataclass(frozen=True)
+class _Deploy:
+    """What the options of ``deploy`` and ``rollback`` say: which hosts, which store, and
+    how to treat the deploy lock."""
+
+    force: bool
+    lock_ttl: float
+    store: str | None
+    prefix: str | None
+    host_urls: tuple[str, ...]
+    api_token: str | None
+
+    def run(self, choose: Callable[[Store], str]) -> None:
+        """Take the lock, deploy the hash that ``choose`` picks (under the lock) from the
+        store, and print the result."""
+        hosts = _hosts_required(self.host_urls, self.api_token)
+        target = _fleet(lambda: find_store(self.store, self.prefix, hosts))
+        lock = DeployLock(target, deployer(), self.lock_ttl)
+
+        def work() -> str:
+            return FleetDeploy(hosts, _progress, lock=lock).run(choose(target))
+
+        click.echo(_fleet(lambda: locked(lock, self.force, _progress, work)))
+
+
+def deploy_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The lock, store, host and token options of a deploy, handed to ``command`` as one
+    ``fleet`` (a :class:`_Deploy`)."""
+
+    @functools.wraps(command)
+    def with_fleet(
+        *,
+        force: bool,
+        lock_ttl: float,
+        store: str | None,
+        prefix: str | None,
+        host_urls: tuple[str, ...],
+        api_token: str | None,
+        **rest: Any,
+    ) -> None:
+        command(fleet=_Deploy(force, lock_ttl, store, prefix, host_urls, api_token), **rest)
+
+    return lock_options(store_options(hosts_option(token_option(with_fleet))))
+
+
 @main.command()
 @click.argument("config_hash", metavar="HASH")
-@lock_options
-@store_options
-@hosts_option
-@token_option
-def deploy(
-    config_hash: str,
-    force: bool,
-    lock_ttl: float,
-    store: str | None,
-    prefix: str | None,
-    host_urls: tuple[str, ...],
-    api_token: str | None,
-) -> None:
+@deploy_options
+def deploy(config_hash: str, fleet: _Deploy) -> None:
     """Deploy HASH to every host: launch everywhere, then switch everywhere.
 
     The switches start only once every host's launch is healthy. A launch that fails
     anywhere switches nothing and removes the new containers; a switch that fails half-way
     switches the others back. One deploy at a time: the lock is deploy.lock in the store.
     """
-    hosts = _hosts_to_deploy(host_urls, api_token)
-    target = _fleet(lambda: find_store(store, prefix, hosts))
-    lock = DeployLock(target, deployer(), lock_ttl)
-    result = _fleet(
-        lambda: locked(
-            lock, force, _progress, lambda: FleetDeploy(hosts, _progress).run(config_hash)
-        )
-    )
-    click.echo(result)
+    fleet.run(lambda _: config_hash)
 
 
 @main.command()
-@lock_options
-@store_options
-@hosts_option
-@token_option
-def rollback(
-    force: bool,
-    lock_ttl: float,
-    store: str | None,
-    prefix: str | None,
-    host_urls: tuple[str, ...],
-    api_token: str | None,
-) -> None:
+@deploy_options
+def rollback(fleet: _Deploy) -> None:
     """Deploy the previous revision of the history to every host.
 
     The previous entry of history.json is the newest whose hash differs from the newest
@@ -612,20 +646,16 @@ def rollback(
     """
     from wunderproxy.store import read_history
 
-    hosts = _hosts_to_deploy(host_urls, api_token)
-    target = _fleet(lambda: find_store(store, prefix, hosts))
-    lock = DeployLock(target, deployer(), lock_ttl)
-
-    def roll_back() -> str:
+    def previous(target: Store) -> str:
         # Read under the lock: a deploy finishing meanwhile changes what "previous" is.
         entry = rollback_target(read_history(target), target.description)
         _progress(
             f"rolling back to revision {entry.get('Revision')} ({entry.get('Hash')}), "
             f"deployed at {entry.get('DeployedAt')} by {entry.get('DeployedBy')}"
         )
-        return FleetDeploy(hosts, _progress).run(entry.get("Hash", ""))
+        return entry.get("Hash", "")
 
-    click.echo(_fleet(lambda: locked(lock, force, _progress, roll_back)))
+    fleet.run(previous)
 
 
 @main.command()
@@ -652,10 +682,10 @@ def _hosts(urls: tuple[str, ...], token: str | None) -> list[Host]:
     return [Host(ManagerClient(url, token)) for url in urls]
 
 
-def _hosts_to_deploy(urls: tuple[str, ...], token: str | None) -> list[Host]:
+def _hosts_required(urls: tuple[str, ...], token: str | None) -> list[Host]:
     if not urls:
         raise click.UsageError(
-            "no hosts to deploy to: give --host API_URL for each host (repeatable), or "
+            "no hosts given: give --host API_URL for each host (repeatable), or "
             "WUNDERPROXY_HOSTS=URL,URL; for this host alone: --host http://127.0.0.1:8001"
         )
     return _hosts(urls, token)

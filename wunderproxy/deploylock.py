@@ -18,6 +18,13 @@ already share, so no other service is needed.
   deploys breaking the same stale lock, one wins.
 - After writing, the lock is read back and compared: on a store that ignores conditional
   writes, a deploy that was overwritten finds out before doing anything.
+- While the deploy runs, the lock is renewed every TTL/3 (:meth:`DeployLock.renewed`): its
+  expiry moves to TTL from now, written only if the lock still holds this deploy's bytes
+  (:meth:`~wunderproxy.store.Store.replace`). So a deploy that runs longer than the TTL
+  is not taken over while it lives, and one that dies stops renewing: its lock expires
+  TTL after its last renewal.
+- :meth:`DeployLock.check` tells a deploy, before it switches anything, whether the lock
+  is still its own.
 - Release removes the lock only if it is still this deploy's, and says so if it was not.
 
 Times are the deploy machine's clock in UTC: machines that deploy should keep it right.
@@ -25,15 +32,19 @@ Times are the deploy machine's clock in UTC: machines that deploy should keep it
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import secrets
 import socket
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from wunderproxy.errors import WunderproxyError
 from wunderproxy.timestamps import rfc3339
 
 if TYPE_CHECKING:
@@ -44,6 +55,9 @@ DEFAULT_LOCK_TTL = 900.0  # seconds: longer than any sane deploy, short enough t
 # A lock that changes between reading it and writing ours this often means deploys keep
 # starting at the same moment: give up and say so rather than loop.
 TAKE_ATTEMPTS = 3
+# Renewals in a TTL: the lock outlasts one failed renewal (the store briefly down) with a
+# third of its TTL to spare.
+RENEWALS_PER_TTL = 3
 
 
 class LockError(Exception):
@@ -137,6 +151,9 @@ class DeployLock:
         self._pid = os.getpid() if pid is None else pid
         self._clock = clock
         self._held: LockRecord | None = None
+        self._lost: str | None = None  # why the lock held is no longer ours, once found
+        # Serialises the renewal thread with acquire, check and release.
+        self._mutex = threading.Lock()
 
     @property
     def where(self) -> str:
@@ -164,7 +181,8 @@ class DeployLock:
                 broken = note
             if self._store.create(LOCK_KEY, mine.encode()):
                 self._check_written(mine)
-                self._held = mine
+                with self._mutex:
+                    self._held = mine
                 return Taken(mine, broken)
         raise LockError(
             f"{self.where} changed {TAKE_ATTEMPTS} times while this deploy tried to take it: "
@@ -174,16 +192,97 @@ class DeployLock:
     def release(self) -> None:
         """Remove the lock if it is still this deploy's; LockError if it was not (someone
         broke or took it meanwhile) or it could not be removed."""
-        held, self._held = self._held, None
-        if held is None:
-            return
-        if self._store.delete(LOCK_KEY, held.encode()):
-            return
+        with self._mutex:
+            held, self._held = self._held, None
+            if held is None or self._store.delete(LOCK_KEY, held.encode()):
+                return
         raise LockError(
             f"{self.where} was no longer this deploy's when it ended (broken with --force "
             f"or taken over after it expired at {rfc3339(held.expires_at)}): another deploy "
             "may have run at the same time; check `wunderproxy status` on every host"
         )
+
+    def check(self) -> None:
+        """LockError saying who holds the lock now when it is no longer this deploy's,
+        or when the store cannot tell; from then on this deploy holds nothing."""
+        with self._mutex:
+            held = self._held
+            if held is None:
+                raise LockError(self._lost or f"this deploy does not hold {self.where}")
+            try:
+                raw = self._store.get(LOCK_KEY)
+            except WunderproxyError as error:
+                raise LockError(
+                    f"cannot read {self.where} to check that it is still this deploy's: {error}"
+                ) from error
+            if raw != held.encode():
+                raise LockError(self._lose(held, raw))
+
+    def renew(self) -> None:
+        """Move the lock's expiry to TTL from now, if it is still this deploy's; LockError
+        saying who holds it now if it is not (from then on this deploy holds nothing)."""
+        with self._mutex:
+            held = self._held
+            if held is None:
+                return
+            renewed = dataclasses.replace(
+                held, expires_at=self._clock() + timedelta(seconds=self._ttl)
+            )
+            replaced = self._store.replace(LOCK_KEY, held.encode(), renewed.encode())
+            # Read back on a refusal: a renewal that went through but whose answer was lost
+            # is refused when retried, and is still this deploy's.
+            raw = None if replaced else self._store.get(LOCK_KEY)
+            if not (replaced or raw == renewed.encode()):
+                raise LockError(self._lose(held, raw))
+            self._held = renewed
+
+    def _lose(self, held: LockRecord, raw: bytes | None) -> str:
+        """Hold nothing from now on, and say why: ``raw`` (what the lock holds now) is not
+        the deploy's ``held``. Called with the mutex held."""
+        if raw is None:
+            now = "someone removed it"
+        else:
+            try:
+                now = f"it is held by {LockRecord.decode(raw).describe()}"
+            except ValueError:
+                now = "it holds something that is not a lock"
+        self._held = None
+        self._lost = (
+            f"{self.where} is no longer this deploy's: {now} (broken with --force, or taken "
+            f"over after this deploy's expired at {rfc3339(held.expires_at)}); another "
+            "deploy may be running"
+        )
+        return self._lost
+
+    @contextlib.contextmanager
+    def renewed(self, warn: Callable[[str], None]) -> Iterator[None]:
+        """Renew the lock every TTL/3 while the block runs, from a thread of its own;
+        what goes wrong is told to ``warn``."""
+        stop = threading.Event()
+        # A daemon, and not joined: a renewal blocked on a store that does not answer must
+        # not hold up the end of the deploy. Once the block ends, a renewal still under way
+        # is either done before the release (the mutex) or finds nothing to renew.
+        threading.Thread(
+            target=self._keep_renewing, args=(stop, warn), name="deploy lock", daemon=True
+        ).start()
+        try:
+            yield
+        finally:
+            stop.set()
+
+    def _keep_renewing(self, stop: threading.Event, warn: Callable[[str], None]) -> None:
+        interval = self._ttl / RENEWALS_PER_TTL
+        while not stop.wait(interval):
+            try:
+                self.renew()
+            except LockError as error:
+                warn(f"warning: {error}")
+                return
+            except WunderproxyError as error:
+                warn(
+                    f"warning: could not renew {self.where}: {error}; trying again in "
+                    f"{_duration(interval)}"
+                )
 
     def _breakable(self, raw: bytes, now: datetime, force: bool) -> str:
         """What breaking the lock in ``raw`` means, for the operator; LockError when it

@@ -12,8 +12,13 @@ is launched again if it was already stopped), and the command says which host fa
 which were switched back. Ctrl-C does the same: before the switch it aborts the launches,
 during it it switches back.
 
+Where an abort fails too (the host does not answer), the message names the host and the
+command that cleans up once it answers: :func:`abort_fleet` (``wunderproxy abort HASH``).
+
 The whole deploy runs under the fleet's deploy lock (:mod:`wunderproxy.deploylock`),
-released on success, failure and Ctrl-C.
+renewed while it runs and released on success, failure and Ctrl-C. Before any switch the
+deploy checks that the lock is still its own: if another deploy broke or took it, that
+deploy may be switching the same hosts, so this one aborts its launches and stops.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, NoReturn
@@ -51,13 +56,18 @@ class DeployFailed(FleetError):
 
 
 def locked(lock: DeployLock, force: bool, progress: Progress, work: Callable[[], str]) -> str:
-    """Run ``work`` holding the deploy lock; release it however ``work`` ends."""
+    """Run ``work`` holding the deploy lock, renewed while it runs; release it however
+    ``work`` ends."""
     taken = lock.acquire(force)
     if taken.broken is not None:
         progress(taken.broken)
-    progress(f"took {lock.where}, until {rfc3339(taken.record.expires_at)}")
+    progress(
+        f"took {lock.where}, until {rfc3339(taken.record.expires_at)} (renewed while this "
+        "deploy runs)"
+    )
     try:
-        return work()
+        with lock.renewed(progress):
+            return work()
     finally:
         try:
             lock.release()
@@ -97,28 +107,30 @@ class FleetDeploy:
         hosts: Sequence[Host],
         progress: Progress,
         waiting_note_interval: float = WAITING_NOTE_INTERVAL,
+        lock: DeployLock | None = None,
     ) -> None:
+        """``lock``: the deploy lock this deploy holds, checked before anything is
+        switched."""
         if not hosts:
             raise FleetError("no hosts to deploy to: give --host API_URL (or WUNDERPROXY_HOSTS)")
         self._hosts = list(hosts)
         self._progress = progress
         self._note_interval = waiting_note_interval
+        self._lock = lock
         self._before: dict[Host, Served] = {}
 
     def run(self, raw_hash: str) -> str:
         """Launch everywhere, then switch everywhere; the result line, or DeployFailed."""
-        try:
-            config_hash = parse_hash(raw_hash)
-        except WunderproxyError as error:
-            raise FleetError(str(error)) from error
+        config_hash = _parsed(raw_hash)
         self._read_what_hosts_serve()
         launched = self._launch_everywhere(config_hash)
+        self._check_lock(config_hash)
         self._switch_everywhere(config_hash)
         revisions = sorted({str(answer.get("revision")) for answer in launched.values()})
         names = ", ".join(host.name for host in self._hosts)
         return (
             f"deployed revision {', '.join(revisions)} ({config_hash}) to "
-            f"{len(self._hosts)} host{'s' if len(self._hosts) != 1 else ''}: {names}"
+            f"{_hosts(len(self._hosts))}: {names}"
         )
 
     # -- before: what each host serves ------------------------------------------------
@@ -168,12 +180,10 @@ class FleetDeploy:
                     self._progress(f"{outcome.host.name}: healthy: {_container_facts(answer)}")
         except KeyboardInterrupt:
             self._progress("interrupted: aborting the launches; nothing was switched")
-            self._abort(config_hash, self._hosts)
-            raise DeployFailed(
-                f"interrupted before any switch; {config_hash} was aborted on every host, "
-                "which all serve what they served before",
-                EXIT_INTERRUPTED,
-            ) from None
+            _, left = self._abort_launches(config_hash, launches)
+            _stopped_before_switching(
+                "interrupted before any switch", config_hash, left, EXIT_INTERRUPTED
+            )
         if failed:
             self._fail_launch(config_hash, launches, failed)
         return healthy
@@ -189,46 +199,64 @@ class FleetDeploy:
         if launches.pending:
             waiting = ", ".join(host.name for host in launches.pending)
             self._progress(f"cancelling the launches still waiting on {waiting}")
-        # Also on the failed hosts: harmless (404), and it removes a container whose
-        # launch failed only on the way back to us (a timeout, a dropped connection).
-        self._abort(config_hash, self._hosts)
+        rest, left = self._abort_launches(config_hash, launches)
         cancelled = []
-        late_healthy = []
-        for outcome in launches.all():  # cancelled ones answer at once (409, aborted)
+        for outcome in rest:
             if outcome.error is None:
-                late_healthy.append(outcome.host)  # healthy just after its abort passed
-            elif outcome.error.status == 409:
+                continue  # healthy just after its abort passed, and aborted again
+            if outcome.error.status == 409:
                 cancelled.append(outcome.host.name)
             else:
                 failed.append(outcome)
                 self._progress(f"{outcome.host.name}: failed: {outcome.error}")
-        if late_healthy:
-            self._abort(config_hash, late_healthy)
         failed.sort(key=lambda o: self._hosts.index(o.host))
         lines = [f"  {o.host.name}: {o.error}" for o in failed]
         if cancelled:
             lines.append(f"  (cancelled while waiting: {', '.join(cancelled)})")
+        removed = (
+            ", but the new containers could not all be removed"
+            if left
+            else " and the new containers were removed"
+        )
         raise DeployFailed(
-            f"launch of {config_hash} failed on {len(failed)} of {len(self._hosts)} hosts; "
-            "nothing was switched anywhere and the new containers were removed:\n"
-            + "\n".join(lines)
+            f"launch of {config_hash} failed on {len(failed)} of {_hosts(len(self._hosts))}; "
+            f"nothing was switched anywhere{removed}:\n"
+            + "\n".join(lines + _left_behind(config_hash, left))
         )
 
-    def _abort(self, config_hash: str, hosts: Sequence[Host]) -> dict[Host, ClientError | None]:
-        """``POST /abort`` on ``hosts``; the error of each host where it failed, else None.
-        404 (nothing of it there) counts as done."""
-        results: dict[Host, ClientError | None] = {}
-        for outcome in FanOut(hosts, lambda host: host.client.abort(config_hash)).all():
-            error = outcome.error
-            if error is not None and error.status == 404:
-                self._progress(f"{outcome.host.name}: nothing of {config_hash} to remove")
-                error = None
-            elif error is not None:
-                self._progress(f"{outcome.host.name}: abort failed: {error}")
-            else:
-                self._progress(f"{outcome.host.name}: {(outcome.value or {}).get('message')}")
-            results[outcome.host] = error
-        return results
+    def _abort_launches(
+        self, config_hash: str, launches: FanOut[dict[str, Any]]
+    ) -> tuple[list[Outcome[dict[str, Any]]], dict[Host, ClientError]]:
+        """Abort ``config_hash`` on every host and wait for the launches still under way
+        (the abort cancels them, so they answer at once); a launch that ended healthy just
+        after its abort passed is aborted again. The outcomes of those launches, and the
+        hosts where the new container may still be, with the abort's error."""
+        # Also on the failed hosts: harmless (404), and it removes a container whose
+        # launch failed only on the way back to us (a timeout, a dropped connection).
+        aborted = abort_everywhere(config_hash, self._hosts, self._progress)
+        # A launch whose abort failed is not waited for: its host may not answer for
+        # minutes, and it is named as one that may keep the new container anyway.
+        rest = launches.all(not_waiting_for=_failed(aborted))
+        late_healthy = [outcome.host for outcome in rest if outcome.error is None]
+        if late_healthy:
+            aborted.update(abort_everywhere(config_hash, late_healthy, self._progress))
+        return rest, _failed(aborted)
+
+    # -- between the phases: is the lock still ours? ---------------------------------------
+
+    def _check_lock(self, config_hash: str) -> None:
+        """Switch nothing unless the deploy lock is still this deploy's: another deploy
+        that took it may be switching the same hosts. If it is not, abort everywhere."""
+        if self._lock is None:
+            return
+        try:
+            self._lock.check()
+        except LockError as error:
+            self._progress("stopping before any switch: aborting the launches")
+            aborted = abort_everywhere(config_hash, self._hosts, self._progress)
+            _stopped_before_switching(
+                f"stopped before any switch: {error}", config_hash, _failed(aborted)
+            )
 
     # -- phase 2: switch ----------------------------------------------------------------
 
@@ -263,19 +291,40 @@ class FleetDeploy:
             lines.append("  interrupted (Ctrl-C) while switching")
         # A switch that failed on the way back to us may have happened: /abort finds out
         # (409: it serves the new hash), and otherwise removes the launched container.
-        aborted = self._abort(config_hash, [o.host for o in failed])
-        switched += [h for h, e in aborted.items() if e is not None and e.status == 409]
+        # Any other error of the abort leaves the host's state unknown.
+        aborted = abort_everywhere(config_hash, [o.host for o in failed], self._progress)
+        unknown: dict[Host, ClientError] = {}
+        for host, error in _failed(aborted).items():
+            if error.status == 409:
+                switched.append(host)
+            else:
+                unknown[host] = error
         back, stuck = self._switch_back(config_hash, switched)
         if back:
             lines.append("switched back to what they served before: " + ", ".join(back))
         if stuck:
             lines.append("could NOT be switched back, still serving the new hash:")
             lines += [f"  {line}" for line in stuck]
-        lines.append(
-            "the fleet serves what it served before"
-            if not stuck
-            else "the fleet serves mixed revisions: fix the hosts above, then deploy again"
-        )
+        if unknown:
+            lines.append(
+                "serving UNKNOWN: their switch may have happened, and the abort that would "
+                "tell failed too:"
+            )
+            lines += [f"  {host.name}: {error}" for host, error in unknown.items()]
+        if stuck or unknown:
+            lines.append(
+                f"the fleet {'serves' if stuck else 'may serve'} mixed revisions: see what "
+                f"each host serves with `wunderproxy status {_host_options(self._hosts)}`, "
+                "then deploy again the hash you want"
+                + (
+                    f"; `wunderproxy abort {config_hash} {_host_options(unknown)}` removes "
+                    "the new container where it does not serve"
+                    if unknown
+                    else ""
+                )
+            )
+        else:
+            lines.append("the fleet serves what it served before")
         what = "interrupted" if interrupted and not failed else "failed"
         raise DeployFailed(
             f"switch to {config_hash} {what}:\n" + "\n".join(lines),
@@ -323,6 +372,94 @@ class FleetDeploy:
         return host.client.switch(before)
 
 
+def abort_everywhere(
+    config_hash: str, hosts: Sequence[Host], progress: Progress
+) -> dict[Host, ClientError | None]:
+    """``POST /abort`` of ``config_hash`` on every host at once, a progress line for each
+    as it answers; by host, in the order given, the error where it failed, else None.
+    404 (nothing of it there) counts as done: nothing of it runs there."""
+    results: dict[Host, ClientError | None] = {}
+    for outcome in FanOut(hosts, lambda host: host.client.abort(config_hash)).all():
+        error = outcome.error
+        if error is not None and error.status == 404:
+            progress(f"{outcome.host.name}: nothing of {config_hash} to remove")
+            error = None
+        elif error is not None:
+            progress(f"{outcome.host.name}: abort failed: {error}")
+        else:
+            progress(f"{outcome.host.name}: {(outcome.value or {}).get('message')}")
+        results[outcome.host] = error
+    return {host: results[host] for host in hosts}
+
+
+def _failed(aborted: dict[Host, ClientError | None]) -> dict[Host, ClientError]:
+    """The hosts where an abort failed, with its error."""
+    return {host: error for host, error in aborted.items() if error is not None}
+
+
+def abort_fleet(raw_hash: str, hosts: Sequence[Host], report: Progress) -> None:
+    """``POST /abort`` of a hash on every host, a line for each (``report``); FleetError
+    naming the hosts where it failed and what to do there."""
+    config_hash = _parsed(raw_hash)
+    failed = _failed(abort_everywhere(config_hash, hosts, report))
+    if not failed:
+        return
+    lines = [f"abort of {config_hash} failed on {len(failed)} of {_hosts(len(hosts))}:"]
+    for host, error in failed.items():
+        lines.append(f"  {host.name}: {error}")
+        if error.status == 409:
+            lines.append(
+                f"    it serves there: switch {host.client.url} to another hash first, "
+                "which drains and removes its container"
+            )
+    if any(error.status is None for error in failed.values()):
+        lines.append("run the abort again once the hosts that did not answer do")
+    raise FleetError("\n".join(lines))
+
+
+def _parsed(raw_hash: str) -> str:
+    """The config hash in ``raw_hash``; FleetError saying what is wrong with it."""
+    try:
+        return parse_hash(raw_hash)
+    except WunderproxyError as error:
+        raise FleetError(str(error)) from error
+
+
+def _stopped_before_switching(
+    why: str, config_hash: str, left: dict[Host, ClientError], exit_code: int = 1
+) -> NoReturn:
+    """DeployFailed for a deploy that ``why`` stopped after its launches were aborted,
+    naming the hosts in ``left`` where the abort failed."""
+    if not left:
+        raise DeployFailed(
+            f"{why}; {config_hash} was aborted on every host, which all serve what they "
+            "served before",
+            exit_code,
+        ) from None
+    raise DeployFailed(
+        f"{why}; every host serves what it served before, but {config_hash} could not be "
+        "aborted everywhere:\n" + "\n".join(_left_behind(config_hash, left)),
+        exit_code,
+    ) from None
+
+
+def _left_behind(config_hash: str, left: dict[Host, ClientError]) -> list[str]:
+    """Lines naming each host where the new container may still be (its abort failed),
+    and the command that removes it; none when every abort went through."""
+    if not left:
+        return []
+    return [
+        "the new container may still be on these hosts, whose abort failed:",
+        *(f"  {host.name}: {error}" for host, error in left.items()),
+        f"remove it with `wunderproxy abort {config_hash} {_host_options(left)}` once they answer",
+    ]
+
+
+def _host_options(hosts: Iterable[Host]) -> str:
+    """``--host URL`` for each host, as a command names them."""
+    return " ".join(f"--host {host.client.url}" for host in hosts)
+
+
 @contextlib.contextmanager
 def _ctrl_c_deferred(progress: Progress) -> Iterator[threading.Event]:
     """Within the block, a first Ctrl-C only sets the event it yields; a second one
@@ -344,6 +481,11 @@ def _ctrl_c_deferred(progress: Progress) -> Iterator[threading.Event]:
         yield interrupted
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _hosts(count: int) -> str:
+    """``1 host``, ``3 hosts``."""
+    return f"{count} host{'s' if count != 1 else ''}"
 
 
 def _container_facts(answer: dict[str, Any]) -> str:

@@ -14,18 +14,25 @@ NONE = "-"  # a cell with nothing to show
 
 @dataclass(frozen=True)
 class FleetStatus:
-    """The status table, and what is wrong with the fleet (empty when nothing is)."""
+    """The status table, every host's ``/status`` document by URL (``{"error": ...}`` for
+    a host that could not be read), and what is wrong with the fleet (empty when nothing
+    is)."""
 
     table: str
+    documents: dict[str, Any]
     problems: list[str]
 
 
 def fleet_status(hosts: Sequence[Host]) -> FleetStatus:
     """Ask every host at once; a row per host, in the order given."""
     rows: list[list[str]] = []
+    documents: dict[str, Any] = {}
     unreachable: list[str] = []
     serving: dict[str, list[str]] = {}
     for outcome in read_statuses(hosts):
+        documents[outcome.host.client.url] = (
+            outcome.value if outcome.error is None else {"error": str(outcome.error)}
+        )
         row = _row(outcome)
         rows.append(row)
         if len(row) == 2:
@@ -41,7 +48,7 @@ def fleet_status(hosts: Sequence[Host]) -> FleetStatus:
     if unreachable:
         problems.append(f"not reached: {', '.join(unreachable)}")
     headers = ["HOST", "INSTANCE", "REVISION", "CONTAINER", "REQUESTS", "FALLBACK S/R", "DOCKER"]
-    return FleetStatus(format_table(headers, rows), problems)
+    return FleetStatus(format_table(headers, rows), documents, problems)
 
 
 def _row(outcome: Outcome[dict[str, Any]]) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -87,10 +87,11 @@ class FanOut(Generic[T]):
         self.pending.remove(outcome.host)
         return outcome
 
-    def all(self) -> list[Outcome[T]]:
-        """Every outcome still to come, in the order they came."""
+    def all(self, not_waiting_for: Collection[Host] = ()) -> list[Outcome[T]]:
+        """Every outcome still to come, in the order they came; once only hosts in
+        ``not_waiting_for`` are pending, without waiting for theirs."""
         outcomes = []
-        while self.pending:
+        while any(host not in not_waiting_for for host in self.pending):
             outcome = self.next()
             if outcome is not None:
                 outcomes.append(outcome)

@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -76,6 +76,12 @@ class Store(Protocol):
         someone else took meanwhile."""
         ...
 
+    def replace(self, key: str, expected: bytes, data: bytes) -> bool:
+        """Store ``data`` under ``key`` only if it holds exactly ``expected``; False if it
+        held anything else or nothing. A lock is renewed with it, never overwriting one
+        that someone else took meanwhile."""
+        ...
+
 
 class S3Store:
     """Keys in an S3 bucket (or any S3-compatible server named by AWS_ENDPOINT_URL)."""
@@ -88,7 +94,10 @@ class S3Store:
         max_attempts: int = DEFAULT_S3_MAX_ATTEMPTS,
         connect_timeout: float = DEFAULT_S3_CONNECT_TIMEOUT,
         read_timeout: float = DEFAULT_S3_READ_TIMEOUT,
+        session: boto3.session.Session | None = None,
     ) -> None:
+        """``session`` is the boto3 session the client is made from (default: a new one);
+        botocore event handlers registered on it apply to every call of the store."""
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.description = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
@@ -98,6 +107,7 @@ class S3Store:
             read_timeout=read_timeout,
         )
         self._client: S3Client | None = None
+        self._session = session
         self._lock = threading.Lock()
 
     def get(self, key: str) -> bytes | None:
@@ -139,26 +149,61 @@ class S3Store:
     def delete(self, key: str, expected: bytes) -> bool:
         """Read the object and its ETag, then delete it only if the ETag still matches
         (``If-Match``): what was compared is what is deleted."""
+        return self._if_unchanged(
+            "conditional delete",
+            key,
+            expected,
+            lambda client, etag: client.delete_object(
+                Bucket=self.bucket, Key=self._key(key), IfMatch=etag
+            ),
+        )
+
+    def replace(self, key: str, expected: bytes, data: bytes) -> bool:
+        """Read the object and its ETag, then write ``data`` only if the ETag still
+        matches (``PutObject`` with ``If-Match``): what was compared is what is replaced."""
+        return self._if_unchanged(
+            "conditional replace",
+            key,
+            expected,
+            lambda client, etag: client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, IfMatch=etag
+            ),
+        )
+
+    def _if_unchanged(
+        self, action: str, key: str, expected: bytes, change: Callable[[S3Client, str], object]
+    ) -> bool:
+        """``change(client, etag)`` if ``key`` holds ``expected``: True once done, False
+        when it held anything else or nothing, or changed after it was read. ``change``
+        must have S3 check that the object still has the ETag read with it."""
         try:
             client = self._connect()
             response = client.get_object(Bucket=self.bucket, Key=self._key(key))
             if response["Body"].read() != expected:
                 return False
-            client.delete_object(Bucket=self.bucket, Key=self._key(key), IfMatch=response["ETag"])
+            change(client, response["ETag"])
         except ClientError as error:
-            if _error_code(error) in {"NoSuchKey", "404", "PreconditionFailed"}:
+            # Gone (404, also a conditional put's), changed since it was read (412), or
+            # another conditional write to it under way (409): not what was compared.
+            if _error_code(error) in {
+                "NoSuchKey",
+                "404",
+                "PreconditionFailed",
+                "ConditionalRequestConflict",
+            }:
                 return False
-            raise self._failed("conditional delete", key, error) from error
+            raise self._failed(action, key, error) from error
         except BotoCoreError as error:
-            raise self._failed("conditional delete", key, error) from error
+            raise self._failed(action, key, error) from error
         return True
 
     def _connect(self) -> S3Client:
         # One client for the store's life: clients are thread-safe, sessions are not, so the
-        # client is made once under a lock from a session of its own.
+        # client is made once under a lock (from a new session unless one was given).
         with self._lock:
             if self._client is None:
-                self._client = boto3.session.Session().client("s3", config=self._config)
+                session = self._session or boto3.session.Session()
+                self._client = session.client("s3", config=self._config)
             return self._client
 
     def _key(self, key: str) -> str:
@@ -248,17 +293,27 @@ class FileStore:
 
     def delete(self, key: str, expected: bytes) -> bool:
         """Compare and remove while holding the directory's lock, which :meth:`create`
-        takes too: no other writer can slip in between."""
+        and :meth:`replace` take too: no other writer can slip in between."""
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with self._exclusive(path.parent):
-                try:
-                    if path.read_bytes() != expected:
-                        return False
-                except FileNotFoundError:
+                if not _holds(path, expected):
                     return False
                 path.unlink()
+        except OSError as error:
+            raise _write_failed(path, error) from error
+        return True
+
+    def replace(self, key: str, expected: bytes, data: bytes) -> bool:
+        """Compare, then rename a complete temp file over the name, while holding the
+        directory's lock as :meth:`delete` does."""
+        path = self._path(key)
+        try:
+            with self._written(path, data) as temp, self._exclusive(path.parent):
+                if not _holds(path, expected):
+                    return False
+                os.replace(temp, path)
         except OSError as error:
             raise _write_failed(path, error) from error
         return True
@@ -298,6 +353,14 @@ class FileStore:
         if not key or key.startswith("/") or ".." in Path(key).parts:
             raise ValueError(f"store key {key!r} must be a relative path inside the store")
         return self.root / key
+
+
+def _holds(path: Path, expected: bytes) -> bool:
+    """Whether the file at ``path`` holds exactly ``expected`` (False when absent)."""
+    try:
+        return path.read_bytes() == expected
+    except FileNotFoundError:
+        return False
 
 
 def _write_failed(path: Path, error: OSError) -> UpstreamFailed:

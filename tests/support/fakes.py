@@ -59,6 +59,15 @@ class MemoryStore:
             del self.objects[key]
             return True
 
+    def replace(self, key: str, expected: bytes, data: bytes) -> bool:
+        with self._lock:
+            self._check_put(key)
+            if self.objects.get(key) != expected:
+                return False
+            self.puts.append(key)
+            self.objects[key] = bytes(data)
+            return True
+
     def _check_put(self, key: str) -> None:
         if self.fail_puts is not None:
             raise UpstreamFailed(f"put {key} in {self.description} failed: {self.fail_puts}")

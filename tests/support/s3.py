@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import uuid
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import boto3
 import pytest
@@ -65,6 +66,24 @@ def s3_client(endpoint: str) -> S3Client:
         aws_secret_access_key=SECRET_KEY,
         region_name=REGION,
     )
+
+
+def changed_after_read(endpoint: str, bucket: str, key: str, new: bytes) -> boto3.session.Session:
+    """A session whose client, right after its first ``GetObject``, sees another writer
+    replace the object ``key`` (prefix included) with ``new``: the change that a
+    conditional write or delete following the read must notice."""
+    session = boto3.session.Session()
+    other = s3_client(endpoint)
+    done = threading.Event()
+
+    def change(**_: Any) -> None:
+        if done.is_set():
+            return
+        done.set()
+        other.put_object(Bucket=bucket, Key=key, Body=new)
+
+    session.events.register("after-call.s3.GetObject", change)
+    return session
 
 
 def create_bucket(purpose: str = "") -> str:
