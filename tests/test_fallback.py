@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,9 @@ def peer_url(proxy: Proxy) -> str:
 def test_a_mark_is_valid_only_for_its_instance_request_line_and_secret() -> None:
     head = b"GET /cart?id=3 HTTP/1.1\r\nHost: shop\r\n\r\n"
     marked = fleet_of("web-1").marked(head)
-    mark = marked.split(b"\r\n")[-3]
+    mark, nonce = marked.split(b"\r\n")[-4:-2]
+    assert re.fullmatch(rb"X-Wunderproxy-Nonce: [0-9a-f]{32}", nonce)
+    assert fleet_of("web-1").marked(head) != marked, "a nonce of its own for each request"
     assert (
         mark == b"X-Wunderproxy-Fallback: " + mark_of("web-1", "GET /cart?id=3 HTTP/1.1").encode()
     )
@@ -287,15 +290,24 @@ async def test_a_peer_without_a_container_says_so_and_the_next_peer_serves(
 
 
 def test_only_the_peers_own_signed_unserved_field_lets_a_request_go_again() -> None:
-    """An app behind the peer does not know the secret: its 502 cannot pass for the peer's."""
-    head = b"GET /cart HTTP/1.1\r\nHost: shop\r\n\r\n"
+    """An app behind the peer does not know the secret: its 502 cannot pass for the peer's,
+    and one it saw before (a client may be shown one) is worth nothing for another request."""
     peer, sender = fleet_of("web-2"), fleet_of("web-1")
+    head = sender.marked(b"POST /pay HTTP/1.1\r\nHost: shop\r\n\r\n")
     answer = b"HTTP/1.1 502 Bad Gateway\r\n" + peer.unserved(head) + b"\r\n"
     assert sender.is_unserved(answer, head)
     assert not sender.is_unserved(answer.replace(b"502", b"503", 1), head)
-    assert not sender.is_unserved(answer, head.replace(b"/cart", b"/cart2"))
+    assert not sender.is_unserved(answer, head.replace(b"/pay", b"/pay2"))
+    again = sender.marked(b"POST /pay HTTP/1.1\r\nHost: shop\r\n\r\n")
+    assert not sender.is_unserved(answer, again), "the same request line, another nonce"
     forged = Fallback(Fleet(instance="app", secret=b"guessed")).unserved(head)
     assert not sender.is_unserved(b"HTTP/1.1 502 Bad Gateway\r\n" + forged + b"\r\n", head)
+    in_body = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 200\r\n\r\n" + peer.unserved(head)
+    assert not sender.is_unserved(in_body, head), "only the head counts"
+    assert peer.unserved(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n") == b"", "no nonce, no field"
+    # A client's own nonce is not the one signed: the proxy puts its own in place of it.
+    chosen = b"GET / HTTP/1.1\r\nX-Wunderproxy-Nonce: " + b"0" * 32 + b"\r\n\r\n"
+    assert b"0" * 32 not in sender.marked(chosen)
 
 
 async def test_a_valid_mark_is_passed_on_to_the_container(there: Proxy, green: Backend) -> None:
@@ -469,3 +481,37 @@ def test_peers_from_the_environment_are_comma_separated_urls() -> None:
         ("http://b:80", "b", 80),
     ]
     assert Peer.parse("http://[::1]:81").url == "http://[::1]:81"
+
+
+async def test_a_container_docker_said_died_gets_no_new_request_even_without_peers(
+    proxy: Proxy, silent: int
+) -> None:
+    container = make_container(silent, "rev7", HEALTH)
+    container.died = container.down = True  # as Controller._container_died leaves it
+    proxy.serve(container)
+    client = await proxy.connect()
+    status, _, body = await asyncio.wait_for(client.request("GET", "/a"), 5)
+    assert (status, body) == (502, b"the app container is unreachable\n")
+    assert not container.links, "not even tried"
+
+
+async def test_a_peers_request_to_a_container_dying_as_it_connects_gets_the_unserved_answer(
+    there: Proxy, silent: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    container = make_container(silent, "rev7", HEALTH)
+    there.serve(container)
+    loop = asyncio.get_running_loop()
+    connect = loop.create_connection
+
+    async def dies_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        connected = await connect(*args, **kwargs)
+        container.died = True
+        return connected
+
+    monkeypatch.setattr(loop, "create_connection", dies_meanwhile)
+    sender = fleet_of("web-1")
+    head = sender.marked(b"POST /pay HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n")
+    client = await there.connect()
+    client.send_raw(head + b"hi")
+    answer = await client.read_until(b"no container\n")
+    assert sender.is_unserved(answer, head), "no app saw it: the sender may try another peer"

@@ -587,10 +587,11 @@ class Controller:
             container_id,
             detail=f"exit code {exit_code}" if exit_code is not None else "",
         )
+        container.died = True
         if fallback is not None and fallback.peers:
             fallback.mark_down(container, container.config.health_check_path)
         else:
-            container.down = True  # nothing is sent to it again on a dropped connection
+            container.down = True
         container.close_links(idle_only=False)
 
     async def _read_history(self) -> None:

@@ -95,6 +95,8 @@ class DeathWatch:
                 if self._stopping.is_set():
                     return
                 if not lost:
+                    # Asked again, once followed again, from a little before it was lost.
+                    since = int(time.time()) - LOST_EVENTS_MARGIN
                     log.warning(
                         "cannot follow the Docker engine's container events (%s): a container "
                         "that dies is noticed only when a request finds it gone; retrying "
@@ -103,6 +105,6 @@ class DeathWatch:
                         RECONNECT_INTERVAL,
                     )
                     lost = True
-            # Asked again from a little before the stream was lost: the deaths meanwhile.
-            since = int(time.time()) - LOST_EVENTS_MARGIN
+            else:  # the engine ended the stream: ask again from a little before
+                since = int(time.time()) - LOST_EVENTS_MARGIN
             self._stopping.wait(RECONNECT_INTERVAL)

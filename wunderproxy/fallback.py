@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import logging
 import re
+import secrets
 import time
 from collections import Counter
 from typing import Any
@@ -35,6 +36,8 @@ log = logging.getLogger("wunderproxy.fallback")
 
 HEADER = b"X-Wunderproxy-Fallback"
 UNSERVED = b"X-Wunderproxy-Unserved"
+NONCE = b"X-Wunderproxy-Nonce"
+NONCE_BYTES = 16
 # Seconds between two health probes of a container that refused a connection; requests
 # that may fall back skip it meanwhile.
 PROBE_INTERVAL = 1.0
@@ -42,6 +45,8 @@ PROBE_TIMEOUT = 2.0
 # Seconds between two warnings of requests whose mark does not verify.
 UNVERIFIED_WARNING_INTERVAL = 60.0
 
+_ANY_NONCE_LINE = re.compile(rb"\r\n" + NONCE + rb":[^\r]*", re.IGNORECASE)
+_NONCE_LINE = re.compile(rb"\r\n" + NONCE + rb": ([0-9a-f]{32})\r\n", re.IGNORECASE)
 _MARK_LINE = re.compile(rb"\r\n" + FALLBACK_FIELD.encode() + rb":[^\r]*", re.IGNORECASE)
 
 
@@ -111,15 +116,26 @@ class Fallback:
 
     def unserved(self, head: bytes) -> bytes:
         """The field that tells the sender of a marked request that no container took it
-        here: its 502 is this proxy's own, so the request may go to another peer. Signed,
-        so that an app behind the peer cannot make the sender send a request twice."""
-        signature = hmac.new(self._secret, b"unserved " + request_line(head), hashlib.sha256)
-        return UNSERVED + b": " + signature.hexdigest().encode() + b"\r\n"
+        here: its 502 is this proxy's own, so the request may go to another peer.
+
+        Signed over the nonce the sender put on this one request: an app behind the peer
+        cannot make one up, and one seen before (a client may be shown it) is worth nothing
+        for another request. Empty for a request without a nonce.
+        """
+        nonce = _NONCE_LINE.search(head)
+        if nonce is None:
+            return b""
+        signed = b"unserved\0" + nonce.group(1) + b"\0" + request_line(head)
+        signature = hmac.new(self._secret, signed, hashlib.sha256).hexdigest()
+        return UNSERVED + b": " + signature.encode() + b"\r\n"
 
     def is_unserved(self, answer: bytes, head: bytes) -> bool:
-        """True when ``answer`` (its first bytes) is a peer's 502 for ``head`` that says no
-        container took the request there."""
-        return answer.startswith(b"HTTP/1.1 502 ") and self.unserved(head) in answer
+        """True when ``answer`` (its first bytes) is a peer's 502 for ``head`` (as sent,
+        nonce included) that says no container took the request there."""
+        if not answer.startswith(b"HTTP/1.1 502 "):
+            return False
+        field = self.unserved(head)
+        return bool(field) and field in answer[: answer.find(b"\r\n\r\n") + 2]
 
     def unverified(self, client: str) -> None:
         """A request came with a mark this host cannot verify: count it, and say so (at most
@@ -138,9 +154,12 @@ class Fallback:
         )
 
     def marked(self, head: bytes) -> bytes:
-        """``head`` with this instance's mark added, to send to a peer."""
+        """``head`` with this instance's mark added, to send to a peer, and a nonce of its
+        own for the peer's answer that it did not serve it (see :meth:`unserved`)."""
         value = self._name + b" " + self.signature(self._name, request_line(head)).encode()
-        return head[:-2] + HEADER + b": " + value + b"\r\n\r\n"
+        nonce = secrets.token_hex(NONCE_BYTES).encode()
+        head = _ANY_NONCE_LINE.sub(b"", head)  # a client's own would be the one signed
+        return head[:-2] + HEADER + b": " + value + b"\r\n" + NONCE + b": " + nonce + b"\r\n\r\n"
 
     # -- peers ---------------------------------------------------------------------
 

@@ -428,6 +428,9 @@ class ClientConnection(asyncio.Protocol):
             if container is None:
                 self._fail(answers.NO_CONTAINER, close=False)
                 return True
+            if container.died:  # Docker's proxy may accept for it still, and never answer
+                self._fail(answers.UNREACHABLE, close=False)
+                return True
             # Down, but this request may not go elsewhere (the health check): try it.
         # Counted before any wait: a drain starting meanwhile must wait for this request.
         container.request_started()
@@ -562,10 +565,14 @@ class ClientConnection(asyncio.Protocol):
             upstream.close()
             return
         container = cycle.container
-        if container is not None and container.down and cycle.may_fall_back:
+        if container is not None and (container.died or (container.down and cycle.may_fall_back)):
             # It died while we connected: Docker's proxy accepts for it all the same.
             upstream.close()
-            self._fall_back(cycle, [], replay, answers.UNREACHABLE)
+            if cycle.may_fall_back:
+                self._fall_back(cycle, [], replay, answers.UNREACHABLE)
+            else:
+                failure = answers.FALLBACK_NO_CONTAINER if cycle.sender else answers.UNREACHABLE
+                self._give_up(cycle, failure)
             return
         self._forward_to(upstream, fresh=True, reused=False)
         self._write_request(cycle, upstream, replay)

@@ -54,6 +54,7 @@ class Container:
     upgraded: int = 0
     stopping: bool = False
     down: bool = False  # refused a connection; requests that may go to a peer skip it
+    died: bool = False  # Docker said so: nothing is sent to it any more
     links: set[Link] = field(default_factory=set, repr=False)
     spare: list[Link] = field(default_factory=list, repr=False)  # idle, for the next client
     _idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
