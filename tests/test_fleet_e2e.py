@@ -16,7 +16,7 @@ import docker
 import docker.errors
 import pytest
 
-from tests.support.fleet import FLEET_LABEL, Fleet, FleetHost, running_fleet
+from tests.support.fleet import Fleet, FleetHost, running_fleet
 from tests.support.process import revision_served
 from tests.support.registry import registry_answers
 from tests.support.s3 import s3_client
@@ -159,7 +159,7 @@ def test_a_fleet_leaves_nothing_behind_when_the_code_using_it_fails(
     assert [fleet.containers(host) for host in fleet.hosts] == [[], []]
     with pytest.raises(docker.errors.ImageNotFound):
         docker_client.images.get(images.pop())
-    assert docker_client.images.list(filters={"label": FLEET_LABEL}) == []
+    assert docker_client.images.list(filters={"label": fleet.image_label}) == []
     assert os.environ.get("AWS_ENDPOINT_URL") == endpoint_before
     listed = {bucket["Name"] for bucket in s3_client(s3_server).list_buckets()["Buckets"]}
     assert listed.isdisjoint({fleet.store_bucket, fleet.artifacts_bucket})

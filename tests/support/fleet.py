@@ -101,6 +101,7 @@ class Fleet:
         # Seconds each step of bringing the fleet up took: "registries" (all started and
         # answering), "images" (built and pushed), "wunderproxies" (all APIs answering).
         self.timings: dict[str, float] = {}
+        self.image_label = ""  # FLEET_LABEL=ID: the label of this fleet's images
         self._docker = docker_client
         self._start_host = start_host
 
@@ -230,6 +231,7 @@ def running_fleet(
             start_host=starter,
         )
         fleet.timings = timings
+        fleet.image_label = f"{FLEET_LABEL}={fleet_id}"
         with _timed(timings, "images"):
             first = next(iter(registries.values()))
             images = [f"{first.address}/{app}:{revision}" for revision in revisions]
