@@ -18,6 +18,8 @@ import dataclasses
 import json
 import logging
 import sys
+import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -42,6 +44,15 @@ class NoStore:
         return None
 
     def put(self, key: str, data: bytes) -> None:
+        raise UpstreamFailed("this benchmark proxy has no store")
+
+    def create(self, key: str, data: bytes) -> bool:
+        raise UpstreamFailed("this benchmark proxy has no store")
+
+    def delete(self, key: str, expected: bytes) -> bool:
+        raise UpstreamFailed("this benchmark proxy has no store")
+
+    def replace(self, key: str, expected: bytes, data: bytes) -> bool:
         raise UpstreamFailed("this benchmark proxy has no store")
 
 
@@ -71,6 +82,23 @@ class NoEngine:
 
     def list_containers(self, labels: dict[str, str]) -> list[ContainerRecord]:
         return []
+
+    def deaths(self, labels: dict[str, str], since: int | None = None) -> NoDeaths:
+        return NoDeaths()
+
+
+class NoDeaths:
+    """No container ever dies here: a stream that yields nothing until closed."""
+
+    def __init__(self) -> None:
+        self._closed = threading.Event()
+
+    def __iter__(self) -> Iterator[tuple[str, int | None]]:
+        self._closed.wait()
+        yield from ()
+
+    def close(self) -> None:
+        self._closed.set()
 
 
 def add_edge_options(parser: argparse.ArgumentParser) -> None:
