@@ -515,3 +515,20 @@ async def test_a_peers_request_to_a_container_dying_as_it_connects_gets_the_unse
     client.send_raw(head + b"hi")
     answer = await client.read_until(b"no container\n")
     assert sender.is_unserved(answer, head), "no app saw it: the sender may try another peer"
+
+
+async def test_the_sweep_sends_on_what_still_waits_on_a_container_docker_said_died(
+    here: Proxy, green: Backend, silent: int
+) -> None:
+    """Should a connection to it outlive the death (not among those closed then), the
+    timeout sweep moves its request on within a sweep, not after --upstream-timeout."""
+    container = make_container(silent, "rev7", HEALTH)
+    here.serve(container)
+    client = await here.connect()
+    waiting = asyncio.create_task(client.request("GET", "/a"))
+    await eventually(lambda: bool(container.links))
+    await asyncio.sleep(0.05)  # the request went out on it
+    container.died = container.down = True  # and its connection was not closed
+    here.sweep(0.0)
+    status, headers, _ = await asyncio.wait_for(waiting, 5)
+    assert (status, headers["x-backend"]) == (200, "green")

@@ -240,6 +240,12 @@ class ClientConnection(asyncio.Protocol):
             if now - self._last_active > edge.body_timeout:
                 self._time_out("body", answers.BODY_TIMEOUT)
         elif cycle.target is not None and not cycle.answered and self._send_mark is None:
+            container = cycle.container
+            if container is not None and container.died and not cycle.answer_begun:
+                # Docker said it died, and its connection did not close with it: what
+                # waits there goes elsewhere now, not after --upstream-timeout.
+                self._upstream_failed(cycle.target, "Docker said the container died")
+                return
             # Bytes of the request still going up are progress too: the container is
             # reading it, and owes its answer only after.
             self._note_upload(now, cycle.target)
