@@ -36,11 +36,11 @@ async def test_common_format_is_clf_then_forwarded_for_revision_and_seconds(
     await log.close()
     assert (tmp_path / "access.log").read_text() == (
         '192.0.2.1 - - [15/Jan/2027:08:00:00 +0000] "GET /a?b=1 HTTP/1.0" 200 612 '
-        '"203.0.113.9" rev2 0.001234 -\n'
+        '"203.0.113.9" rev2 0.001234 - - -\n'
     )
 
 
-async def test_a_request_to_or_from_a_peer_says_so_in_the_last_field(
+async def test_a_request_to_or_from_a_peer_says_so_after_the_seconds(
     tmp_path: Path, fixed_time: None
 ) -> None:
     common = AccessLog(str(tmp_path / "access.log"), "common")
@@ -51,7 +51,7 @@ async def test_a_request_to_or_from_a_peer_says_so_in_the_last_field(
         log.request("192.0.2.1", HEAD, b"GET", b"/a", 200, 6, 0.001, "rev2", "from=web-2")
         await log.close()
     lines = (tmp_path / "access.log").read_text().splitlines()
-    assert [line.split()[-1] for line in lines] == ["to=http://10.0.0.2:80", "from=web-2"]
+    assert [line.split()[-3] for line in lines] == ["to=http://10.0.0.2:80", "from=web-2"]
     objects = [json.loads(line) for line in (tmp_path / "access.json").read_text().splitlines()]
     assert [o["fallback"] for o in objects] == ["to=http://10.0.0.2:80", "from=web-2"]
 
@@ -73,7 +73,25 @@ async def test_json_format_has_every_field(tmp_path: Path, fixed_time: None) -> 
         "duration_seconds": 0.001234,
         "revision": "rev2",
         "fallback": None,
+        "encoding": None,
+        "buffered": None,
     }
+
+
+async def test_the_encoding_and_what_was_buffered_are_the_last_fields(
+    tmp_path: Path, fixed_time: None
+) -> None:
+    common = AccessLog(str(tmp_path / "access.log"), "common")
+    json_log = AccessLog(str(tmp_path / "access.json"), "json")
+    for log in (common, json_log):
+        log.start()
+        log.request("192.0.2.1", HEAD, b"GET", b"/a", 200, 6, 0.001, "rev2", None, "br", "both")
+        log.request("192.0.2.1", HEAD, b"GET", b"/a", 200, 6, 0.001, "rev2", None, None, "request")
+        await log.close()
+    lines = (tmp_path / "access.log").read_text().splitlines()
+    assert [line.split()[-2:] for line in lines] == [["br", "both"], ["-", "request"]]
+    objects = [json.loads(line) for line in (tmp_path / "access.json").read_text().splitlines()]
+    assert [(o["encoding"], o["buffered"]) for o in objects] == [("br", "both"), (None, "request")]
 
 
 async def test_quotes_in_a_target_are_escaped_so_the_line_stays_parseable(

@@ -164,6 +164,8 @@ def test_a_container_killed_mid_answer_closes_its_client_and_counts_502(
         "duration_seconds": 0,
         "revision": "rev1",
         "fallback": None,
+        "encoding": None,
+        "buffered": None,
     }
 
 

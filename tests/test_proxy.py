@@ -354,8 +354,9 @@ async def test_the_access_log_has_one_line_per_request_with_forwarded_for_and_re
     assert first.startswith("127.0.0.1 - - [")
     assert '] "GET /status/201 HTTP/1.1" 201 ' in first
     assert first.split('"')[-2:-1] == ["198.51.100.4"]
-    revision, seconds, fallback = first.split()[-3:]
-    assert (revision, fallback) == ("rev1", "-") and float(seconds) < 5
+    revision, seconds, fallback, encoding, buffered = first.split()[-5:]
+    assert (revision, fallback, encoding, buffered) == ("rev1", "-", "-", "-")
+    assert float(seconds) < 5
     assert '"GET / HTTP/1.1" 200 ' in second and ' "-" rev1 ' in second
 
 

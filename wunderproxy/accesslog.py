@@ -14,15 +14,17 @@ default) and then opens a new one, so no signal is needed after a rotation.
 Formats (the fields the issue asks for; ``-`` where a value is missing):
 
 - ``common``: the Common Log Format, then the ``X-Forwarded-For`` header in quotes, the
-  revision that answered, the response time in seconds and the peer fallback (``-``; or
-  ``to=URL`` for a request sent to a peer, ``from=INSTANCE`` for one a peer sent here)::
+  revision that answered, the response time in seconds, the peer fallback (``-``; or
+  ``to=URL`` for a request sent to a peer, ``from=INSTANCE`` for one a peer sent here),
+  the answer's encoding by ``--compress`` (``-``: none) and what was buffered
+  (``-``, ``request``, ``response`` or ``both``)::
 
-    127.0.0.1 - - [26/Nov/2026:10:00:00 +0000] "GET /a HTTP/1.1" 200 612 "-" rev2 0.001234 -
+    127.0.0.1 - - [26/Nov/2026:10:00:00 +0000] "GET /a HTTP/1.1" 200 612 "-" rev2 0.001234 - - -
 
   The byte count is what was sent to the client: head and body.
 - ``json``: one object per line with ``time``, ``client``, ``forwarded_for``, ``method``,
-  ``target``, ``protocol``, ``status``, ``bytes``, ``duration_seconds``, ``revision`` and
-  ``fallback`` (null, or as above).
+  ``target``, ``protocol``, ``status``, ``bytes``, ``duration_seconds``, ``revision``,
+  ``fallback``, ``encoding`` and ``buffered`` (null, or as above).
 """
 
 from __future__ import annotations
@@ -66,9 +68,9 @@ def protocol_of(head: bytes) -> str:
 
 
 # What is logged of a request: its end (Unix time), client, head, method, target, status,
-# bytes sent, seconds taken, revision, peer fallback.
+# bytes sent, seconds taken, revision, peer fallback, encoding, buffered.
 _Request: TypeAlias = tuple[
-    float, str | None, bytes, bytes, bytes, int, int, float, str, str | None
+    float, str | None, bytes, bytes, bytes, int, int, float, str, str | None, str | None, str | None
 ]
 
 
@@ -140,9 +142,13 @@ class AccessLog:
         seconds: float,
         revision: str,
         fallback: str | None = None,
+        encoding: str | None = None,
+        buffered: str | None = None,
     ) -> None:
         """Log one request (``head``: its head as received, for the protocol and XFF;
-        ``fallback``: ``to=URL`` or ``from=INSTANCE`` if it went to or came from a peer)."""
+        ``fallback``: ``to=URL`` or ``from=INSTANCE`` if it went to or came from a peer;
+        ``encoding``: how --compress encoded the answer; ``buffered``: ``request``,
+        ``response`` or ``both``)."""
         self._requests.append(
             (
                 time.time(),
@@ -155,11 +161,26 @@ class AccessLog:
                 seconds,
                 revision,
                 fallback,
+                encoding,
+                buffered,
             )
         )
 
     def _line(self, request: _Request) -> str:
-        now, client, head, method, target, status, bytes_out, seconds, revision, fallback = request
+        (
+            now,
+            client,
+            head,
+            method,
+            target,
+            status,
+            bytes_out,
+            seconds,
+            revision,
+            fallback,
+            encoding,
+            buffered,
+        ) = request
         second = int(now)
         if second != self._second:
             self._second = second
@@ -181,6 +202,8 @@ class AccessLog:
                     "duration_seconds": round(seconds, 6),
                     "revision": revision,
                     "fallback": fallback,
+                    "encoding": encoding,
+                    "buffered": buffered,
                 },
                 separators=(",", ":"),
             )
@@ -191,7 +214,7 @@ class AccessLog:
             line = (
                 f'{client or "-"} - - [{self._stamp}] "{request_line}" {status} {bytes_out} '
                 f'"{_quoted(forwarded_for(head) or "-")}" {revision} {seconds:.6f} '
-                f"{fallback or '-'}"
+                f"{fallback or '-'} {encoding or '-'} {buffered or '-'}"
             )
         return line + "\n"
 

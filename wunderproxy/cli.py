@@ -22,13 +22,16 @@ from wunderproxy import __version__
 from wunderproxy import config as defaults
 from wunderproxy.accesslog import ACCESS_LOG_FORMATS, AccessLog, AccessLogFormat
 from wunderproxy.client import ClientError, ManagerClient, api_address, deployer
+from wunderproxy.compression import available_encodings
 from wunderproxy.config import (
     Address,
     Config,
     ConfigError,
     Edge,
     Fleet,
+    Front,
     Peer,
+    Tls,
     default_instance,
     read_env_file,
 )
@@ -106,7 +109,90 @@ def main() -> None:
     "--proxy",
     envvar="WUNDERPROXY_PROXY",
     default=defaults.DEFAULT_PROXY,
-    help="Where the proxy listens: HOST:PORT or unix:PATH.",
+    help="Where the proxy listens: HOST:PORT or unix:PATH; none for only --proxy-tls.",
+)
+@click.option(
+    "--proxy-tls",
+    envvar="WUNDERPROXY_PROXY_TLS",
+    metavar="HOST:PORT",
+    help="Also (or, with --proxy none, only) serve HTTPS here, e.g. 0.0.0.0:443; needs "
+    "--tls-cert and --tls-key. Off by default.",
+)
+@click.option(
+    "--tls-cert",
+    envvar="WUNDERPROXY_TLS_CERT",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="PEM certificate of --proxy-tls, its chain after it; reloaded on SIGHUP and when "
+    "the file changes.",
+)
+@click.option(
+    "--tls-key",
+    envvar="WUNDERPROXY_TLS_KEY",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="PEM private key of --tls-cert.",
+)
+@click.option(
+    "--redirect-http",
+    envvar="WUNDERPROXY_REDIRECT_HTTP",
+    is_flag=True,
+    help="The plain --proxy port answers every request 308 to the same URL on https://.",
+)
+@click.option(
+    "--forwarded",
+    envvar="WUNDERPROXY_FORWARDED",
+    type=click.Choice(defaults.FORWARDED_MODES),
+    default=defaults.DEFAULT_FORWARDED,
+    help="off: pass X-Forwarded-* untouched (an nginx in front sets them); append: add the "
+    "client to X-Forwarded-For; replace (facing the internet): drop what the client sent "
+    "and set X-Forwarded-For, -Proto, -Host and Forwarded.",
+)
+@click.option(
+    "--buffer-requests",
+    envvar="WUNDERPROXY_BUFFER_REQUESTS",
+    is_flag=True,
+    help="Read each request's whole body before the container sees any of it, so that a "
+    "slow upload never holds an app worker.",
+)
+@click.option(
+    "--buffer-responses",
+    envvar="WUNDERPROXY_BUFFER_RESPONSES",
+    is_flag=True,
+    help="Take each answer off the container as fast as it sends it, then feed the client "
+    "at its pace (event streams and upgrades stay streamed).",
+)
+@click.option(
+    "--buffer-memory",
+    envvar="WUNDERPROXY_BUFFER_MEMORY",
+    type=click.IntRange(4096),
+    default=defaults.DEFAULT_BUFFER_MEMORY,
+    help="Bytes of one buffered body held in memory; the rest goes to a temporary file.",
+)
+@click.option(
+    "--buffer-dir",
+    envvar="WUNDERPROXY_BUFFER_DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=defaults.DEFAULT_BUFFER_DIR,
+    help="Directory of the temporary files of buffered bodies.",
+)
+@click.option(
+    "--compress",
+    envvar="WUNDERPROXY_COMPRESS",
+    is_flag=True,
+    help="Compress answers with zstd, br or gzip, as the client's Accept-Encoding prefers "
+    "(zstd and br need pip install 'wunderproxy[compress]').",
+)
+@click.option(
+    "--compress-types",
+    envvar="WUNDERPROXY_COMPRESS_TYPES",
+    default=",".join(defaults.DEFAULT_COMPRESS_TYPES),
+    help="Comma-separated media types --compress applies to (type/* and type/*+suffix allowed).",
+)
+@click.option(
+    "--compress-min-size",
+    envvar="WUNDERPROXY_COMPRESS_MIN_SIZE",
+    type=click.IntRange(0),
+    default=defaults.DEFAULT_COMPRESS_MIN_SIZE,
+    help="Bytes an answer with a Content-Length needs to be compressed.",
 )
 @click.option(
     "--api",
@@ -294,6 +380,18 @@ def run(
     prefix: str,
     app: str,
     proxy: str,
+    proxy_tls: str | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    redirect_http: bool,
+    forwarded: defaults.ForwardedMode,
+    buffer_requests: bool,
+    buffer_responses: bool,
+    buffer_memory: int,
+    buffer_dir: Path,
+    compress: bool,
+    compress_types: str,
+    compress_min_size: int,
     api: str,
     registry_port: int,
     config_file: Path | None,
@@ -336,7 +434,7 @@ def run(
             bucket=bucket,
             prefix=prefix.strip("/"),
             app=app,
-            proxy=Address.parse(proxy, "--proxy"),
+            proxy=None if proxy == "none" else Address.parse(proxy, "--proxy"),
             api=Address.parse(api, "--api"),
             registry_port=registry_port,
             env=read_env_file(config_file) if config_file is not None else (),
@@ -360,6 +458,17 @@ def run(
                 instance=instance,
                 peers=peers,
                 secret=fallback_secret.encode() if fallback_secret else None,
+            ),
+            tls=_tls(proxy_tls, tls_cert, tls_key, redirect_http),
+            front=Front(
+                forwarded=forwarded,
+                buffer_requests=buffer_requests,
+                buffer_responses=buffer_responses,
+                buffer_memory=buffer_memory,
+                buffer_dir=buffer_dir,
+                compress=available_encodings() if compress else (),
+                compress_types=tuple(t.strip() for t in compress_types.split(",") if t.strip()),
+                compress_min_size=compress_min_size,
             ),
         )
     except ConfigError as exc:
@@ -392,6 +501,22 @@ def run(
     except TakeOverFailed as exc:
         raise click.ClickException(str(exc)) from exc
     _exit_without_waiting_for_threads()
+
+
+def _tls(
+    address: str | None, cert: Path | None, key: Path | None, redirect_http: bool
+) -> Tls | None:
+    """The TLS listener's settings, if ``--proxy-tls`` was given (with what it needs)."""
+    if address is None:
+        if cert is not None or key is not None or redirect_http:
+            raise ConfigError(
+                "--tls-cert, --tls-key and --redirect-http need --proxy-tls HOST:PORT "
+                "(for example 0.0.0.0:443)"
+            )
+        return None
+    if cert is None or key is None:
+        raise ConfigError("--proxy-tls needs --tls-cert PATH and --tls-key PATH (PEM files)")
+    return Tls(Address.parse(address, "--proxy-tls"), cert, key, redirect_http)
 
 
 def _exit_without_waiting_for_threads() -> NoReturn:

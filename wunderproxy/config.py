@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 import socket
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from wunderproxy.streams import is_loopback
@@ -53,6 +55,84 @@ DEFAULT_MAX_HEADER_SIZE = 16 * 1024
 # Bytes a request body may have: no limit (nginx client_max_body_size, 1 MiB). The app
 # knows what its uploads may weigh; a proxy-wide limit that is too low breaks it silently.
 DEFAULT_MAX_BODY_SIZE: int | None = None
+
+
+# The front door: what the proxy does for a host with no nginx in front. All of it is off by
+# default, for the host behind an nginx: the bytes then pass untouched.
+#
+# Seconds between two looks at --tls-cert and --tls-key for a renewed certificate (certbot
+# and ACME clients renew days ahead; a few seconds' delay costs nothing).
+TLS_RELOAD_INTERVAL = 5.0
+ForwardedMode = Literal["off", "append", "replace"]
+FORWARDED_MODES: tuple[ForwardedMode, ...] = ("off", "append", "replace")
+
+# What the proxy says of the client in X-Forwarded-* and Forwarded: nothing (an nginx in
+# front already did, and the bytes pass untouched).
+DEFAULT_FORWARDED: ForwardedMode = "off"
+# Bytes of one buffered request or answer held in memory before the rest goes to a
+# temporary file (nginx client_body_buffer_size is 16 KiB, proxy_buffers 8 x 8 KiB; ours
+# is larger since most answers of an app fit in 1 MiB and a file costs system calls).
+DEFAULT_BUFFER_MEMORY = 1024 * 1024
+# Where buffered bodies larger than --buffer-memory go: the system's temporary directory.
+DEFAULT_BUFFER_DIR = Path(tempfile.gettempdir())
+# Media types worth compressing: text, and the text formats that do not say text/.
+DEFAULT_COMPRESS_TYPES = (
+    "text/*",
+    "application/json",
+    "application/*+json",
+    "application/javascript",
+    "application/xml",
+    "application/*+xml",
+    "image/svg+xml",
+    "application/wasm",
+)
+# Bytes below which an answer is sent as it is: compressing a few hundred bytes saves less
+# than the encoding's own framing and the CPU it costs (nginx gzip_min_length is 20; 1 KiB
+# is what most CDNs use).
+DEFAULT_COMPRESS_MIN_SIZE = 1024
+# The encodings --compress offers, best first (used when the client's q-values tie).
+COMPRESS_ENCODINGS = ("zstd", "br", "gzip")
+
+
+@dataclass(frozen=True)
+class Tls:
+    """The TLS listener of ``--proxy-tls``: where, with which certificate and key."""
+
+    address: Address
+    cert: Path
+    key: Path
+    redirect_http: bool = False  # the plain listener answers 308 to https://
+
+
+@dataclass(frozen=True, slots=True)
+class Front:
+    """What the proxy changes in the bytes it forwards (all off: they pass untouched).
+
+    ``forwarded``: how X-Forwarded-For and friends are set; ``buffer_requests`` and
+    ``buffer_responses``: read a whole body before passing it on, in memory up to
+    ``buffer_memory`` bytes, beyond that in a file under ``buffer_dir``; ``compress``: the
+    encodings offered (none: off), for answers of ``compress_types`` of at least
+    ``compress_min_size`` bytes.
+    """
+
+    forwarded: ForwardedMode = DEFAULT_FORWARDED
+    buffer_requests: bool = False
+    buffer_responses: bool = False
+    buffer_memory: int = DEFAULT_BUFFER_MEMORY
+    buffer_dir: Path = DEFAULT_BUFFER_DIR
+    compress: tuple[str, ...] = ()
+    compress_types: tuple[str, ...] = DEFAULT_COMPRESS_TYPES
+    compress_min_size: int = DEFAULT_COMPRESS_MIN_SIZE
+
+    def describe(self) -> dict[str, Any]:
+        """The ``features`` of ``/status`` that these settings decide."""
+        return {
+            "forwarded": self.forwarded,
+            "buffer_requests": self.buffer_requests,
+            "buffer_responses": self.buffer_responses,
+            "buffer_memory": self.buffer_memory,
+            "compress": list(self.compress),
+        }
 
 
 _INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -190,7 +270,7 @@ class Config:
     bucket: str
     prefix: str
     app: str
-    proxy: Address
+    proxy: Address | None  # None: only --proxy-tls
     api: Address
     registry_port: int = DEFAULT_REGISTRY_PORT
     env: tuple[str, ...] = ()
@@ -201,6 +281,16 @@ class Config:
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     edge: Edge = field(default_factory=Edge)
     fleet: Fleet = field(default_factory=Fleet)
+    tls: Tls | None = None
+    front: Front = field(default_factory=Front)
+
+    def __post_init__(self) -> None:
+        if self.proxy is None and self.tls is None:
+            raise ConfigError("--proxy none needs --proxy-tls: the proxy must listen somewhere")
+        if self.tls is not None and self.tls.redirect_http and self.proxy is None:
+            raise ConfigError(
+                "--redirect-http needs a plain --proxy address to answer on (not none)"
+            )
 
     @property
     def repository(self) -> str:

@@ -26,7 +26,7 @@ from typing import cast
 
 from wunderproxy import answers, framing
 from wunderproxy.accesslog import CLIENT_CLOSED_REQUEST, AccessLog
-from wunderproxy.config import Edge
+from wunderproxy.config import Edge, Front
 from wunderproxy.fallback import Fallback, PeerTarget, unmarked
 from wunderproxy.state import Container, ProxyState
 from wunderproxy.streams import LINGER
@@ -75,9 +75,11 @@ class RequestCycle:
     # Slots: one is alive per busy connection, so thousands at once.
     __slots__ = (
         "answered",
+        "buffered",
         "bytes_in",
         "bytes_out",
         "container",
+        "encoding",
         "failure",
         "head",
         "held",
@@ -116,6 +118,9 @@ class RequestCycle:
         self.peer: PeerTarget | None = None  # the peer it went to
         self.peers_left: list[PeerTarget] = []  # peers still to try
         self.failure: answers.Failure | None = None  # the answer if no peer takes it
+        # The front door (for the access log).
+        self.encoding: str | None = None  # how --compress encoded its answer
+        self.buffered: str | None = None  # "request", "response" or "both"
 
     @property
     def answer_begun(self) -> bool:
@@ -139,12 +144,14 @@ class ClientConnection(asyncio.Protocol):
         "_edge",
         "_exchange",
         "_fallback",
+        "_front",
         "_head_since",
         "_last_active",
         "_last_upstream",
         "_loop",
         "_on_close",
         "_paused_for",
+        "_scheme",
         "_send_mark",
         "_state",
         "_transport",
@@ -158,10 +165,14 @@ class ClientConnection(asyncio.Protocol):
         edge: Edge,
         on_close: Callable[[ClientConnection], None] | None = None,
         access_log: AccessLog | None = None,
+        front: Front | None = None,
+        scheme: str = "http",
     ) -> None:
         # Shared by every connection.
         self._state = state
         self._edge = edge
+        self._front = front or Front()
+        self._scheme = scheme  # of the listener that accepted it: http or https
         self._fallback = state.fallback
         self._access_log = access_log
         self._on_close = on_close
@@ -968,6 +979,8 @@ class ClientConnection(asyncio.Protocol):
                 seconds,
                 revision,
                 fallback,
+                cycle.encoding,
+                cycle.buffered,
             )
 
     def _peer(self) -> str:

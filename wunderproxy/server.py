@@ -66,6 +66,7 @@ class Server:
         self.state = ProxyState(config.app, __version__, home)
         if config.fleet.secret is not None:
             self.state.fallback = Fallback(config.fleet)
+        self.state.features = lambda: {"tls": None, **config.front.describe()}
         self.controller = Controller(config, self.state, store, engine)
         self.manager = manager.Manager(self.controller, self.state, config.api_token)
         self._pid_file = PidFile(pid_file) if pid_file is not None else None
@@ -96,6 +97,7 @@ class Server:
                 "not taking over: this process could not serve current.json (see the "
                 "log above); the running wunderproxy was left alone"
             )
+        assert self.config.proxy is not None  # TODO(tls): none with --proxy-tls only
         proxy = await listen(self.config.proxy, self._new_client, self._connection_limit())
         api = await listen(self.config.api, streams(self._serve_api))
         log.info(
@@ -236,7 +238,7 @@ class Server:
 
     def _new_client(self) -> ClientConnection:
         connection = ClientConnection(
-            self.state, self.config.edge, self._client_closed, self.access_log
+            self.state, self.config.edge, self._client_closed, self.access_log, self.config.front
         )
         if self._stopping:
             connection.close_when_idle(IDLE_CLOSE_GRACE)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -184,6 +185,9 @@ class ProxyState:
         self.health_check_path: bytes | None = None
         # Peers and figures of peer fallback; None without --fallback-secret.
         self.fallback: Fallback | None = None
+        # Which front-door features are on (TLS, forwarded headers, buffering, compression):
+        # called for each /status, since a certificate reload changes what TLS shows.
+        self.features: Callable[[], dict[str, Any]] = dict
         self._started = time.monotonic()
 
     # -- containers ----------------------------------------------------------------
@@ -277,6 +281,7 @@ class ProxyState:
                 "by_status": {str(code): n for code, n in sorted(requests.by_status.items())},
             },
             "connections": connections | {"refused": self.connections_refused},
+            "features": self.features(),
             "timeouts": dict(sorted(self.timeouts.items())),
             "docker": {"state": "ok" if self.docker_error is None else "error"}
             | ({"error": self.docker_error} if self.docker_error else {}),
