@@ -1,0 +1,74 @@
+"""The spool of buffered bodies: memory up to its bound, then a file nobody can see."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from wunderproxy.spool import READ_SIZE, Spool
+
+
+def open_files_under(directory: Path) -> list[str]:
+    """Files this process holds open under ``directory`` (deleted ones included)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:  # the descriptor listdir itself used
+            continue
+        if target.startswith(str(directory)):
+            found.append(target)
+    return found
+
+
+def read_all(spool: Spool) -> bytes:
+    parts = []
+    while data := spool.read():
+        parts.append(data)
+    return b"".join(parts)
+
+
+def test_a_body_within_the_memory_bound_never_touches_the_disk(tmp_path: Path) -> None:
+    spool = Spool(1024, tmp_path)
+    spool.write(b"a" * 600)
+    spool.write(b"b" * 424)
+    assert (spool.size, spool.in_memory, spool.on_disk) == (1024, 1024, False)
+    assert read_all(spool) == b"a" * 600 + b"b" * 424
+    assert spool.in_memory == 0
+
+
+def test_the_rest_goes_to_a_file_and_comes_back_in_order(tmp_path: Path) -> None:
+    spool = Spool(1000, tmp_path)
+    body = bytes(range(256)) * 4000  # a million bytes, no two neighbours alike
+    for at in range(0, len(body), 16384):
+        spool.write(body[at : at + 16384])
+    assert (spool.size, spool.in_memory, spool.on_disk) == (len(body), 1000, True)
+    first = spool.read()
+    assert first == body[:1000] and spool.in_memory == 0
+    assert len(spool.read()) == READ_SIZE
+    spool.close()
+    again = Spool(1000, tmp_path)
+    for at in range(0, len(body), 16384):
+        again.write(body[at : at + 16384])
+    assert read_all(again) == body
+    again.close()
+
+
+def test_its_file_has_no_name_so_a_crash_leaves_nothing(tmp_path: Path) -> None:
+    spool = Spool(10, tmp_path)
+    spool.write(b"x" * 100_000)
+    assert spool.on_disk and list(tmp_path.iterdir()) == []
+    # The open file is there all the same: the process holds it, deleted.
+    assert len(open_files_under(tmp_path)) == 1
+    spool.close()
+    spool.close()  # idempotent
+    assert open_files_under(tmp_path) == []
+
+
+def test_a_missing_directory_is_an_os_error_naming_it(tmp_path: Path) -> None:
+    spool = Spool(10, tmp_path / "gone")
+    spool.write(b"x" * 10)  # fits in memory: no file needed yet
+    with pytest.raises(OSError, match="gone"):
+        spool.write(b"y")

@@ -1,0 +1,84 @@
+"""A body held for later (``--buffer-requests``, ``--buffer-responses``): in memory up to a
+bound, the rest in a temporary file.
+
+The file is made with ``tempfile.TemporaryFile``, which on Linux never has a name
+(``O_TMPFILE``) and elsewhere is unlinked at once: whatever ends the process, a crash or
+``kill -9`` included, the kernel frees its blocks, and no file is ever left to clean up.
+Writes and reads are plain system calls on the event loop: they reach the page cache, not
+the disk, and take microseconds for the chunk sizes a socket delivers.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+# Bytes read back from the file at a time: a few socket buffers' worth.
+READ_SIZE = 256 * 1024
+
+
+class Spool:
+    """Bytes written once, then read back once from the start.
+
+    At most ``memory`` bytes are held in memory; the rest goes to a file under
+    ``directory``, made when the first byte does not fit.
+    """
+
+    __slots__ = ("_directory", "_file", "_limit", "_memory", "_reading", "size")
+
+    def __init__(self, memory: int, directory: Path) -> None:
+        self._limit = memory
+        self._directory = directory
+        self._memory = bytearray()
+        self._file: BinaryIO | None = None
+        self._reading = False
+        self.size = 0  # bytes written
+
+    @property
+    def in_memory(self) -> int:
+        """Bytes held in memory now."""
+        return len(self._memory)
+
+    @property
+    def on_disk(self) -> bool:
+        """True once part of the body went to a file."""
+        return self._file is not None
+
+    def write(self, data: bytes) -> None:
+        """Append ``data`` (before the first read); OSError when the file cannot be made
+        or grown (the disk is full, ``--buffer-dir`` is missing or not writable)."""
+        assert not self._reading, "a spool is written, then read"
+        self.size += len(data)
+        room = self._limit - len(self._memory)
+        if room > 0:
+            self._memory += data[:room]
+            data = data[room:]
+        if data:
+            if self._file is None:
+                # Unbuffered: the file is written in the socket's chunks already.
+                self._file = tempfile.TemporaryFile(  # noqa: SIM115 (closed by close())
+                    buffering=0, dir=self._directory, prefix="wunderproxy-"
+                )
+            self._file.write(data)
+
+    def read(self) -> bytes:
+        """The next bytes in order, b"" after the last: first all that is in memory (let
+        go of as it is returned), then the file's in READ_SIZE pieces."""
+        if not self._reading:
+            self._reading = True
+            if self._file is not None:
+                self._file.seek(0)
+            if self._memory:
+                data, self._memory = bytes(self._memory), bytearray()
+                return data
+        if self._file is None:
+            return b""
+        return self._file.read(READ_SIZE) or b""
+
+    def close(self) -> None:
+        """Let go of the memory and the file (idempotent): the file's blocks are freed."""
+        self._memory = bytearray()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
