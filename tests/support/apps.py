@@ -15,6 +15,10 @@ No image can be pulled from the internet on the test machines, so the app is bus
   ``received=N revision=$REVISION``.
 - ``/cgi-bin/fallback`` answers ``container=$HOSTNAME fallback=VALUE``: the request's
   ``X-Wunderproxy-Fallback`` header as the app saw it (empty without one).
+- ``/cgi-bin/worker`` is an app with one worker, like unicorn with one process: requests to
+  it take turns (a lock), and each holds the worker while it reads its body (answering
+  ``received=N``) or, with ``?download=BYTES``, while it writes BYTES zero bytes. A slow
+  client holds up every request behind it, unless the proxy buffers.
 
 What busybox httpd 1.35 does, checked by hand against a running container:
 
@@ -67,6 +71,25 @@ CGI_SCRIPTS = {
         "printf 'Content-Type: text/plain\\r\\nContent-Length: 100\\r\\n\\r\\nhalf.'\nsleep 60\n"
     ),
     "fallback": 'respond "container=$HOSTNAME fallback=$HTTP_X_WUNDERPROXY_FALLBACK"\n',
+    # The lock is a directory (busybox has no flock): mkdir is atomic. Released on exit,
+    # also when httpd ends the script because its client left.
+    "worker": (
+        "until mkdir /worker.lock 2>/dev/null; do usleep 10000; done\n"
+        "trap 'rmdir /worker.lock' EXIT\n"
+        "trap 'exit 1' INT TERM PIPE HUP\n"
+        'case "$QUERY_STRING" in\n'
+        "download=*)\n"
+        "  size=${QUERY_STRING#download=}\n"
+        "  printf 'Content-Type: application/octet-stream\\r\\nContent-Length: %d\\r\\n"
+        'Connection: close\\r\\n\\r\\n\' "$size"\n'
+        '  head -c "$size" /dev/zero\n'
+        "  ;;\n"
+        "*)\n"
+        '  received=$(head -c "${CONTENT_LENGTH:-0}" | wc -c)\n'
+        '  respond "received=$received"\n'
+        "  ;;\n"
+        "esac\n"
+    ),
     "echo": (
         'received=$(head -c "${CONTENT_LENGTH:-0}" | wc -c)\n'
         'respond "received=$received revision=$REVISION"\n'
