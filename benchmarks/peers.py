@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import functools
 import http.client
+import json
 import os
 import re
 import resource
@@ -31,6 +32,8 @@ SMALL_BODY = (
     b"wunderproxy benchmark: a small static answer, about one hundred bytes long, ends here\n"
 )
 LARGE_SIZE = 1024 * 1024
+JSON_PATH = "/100k.json"
+JSON_SIZE = 100 * 1024
 POST_PATH = "/post"
 
 # A line of nginx's, haproxy's or Python's log that tells of a problem.
@@ -175,6 +178,7 @@ class Peer:
     process: subprocess.Popen[bytes]
     log: Path
     versions: str = ""
+    scheme: str = "http"
     _known: dict[int, int] = field(default_factory=dict)
 
     def pids(self) -> list[int]:
@@ -187,8 +191,8 @@ class Peer:
         return tree
 
     def url(self, path: str) -> str:
-        """``http://127.0.0.1:PORT/path``."""
-        return f"http://{HOST}:{self.port}{path}"
+        """``http://127.0.0.1:PORT/path`` (``https`` for a TLS port)."""
+        return f"{self.scheme}://{HOST}:{self.port}{path}"
 
     def log_tail(self, lines: int = 5) -> str:
         """The end of the process's log, to explain a failure."""
@@ -285,13 +289,39 @@ def version_of(command: list[str]) -> str:
 
 
 def write_content(root: Path) -> None:
-    """The backend's files: ``small.txt`` (about 100 bytes) and ``1m.bin`` (1 MiB)."""
+    """The backend's files: ``small.txt`` (about 100 bytes), ``1m.bin`` (1 MiB of random
+    bytes) and ``100k.json`` (about 100 KiB of an API's JSON)."""
     root.mkdir(mode=0o755, parents=True, exist_ok=True)
     (root / "small.txt").write_bytes(SMALL_BODY)
     (root / "1m.bin").write_bytes(os.urandom(LARGE_SIZE))
+    (root / JSON_PATH.lstrip("/")).write_bytes(api_json(JSON_SIZE))
 
 
-def _nginx_main(work: Path, http_body: str) -> str:
+def api_json(size: int) -> bytes:
+    """About ``size`` bytes of JSON as an API answers it: a list of records whose field
+    names repeat and whose values vary (compresses about as well as real answers)."""
+    records = []
+    total = 2
+    number = 0
+    while total < size:
+        number += 1
+        record = json.dumps(
+            {
+                "id": number,
+                "name": f"customer {number * 7919 % 100_003}",
+                "email": f"user{number * 104_729 % 1_000_003}@example.com",
+                "active": number % 3 != 0,
+                "balance": round(number * 37.31 % 10_000, 2),
+                "tags": ["retail", "priority"][: number % 3],
+                "created_at": f"2026-{number % 12 + 1:02d}-{number % 28 + 1:02d}T10:00:00Z",
+            }
+        )
+        records.append(record)
+        total += len(record) + 1
+    return ("[" + ",".join(records) + "]").encode()
+
+
+def nginx_main(work: Path, http_body: str) -> str:
     """An nginx configuration: one worker, no access log, everything under ``work``, as
     many connections as the open-file limit allows (at most 40,000)."""
     limit = open_files_limit()
@@ -323,12 +353,16 @@ http {{
 
 def backend_nginx_conf(work: Path, port: int, content: Path) -> str:
     """The origin server: static files, and ``POST /post`` read and answered 200."""
-    return _nginx_main(
+    return nginx_main(
         work,
         f"""
     sendfile on;
     tcp_nopush on;
     default_type application/octet-stream;
+    types {{
+        text/plain txt;
+        application/json json;
+    }}
     server {{
         listen {HOST}:{port} backlog=4096;
         root {content};
@@ -356,7 +390,7 @@ def proxy_nginx_conf(
         if header_timeout is not None
         else ""
     )
-    return _nginx_main(
+    return nginx_main(
         work,
         f"""
     upstream backend {{
@@ -416,7 +450,7 @@ def start_backend(work: Path, cpu: int) -> Peer:
     work.chmod(0o755)
     content = work / "content"
     write_content(content)
-    return _start_nginx(
+    return start_nginx(
         "direct", work / "backend", lambda d, port: backend_nginx_conf(d, port, content), cpu
     )
 
@@ -426,7 +460,7 @@ def start_nginx_proxy(
 ) -> Peer:
     """nginx as a reverse proxy in front of ``upstream`` (``client_header_timeout`` set to
     ``header_timeout`` seconds when given)."""
-    return _start_nginx(
+    return start_nginx(
         "nginx",
         work / "nginx",
         lambda d, port: proxy_nginx_conf(d, port, upstream.port, header_timeout),
@@ -434,7 +468,7 @@ def start_nginx_proxy(
     )
 
 
-def _start_nginx(name: str, nginx_dir: Path, config: Callable[[Path, int], str], cpu: int) -> Peer:
+def start_nginx(name: str, nginx_dir: Path, config: Callable[[Path, int], str], cpu: int) -> Peer:
     """An nginx in ``nginx_dir`` with the configuration ``config(dir, port)``."""
     nginx_dir.mkdir()
     port = free_port()

@@ -4,8 +4,9 @@
         [--header-timeout 5 ...]
 
 The benchmarks compare proxies in front of the same fast backend (nginx), where a
-container would add Docker's own proxy to every row. This runs the production
-:class:`~wunderproxy.server.Server` (listeners, forwarder, framing, counters) with the
+container would add Docker's own proxy to every row. The front-door options (TLS, forwarded
+headers, buffering, compression) are named as ``wunderproxy run`` names them. This runs the
+production :class:`~wunderproxy.server.Server` (listeners, forwarder, framing, counters) with the
 upstream installed as the serving container; the manager answers too, on ``--api``.
 Every field of :class:`~wunderproxy.config.Edge` is an option named as ``wunderproxy run``
 names it (``--header-timeout``, ``--max-header-size``, ...), with the same default.
@@ -26,7 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from wunderproxy.accesslog import ACCESS_LOG_FORMATS, AccessLog
-from wunderproxy.config import Address, Config, Edge
+from wunderproxy.compression import available_encodings
+from wunderproxy.config import FORWARDED_MODES, Address, Config, Edge, Front, Tls
 from wunderproxy.engine import ContainerRecord, ContainerSpec, StartedContainer
 from wunderproxy.errors import UpstreamFailed
 from wunderproxy.launchconfig import md5_hex, parse_launch_config
@@ -121,6 +123,36 @@ def edge_from(args: argparse.Namespace) -> Edge:
     )
 
 
+def add_front_options(parser: argparse.ArgumentParser) -> None:
+    """The TLS listener and the front-door features, as ``wunderproxy run`` has them."""
+    parser.add_argument("--proxy-tls", help="also serve HTTPS here, HOST:PORT")
+    parser.add_argument("--tls-cert", type=Path)
+    parser.add_argument("--tls-key", type=Path)
+    parser.add_argument("--forwarded", default="off", choices=FORWARDED_MODES)
+    parser.add_argument("--buffer-requests", action="store_true")
+    parser.add_argument("--buffer-responses", action="store_true")
+    parser.add_argument("--buffer-memory", type=int, default=Front().buffer_memory)
+    parser.add_argument("--compress", action="store_true")
+
+
+def tls_from(args: argparse.Namespace) -> Tls | None:
+    """The TLS listener of :func:`add_front_options`, if one was asked for."""
+    if args.proxy_tls is None:
+        return None
+    return Tls(Address.parse(args.proxy_tls, "--proxy-tls"), args.tls_cert, args.tls_key)
+
+
+def front_from(args: argparse.Namespace) -> Front:
+    """The :class:`Front` that the options of :func:`add_front_options` say."""
+    return Front(
+        forwarded=args.forwarded,
+        buffer_requests=args.buffer_requests,
+        buffer_responses=args.buffer_responses,
+        buffer_memory=args.buffer_memory,
+        compress=available_encodings() if args.compress else (),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen", required=True, help="proxy address HOST:PORT")
@@ -130,6 +162,7 @@ def main() -> None:
     parser.add_argument("--access-log", help="write one line per request here (- for stdout)")
     parser.add_argument("--access-log-format", default="common", choices=ACCESS_LOG_FORMATS)
     add_edge_options(parser)
+    add_front_options(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     host, _, port = args.upstream.rpartition(":")
@@ -141,6 +174,8 @@ def main() -> None:
         proxy=Address.parse(args.listen, "--listen"),
         api=Address.parse(args.api, "--api"),
         edge=edge_from(args),
+        tls=tls_from(args),
+        front=front_from(args),
     )
     access_log = AccessLog(args.access_log, args.access_log_format) if args.access_log else None
     server = Server(config, NoStore(), NoEngine(), access_log=access_log)

@@ -709,13 +709,13 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _stop_on_sigterm(signum: int, frame: object) -> None:
+def stop_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_arguments(argv)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     # This process is the attackers: on wrk's core. Threads started later inherit it;
     # the servers are started through taskset onto their own.
     os.sched_setaffinity(0, {WRK_CPU})

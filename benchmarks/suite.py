@@ -89,6 +89,7 @@ class Scenario:
     close_connections: bool = False
     post_body_bytes: int = 0
     compare_mib: bool = False
+    headers: tuple[str, ...] = ()  # more request fields, "Name: value"
 
 
 SCENARIOS = {
@@ -210,6 +211,8 @@ def wrk_arguments(scenario: Scenario, work: Path) -> tuple[str, ...]:
     extra: list[str] = []
     if scenario.close_connections:
         extra += ["-H", "Connection: close"]
+    for field in scenario.headers:
+        extra += ["-H", field]
     if scenario.post_body_bytes:
         extra += ["-s", str(wrk_script(work, scenario.post_body_bytes))]
     return tuple(extra)
@@ -348,6 +351,8 @@ def scenario_table(scenario: Scenario, results: dict[str, Measurement]) -> str:
     title = f"== {scenario.name}: {scenario.path}, {scenario.connections} connections"
     if scenario.close_connections:
         title += ", Connection: close"
+    for field in scenario.headers:
+        title += f", {field}"
     if scenario.post_body_bytes:
         title += f", POST {scenario.post_body_bytes // 1024} KiB (MiB/s = bodies sent)"
     table = f"{title}\n{render(headers, rows)}"
@@ -444,7 +449,7 @@ def idle_connection_count(open_files: int, wanted: int = IDLE_CONNECTIONS) -> in
     return max(1000, min(wanted, fits))
 
 
-def _stop_on_sigterm(signum: int, frame: object) -> NoReturn:
+def stop_on_sigterm(signum: int, frame: object) -> NoReturn:
     raise SystemExit(128 + signum)
 
 
@@ -480,7 +485,7 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_arguments(argv)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     chosen = args.only or [IDLE_MEMORY, *SCENARIOS]
     open_files = raise_open_files(OPEN_FILES)
     idle_count = args.idle_connections or idle_connection_count(open_files)
