@@ -28,6 +28,7 @@ from wunderproxy import answers, framing
 from wunderproxy.accesslog import CLIENT_CLOSED_REQUEST, AccessLog
 from wunderproxy.config import Edge, Front
 from wunderproxy.fallback import Fallback, PeerTarget, unmarked
+from wunderproxy.redirect import Redirect
 from wunderproxy.state import Container, ProxyState
 from wunderproxy.streams import LINGER
 from wunderproxy.traffic import NO_REVISION
@@ -151,6 +152,7 @@ class ClientConnection(asyncio.Protocol):
         "_loop",
         "_on_close",
         "_paused_for",
+        "_redirect",
         "_scheme",
         "_send_mark",
         "_state",
@@ -167,12 +169,14 @@ class ClientConnection(asyncio.Protocol):
         access_log: AccessLog | None = None,
         front: Front | None = None,
         scheme: str = "http",
+        redirect: Redirect | None = None,
     ) -> None:
         # Shared by every connection.
         self._state = state
         self._edge = edge
         self._front = front or Front()
         self._scheme = scheme  # of the listener that accepted it: http or https
+        self._redirect = redirect  # --redirect-http on the plain listener: answer 308s
         self._fallback = state.fallback
         self._access_log = access_log
         self._on_close = on_close
@@ -426,12 +430,16 @@ class ClientConnection(asyncio.Protocol):
         self, piece: framing.RequestStarted, rest: list[framing.ClientPiece]
     ) -> bool:
         """Open the request's cycle and route it to the container serving now (or to a
-        peer, if that container is known to be down).
+        peer, if that container is known to be down); with ``--redirect-http``, answer it
+        with the redirect to https:// instead.
 
         False when a connection must be made first: ``rest`` is then forwarded once it is.
         """
         cycle = self._open_cycle(piece)
         self._head_since = 0.0
+        if self._redirect is not None:
+            self._fail(self._redirect.answer(piece), close=False)
+            return True
         if self._fallback is not None:
             self._read_mark(cycle, self._fallback)
         container = self._state.current
@@ -671,7 +679,7 @@ class ClientConnection(asyncio.Protocol):
     def _write_own_answer(self, failure: answers.Failure, close: bool) -> None:
         """Count and send an answer of the proxy's own."""
         cycle = self._cycle
-        fields = b""
+        fields = failure.fields
         if failure is answers.FALLBACK_NO_CONTAINER and self._fallback is not None:
             assert cycle is not None
             fields = self._fallback.unserved(cycle.request.data)
