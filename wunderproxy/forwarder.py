@@ -328,16 +328,25 @@ class ClientConnection(asyncio.Protocol):
         if self._exchange.switched:
             if self._upstream is not None:
                 self._upstream.write_eof()
-            return True
+            return self._can_stay_half_open()
         if self._discarding:
             return False  # it read our refusal and left: close (its parser is spent)
         self._client_eof = True
         self._receive(b"")
         # A client that half-closed after a whole request still gets its answer.
         cycle = self._cycle
-        return cycle is not None and cycle.received and not self._closed
+        return (
+            cycle is not None and cycle.received and not self._closed and self._can_stay_half_open()
+        )
+
+    def _can_stay_half_open(self) -> bool:
+        """Whether the connection may stay open after the client's EOF: not over TLS,
+        which asyncio closes at the client's close_notify whatever eof_received says
+        (and warns if told otherwise)."""
+        return self._transport is not None and self._transport.can_write_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # Also called for a TLS connection whose handshake failed, which was never made.
         self._closed = True
         cycle = self._cycle
         if cycle is not None:
@@ -350,7 +359,8 @@ class ClientConnection(asyncio.Protocol):
                 upstream.park()
             else:
                 upstream.close()
-        self._state.open_connections -= 1
+        if self._transport is not None:
+            self._state.open_connections -= 1
         if self._on_close is not None:
             self._on_close(self)
 
