@@ -898,6 +898,15 @@ def _summary(status: dict[str, Any]) -> str:
     lines.append(
         f"connections: {conns['open']} open, {conns['active']} active, {conns['idle']} idle"
     )
+    tls = (status.get("features") or {}).get("tls")
+    if tls:
+        lines.append(
+            f"TLS on {tls['address']}: certificate serial {tls['serial']} ({tls['subject']}), "
+            f"valid until {tls['not_after']}, loaded at {tls['loaded_at']} "
+            f"({tls['reloads']} reloads since start)"
+        )
+        if tls["last_reload_error"]:
+            lines.append(f"  the last reload failed: {tls['last_reload_error']}")
     fallback = status.get("fallback")
     if fallback:
         skipped = [p["url"] for p in fallback["peers"] if p["skipped_for"] > 0]
