@@ -256,7 +256,8 @@ class GreedyListener:
                 # The TLS handshake failed (a scanner, an old client, plain HTTP on the TLS
                 # port) or timed out: asyncio closed the socket, and never tells the protocol
                 # it built, which would count the connection as open for ever.
-                log.debug("%s: TLS handshake with %s failed: %s", self._name, _peer(peer), failure)
+                what = "TLS handshake" if self._tls is not None else "connection"
+                log.debug("%s: %s with %s failed: %s", self._name, what, _peer(peer), failure)
                 built.connection_lost(failure if isinstance(failure, Exception) else None)
 
         self._starting += 1
