@@ -205,3 +205,27 @@ def test_status_of_a_fleet_member_says_what_peer_fallback_did(canned: CannedServ
         "peer fallback as web-1: 2 sent, 1 received, 0 no peer took; "
         "skipping http://10.0.0.3:8080\n" in result.stdout
     )
+
+
+def test_status_says_which_certificate_the_tls_listener_serves_and_why_a_reload_failed(
+    canned: CannedServer,
+) -> None:
+    state = ProxyState("shop", "test")
+    tls = {
+        "address": "0.0.0.0:443",
+        "subject": "CN=shop.example",
+        "serial": "03A1",
+        "not_after": "2027-03-01T00:00:00Z",
+        "loaded_at": "2026-11-30T10:00:00Z",
+        "reloads": 2,
+        "last_reload_error": "--tls-key /etc/k.pem is not the key of the certificate",
+    }
+    state.features = lambda: {"tls": tls}
+    canned.answer(200, "application/json", json.dumps(state.snapshot()).encode())
+    result = wunderproxy_client("status", "--api", canned.url)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "TLS on 0.0.0.0:443: certificate serial 03A1 (CN=shop.example), valid until "
+        "2027-03-01T00:00:00Z, loaded at 2026-11-30T10:00:00Z (2 reloads since start)\n"
+        "  the last reload failed: --tls-key /etc/k.pem is not the key of the certificate\n"
+    ) in result.stdout

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 _REASONS = {
+    308: "Permanent Redirect",
     400: "Bad Request",
     408: "Request Timeout",
     413: "Content Too Large",
@@ -24,10 +25,13 @@ _REASONS = {
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """Why the proxy could not forward a request: the status and what the client is told."""
+    """Why the proxy could not forward a request: the status and what the client is told
+    (``fields``: header lines of its own, each ending in CRLF, such as a redirect's
+    Location)."""
 
     status: int
     message: str
+    fields: bytes = b""
 
 
 NO_CONTAINER = Failure(503, "no container is deployed yet")

@@ -49,6 +49,7 @@ from wunderproxy.hosts import FleetError, Host, find_store
 from wunderproxy.runtime import LoopChoice, run_event_loop
 
 if TYPE_CHECKING:
+    from wunderproxy.certificates import Certificates
     from wunderproxy.store import Store
 
 # A timeout: a positive number of seconds.
@@ -475,6 +476,7 @@ def run(
         raise click.UsageError(str(exc)) from exc
     if take_over and pid_file is None:
         raise click.UsageError("--take-over needs --pid-file: it names the process to replace")
+    certificates = _certificates(config.tls)
     # Imported here so that the client commands start fast and need no Docker SDK.
     from wunderproxy.engine import DockerEngine
     from wunderproxy.server import Server, TakeOverFailed
@@ -493,7 +495,9 @@ def run(
         ) from exc
     try:
         run_event_loop(
-            Server(config, store, DockerEngine(), pid_file, take_over, requests_log).run(),
+            Server(
+                config, store, DockerEngine(), pid_file, take_over, requests_log, certificates
+            ).run(),
             loop_choice,
         )
     except OSError as exc:
@@ -517,6 +521,18 @@ def _tls(
     if cert is None or key is None:
         raise ConfigError("--proxy-tls needs --tls-cert PATH and --tls-key PATH (PEM files)")
     return Tls(Address.parse(address, "--proxy-tls"), cert, key, redirect_http)
+
+
+def _certificates(tls: Tls | None) -> Certificates | None:
+    """The TLS listener's certificate and key, loaded before anything listens."""
+    if tls is None:
+        return None
+    from wunderproxy.certificates import CertificateError, Certificates
+
+    try:
+        return Certificates(tls)
+    except CertificateError as exc:
+        raise click.ClickException(f"cannot serve TLS: {exc}") from exc
 
 
 def _exit_without_waiting_for_threads() -> NoReturn:
@@ -882,6 +898,15 @@ def _summary(status: dict[str, Any]) -> str:
     lines.append(
         f"connections: {conns['open']} open, {conns['active']} active, {conns['idle']} idle"
     )
+    tls = (status.get("features") or {}).get("tls")
+    if tls:
+        lines.append(
+            f"TLS on {tls['address']}: certificate serial {tls['serial']} ({tls['subject']}), "
+            f"valid until {tls['not_after']}, loaded at {tls['loaded_at']} "
+            f"({tls['reloads']} reloads since start)"
+        )
+        if tls["last_reload_error"]:
+            lines.append(f"  the last reload failed: {tls['last_reload_error']}")
     fallback = status.get("fallback")
     if fallback:
         skipped = [p["url"] for p in fallback["peers"] if p["skipped_for"] > 0]

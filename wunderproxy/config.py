@@ -291,6 +291,11 @@ class Config:
             raise ConfigError(
                 "--redirect-http needs a plain --proxy address to answer on (not none)"
             )
+        if self.tls is not None and self.tls.redirect_http and self.tls.address.path is not None:
+            raise ConfigError(
+                "--redirect-http sends clients to the port of --proxy-tls: give it as "
+                "HOST:PORT, not unix:PATH"
+            )
 
     @property
     def repository(self) -> str:

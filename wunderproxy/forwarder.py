@@ -28,6 +28,7 @@ from wunderproxy import answers, framing
 from wunderproxy.accesslog import CLIENT_CLOSED_REQUEST, AccessLog
 from wunderproxy.config import Edge, Front
 from wunderproxy.fallback import Fallback, PeerTarget, unmarked
+from wunderproxy.redirect import Redirect
 from wunderproxy.state import Container, ProxyState
 from wunderproxy.streams import LINGER
 from wunderproxy.traffic import NO_REVISION
@@ -151,6 +152,7 @@ class ClientConnection(asyncio.Protocol):
         "_loop",
         "_on_close",
         "_paused_for",
+        "_redirect",
         "_scheme",
         "_send_mark",
         "_state",
@@ -167,12 +169,14 @@ class ClientConnection(asyncio.Protocol):
         access_log: AccessLog | None = None,
         front: Front | None = None,
         scheme: str = "http",
+        redirect: Redirect | None = None,
     ) -> None:
         # Shared by every connection.
         self._state = state
         self._edge = edge
         self._front = front or Front()
         self._scheme = scheme  # of the listener that accepted it: http or https
+        self._redirect = redirect  # --redirect-http on the plain listener: answer 308s
         self._fallback = state.fallback
         self._access_log = access_log
         self._on_close = on_close
@@ -324,16 +328,25 @@ class ClientConnection(asyncio.Protocol):
         if self._exchange.switched:
             if self._upstream is not None:
                 self._upstream.write_eof()
-            return True
+            return self._can_stay_half_open()
         if self._discarding:
             return False  # it read our refusal and left: close (its parser is spent)
         self._client_eof = True
         self._receive(b"")
         # A client that half-closed after a whole request still gets its answer.
         cycle = self._cycle
-        return cycle is not None and cycle.received and not self._closed
+        return (
+            cycle is not None and cycle.received and not self._closed and self._can_stay_half_open()
+        )
+
+    def _can_stay_half_open(self) -> bool:
+        """Whether the connection may stay open after the client's EOF: not over TLS,
+        which asyncio closes at the client's close_notify whatever eof_received says
+        (and warns if told otherwise)."""
+        return self._transport is not None and self._transport.can_write_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # Also called for a TLS connection whose handshake failed, which was never made.
         self._closed = True
         cycle = self._cycle
         if cycle is not None:
@@ -346,7 +359,8 @@ class ClientConnection(asyncio.Protocol):
                 upstream.park()
             else:
                 upstream.close()
-        self._state.open_connections -= 1
+        if self._transport is not None:
+            self._state.open_connections -= 1
         if self._on_close is not None:
             self._on_close(self)
 
@@ -426,12 +440,16 @@ class ClientConnection(asyncio.Protocol):
         self, piece: framing.RequestStarted, rest: list[framing.ClientPiece]
     ) -> bool:
         """Open the request's cycle and route it to the container serving now (or to a
-        peer, if that container is known to be down).
+        peer, if that container is known to be down); with ``--redirect-http``, answer it
+        with the redirect to https:// instead.
 
         False when a connection must be made first: ``rest`` is then forwarded once it is.
         """
         cycle = self._open_cycle(piece)
         self._head_since = 0.0
+        if self._redirect is not None:
+            self._fail(self._redirect.answer(piece), close=False)
+            return True
         if self._fallback is not None:
             self._read_mark(cycle, self._fallback)
         container = self._state.current
@@ -671,7 +689,7 @@ class ClientConnection(asyncio.Protocol):
     def _write_own_answer(self, failure: answers.Failure, close: bool) -> None:
         """Count and send an answer of the proxy's own."""
         cycle = self._cycle
-        fields = b""
+        fields = failure.fields
         if failure is answers.FALLBACK_NO_CONTAINER and self._fallback is not None:
             assert cycle is not None
             fields = self._fallback.unserved(cycle.request.data)

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import stat
 import struct
 from collections.abc import Callable, Coroutine, Sequence
@@ -103,6 +104,19 @@ class ConnectionLimit:
     refused: Callable[[], None]
 
 
+@dataclass(frozen=True, slots=True)
+class TlsAccept:
+    """How a TLS listener starts its connections.
+
+    ``context`` is asked for each accepted connection, so that a reloaded certificate
+    reaches new handshakes only; a handshake not done in ``handshake_timeout`` seconds is
+    aborted, so that a client that never finishes one does not hold a socket for ever.
+    """
+
+    context: Callable[[], ssl.SSLContext]
+    handshake_timeout: float
+
+
 class Tally:
     """Counts one kind of event and reports it at most once per ``interval`` seconds.
 
@@ -144,7 +158,10 @@ class GreedyListener:
     those already in, and their first requests time out.
 
     With a :class:`ConnectionLimit`, a connection past the limit is answered with a 503
-    right here, without a protocol object or a read of its request. When accept fails for
+    right here, without a protocol object or a read of its request (over TLS, it is closed:
+    the client could not read a plain answer). With :class:`TlsAccept`, connections begin
+    with a TLS handshake; one that fails or times out is closed, and the protocol that was
+    built for it is told so, since asyncio never connects it. When accept fails for
     want of descriptors or memory, the listener stops watching its socket and tries again
     after a pause (:data:`FIRST_PAUSE` doubling up to :data:`LONGEST_PAUSE`): the socket
     stays readable all that time, and watching it would spin the loop.
@@ -155,10 +172,12 @@ class GreedyListener:
         sock: socket.socket,
         factory: ProtocolFactory,
         limit: ConnectionLimit | None = None,
+        tls: TlsAccept | None = None,
     ) -> None:
         self._sock = sock
         self._factory = factory
         self._limit = limit
+        self._tls = tls
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[Any]] = set()
         # Accepted connections whose protocol the factory has not built yet: they count
@@ -169,7 +188,7 @@ class GreedyListener:
         self._retry: asyncio.TimerHandle | None = None
         self._last_error: OSError | None = None
         self._refusal = b""
-        if limit is not None:
+        if limit is not None and tls is None:
             self._refusal = plain_response(
                 TOO_MANY_CONNECTIONS.status,
                 f"{TOO_MANY_CONNECTIONS.message}: this proxy serves at most {limit.maximum} "
@@ -198,7 +217,7 @@ class GreedyListener:
     def _accept_all(self) -> None:
         for _ in range(BACKLOG):
             try:
-                conn, _ = self._sock.accept()
+                conn, peer = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -209,32 +228,47 @@ class GreedyListener:
             if self._at_limit():
                 self._refuse(conn)
             else:
-                self._serve(conn)
+                self._serve(conn, peer)
         self._pause = FIRST_PAUSE
 
     def _at_limit(self) -> bool:
         limit = self._limit
         return limit is not None and limit.count_open() + self._starting >= limit.maximum
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket, peer: Any) -> None:
         conn.setblocking(False)
         if conn.family != socket.AF_UNIX:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        built = False
+        built: asyncio.Protocol | None = None
 
         def factory() -> asyncio.Protocol:
             nonlocal built
-            built = True
             self._starting -= 1
-            return self._factory()
+            built = self._factory()
+            return built
 
         def started(task: asyncio.Task[Any]) -> None:
             self._tasks.discard(task)
-            if not built:  # failed or cancelled before the factory ran
+            failure = None if task.cancelled() else task.exception()
+            if built is None:  # failed or cancelled before the factory ran
                 self._starting -= 1
+            elif failure is not None:
+                # The TLS handshake failed (a scanner, an old client, plain HTTP on the TLS
+                # port) or timed out: asyncio closed the socket, and never tells the protocol
+                # it built, which would count the connection as open for ever.
+                what = "TLS handshake" if self._tls is not None else "connection"
+                log.debug("%s: %s with %s failed: %s", self._name, what, _peer(peer), failure)
+                built.connection_lost(failure if isinstance(failure, Exception) else None)
 
         self._starting += 1
-        task = self._loop.create_task(self._loop.connect_accepted_socket(factory, conn))
+        tls = self._tls
+        if tls is None:
+            connecting = self._loop.connect_accepted_socket(factory, conn)
+        else:
+            connecting = self._loop.connect_accepted_socket(
+                factory, conn, ssl=tls.context(), ssl_handshake_timeout=tls.handshake_timeout
+            )
+        task = self._loop.create_task(connecting)
         self._tasks.add(task)
         task.add_done_callback(started)
 
@@ -245,10 +279,17 @@ class GreedyListener:
         the client lose the answer: so the 503 goes out with a FIN first, and whatever the
         client has sent by then is dropped unread before the close. (Bytes that arrive
         later still draw a reset, but the client has the whole answer by then.)
+
+        Over TLS the connection is only closed: a 503 would cost a handshake, the very
+        work an overloaded proxy must not take on, and plain bytes mean nothing to a TLS
+        client.
         """
         assert self._limit is not None
         self._limit.refused()
         self._refused_log.add()
+        if self._tls is not None:
+            conn.close()
+            return
         with contextlib.suppress(OSError), conn:
             conn.send(self._refusal, socket.MSG_DONTWAIT)
             conn.shutdown(socket.SHUT_WR)
@@ -271,10 +312,10 @@ class GreedyListener:
     def _log_refused(self, count: int) -> None:
         assert self._limit is not None
         log.warning(
-            "%s: refused %d new connection(s) with 503: %d open, the most allowed "
-            "(--max-connections %d)",
+            "%s: refused %d new connection(s) %s: %d open, the most allowed (--max-connections %d)",
             self._name,
             count,
+            "by closing them" if self._tls is not None else "with 503",
             self._limit.count_open() + self._starting,
             self._limit.maximum,
         )
@@ -302,18 +343,21 @@ class GreedyListener:
 
 
 async def listen(
-    address: Address, factory: ProtocolFactory, limit: ConnectionLimit | None = None
+    address: Address,
+    factory: ProtocolFactory,
+    limit: ConnectionLimit | None = None,
+    tls: TlsAccept | None = None,
 ) -> Listener:
     """Listen on a TCP address (shareable with a successor) or a Unix socket path."""
     if address.path is not None:
-        return GreedyListener(_unix_socket(address.path), factory, limit)
+        return GreedyListener(_unix_socket(address.path), factory, limit, tls)
     family = socket.AF_INET6 if ":" in (address.host or "") else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((address.host or "0.0.0.0", address.port or 0))
     sock.listen(BACKLOG)
-    return GreedyListener(sock, factory, limit)
+    return GreedyListener(sock, factory, limit, tls)
 
 
 def _unix_socket(path: str) -> socket.socket:
@@ -338,6 +382,13 @@ def _describe(sock: socket.socket) -> str:
     if isinstance(name, tuple):
         return f"{name[0]}:{name[1]}"
     return f"unix:{name}"
+
+
+def _peer(address: Any) -> str:
+    """How the log names a client: host:port (or a Unix socket's peer as it comes)."""
+    if isinstance(address, tuple):
+        return f"{address[0]}:{address[1]}"
+    return str(address) or "a Unix socket peer"
 
 
 def streams(handler: ConnectionHandler) -> ProtocolFactory:

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wunderproxy import __version__, fdlimit, manager
 from wunderproxy.accesslog import AccessLog
@@ -20,12 +20,17 @@ from wunderproxy.listeners import (
     ConnectionLimit,
     Listener,
     PidFile,
+    TlsAccept,
     listen,
     streams,
     take_new_connections,
 )
+from wunderproxy.redirect import Redirect
 from wunderproxy.state import Home, ProxyState
 from wunderproxy.store import Store
+
+if TYPE_CHECKING:  # cryptography is only imported when TLS is on
+    from wunderproxy.certificates import Certificates
 
 log = logging.getLogger("wunderproxy")
 
@@ -49,7 +54,13 @@ class TakeOverFailed(Exception):
 
 
 class Server:
-    """The proxy and the manager of one app, sharing one event loop."""
+    """The proxy and the manager of one app, sharing one event loop.
+
+    With ``config.tls``, ``certificates`` are the ones loaded from it: the command line
+    loads them first, so that a broken pair stops start-up before anything else is done;
+    when not given, they are loaded here (raising
+    :class:`~wunderproxy.certificates.CertificateError`).
+    """
 
     def __init__(
         self,
@@ -59,14 +70,22 @@ class Server:
         pid_file: Path | None = None,
         take_over: bool = False,
         access_log: AccessLog | None = None,
+        certificates: Certificates | None = None,
     ) -> None:
+        if config.tls is None:
+            certificates = None
+        elif certificates is None:
+            from wunderproxy.certificates import Certificates  # cryptography: only for TLS
+
+            certificates = Certificates(config.tls)
         self.config = config
+        self.certificates = certificates
         self.access_log = access_log
         home = Home(config.fleet.instance, config.bucket, config.prefix)
         self.state = ProxyState(config.app, __version__, home)
         if config.fleet.secret is not None:
             self.state.fallback = Fallback(config.fleet)
-        self.state.features = lambda: {"tls": None, **config.front.describe()}
+        self.state.features = self._features
         self.controller = Controller(config, self.state, store, engine)
         self.manager = manager.Manager(self.controller, self.state, config.api_token)
         self._pid_file = PidFile(pid_file) if pid_file is not None else None
@@ -75,6 +94,8 @@ class Server:
         self._connections: set[ClientConnection] = set()
         self._all_closed = asyncio.Event()
         self._api_tasks: set[asyncio.Task[Any]] = set()
+        self._redirect: Redirect | None = None  # for the plain listener, with --redirect-http
+        self._tls_address = str(config.tls.address) if config.tls is not None else None
 
     async def run(self) -> None:
         """Serve until SIGTERM or SIGINT, then shut down gracefully."""
@@ -84,6 +105,9 @@ class Server:
             self.access_log.start()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        certificates = self.certificates
+        if certificates is not None:
+            loop.add_signal_handler(signal.SIGHUP, certificates.reload)
         launching: asyncio.Task[bool] | None = None
         self.controller.watch_docker()
         # Adopt current.json's running container before listening, in every mode: a process
@@ -97,14 +121,14 @@ class Server:
                 "not taking over: this process could not serve current.json (see the "
                 "log above); the running wunderproxy was left alone"
             )
-        assert self.config.proxy is not None  # TODO(tls): none with --proxy-tls only
-        proxy = await listen(self.config.proxy, self._new_client, self._connection_limit())
+        proxy, where = await self._listen_proxy()
         api = await listen(self.config.api, streams(self._serve_api))
+        listeners = [*proxy, api]
         log.info(
-            "wunderproxy %s for app %s: proxy on %s, API on %s",
+            "wunderproxy %s for app %s: %s, API on %s",
             __version__,
             self.config.app,
-            _bound(proxy, self.config.proxy),
+            ", ".join(where),
             _bound(api, self.config.api),
         )
         fleet = self.config.fleet
@@ -121,8 +145,8 @@ class Server:
                 self.config.api,
             )
         if self._take_over:
-            take_new_connections(proxy)
-            take_new_connections(api)
+            for listener in listeners:
+                take_new_connections(listener)
             if self._pid_file is not None:
                 self._pid_file.stop_predecessor()
         else:
@@ -132,6 +156,7 @@ class Server:
         if self._pid_file is not None:
             self._pid_file.write()
         sweeper = asyncio.create_task(self._enforce_timeouts())
+        watcher = asyncio.create_task(certificates.watch()) if certificates else None
         try:
             await stop.wait()
             log.info("shutting down: finishing requests in flight, then exiting")
@@ -139,9 +164,11 @@ class Server:
                 launching.cancel()
             # Timeouts still hold while requests finish: a trickling head must not keep
             # shutdown waiting for --shutdown-timeout.
-            await self._shutdown(proxy, api)
+            await self._shutdown(listeners)
         finally:
             sweeper.cancel()
+            if watcher is not None:
+                watcher.cancel()
             if self.state.fallback is not None:
                 self.state.fallback.stop()
             if self._pid_file is not None:
@@ -149,7 +176,47 @@ class Server:
             if self.access_log is not None:
                 await self.access_log.close()
 
-    async def _shutdown(self, proxy: Listener, api: Listener) -> None:
+    async def _listen_proxy(self) -> tuple[list[Listener], list[str]]:
+        """Listen where the proxy serves: the TLS address and the plain one, as configured,
+        under one connection limit. Returns the listeners, and how the log names them.
+
+        The TLS one first: the plain one's redirects name its port.
+        """
+        config = self.config
+        limit = self._connection_limit()
+        listeners: list[Listener] = []
+        where: list[str] = []
+        if config.tls is not None:
+            certificates = self.certificates
+            assert certificates is not None
+            handshake = TlsAccept(
+                # Asked at each accept: a reloaded certificate serves new handshakes only.
+                context=lambda: certificates.context,
+                # A handshake is what a client sends first, as a head is: nginx bounds
+                # both with client_header_timeout.
+                handshake_timeout=config.edge.header_timeout,
+            )
+            secure = await listen(config.tls.address, self._new_tls_client, limit, handshake)
+            self._tls_address = _bound(secure, config.tls.address)
+            listeners.append(secure)
+            where.append(f"TLS proxy on {self._tls_address}")
+            if config.tls.redirect_http:
+                self._redirect = Redirect(secure.sockets[0].getsockname()[1])
+        if config.proxy is not None:
+            plain = await listen(config.proxy, self._new_client, limit)
+            listeners.append(plain)
+            redirecting = " (redirecting to https)" if self._redirect is not None else ""
+            where.append(f"proxy on {_bound(plain, config.proxy)}{redirecting}")
+        return listeners, where
+
+    def _features(self) -> dict[str, Any]:
+        """``/status`` ``features``: the TLS listener's, then the front door's settings."""
+        tls = None
+        if self.certificates is not None:
+            tls = {"address": self._tls_address, **self.certificates.describe()}
+        return {"tls": tls, **self.config.front.describe()}
+
+    async def _shutdown(self, listeners: list[Listener]) -> None:
         timeout = self.config.shutdown_timeout
         self._stopping = True
         for task in self._api_tasks:
@@ -159,8 +226,8 @@ class Server:
         # Accept a moment longer: connections the kernel queued for this listener before a
         # successor took the port are served rather than reset.
         await asyncio.sleep(ACCEPT_LINGER)
-        proxy.close()
-        api.close()
+        for listener in listeners:
+            listener.close()
         if self._connections:
             try:
                 async with asyncio.timeout(timeout):
@@ -236,9 +303,18 @@ class Server:
     def _connection_refused(self) -> None:
         self.state.connections_refused += 1
 
-    def _new_client(self) -> ClientConnection:
+    def _new_tls_client(self) -> ClientConnection:
+        return self._new_client("https")
+
+    def _new_client(self, scheme: str = "http") -> ClientConnection:
         connection = ClientConnection(
-            self.state, self.config.edge, self._client_closed, self.access_log, self.config.front
+            self.state,
+            self.config.edge,
+            self._client_closed,
+            self.access_log,
+            self.config.front,
+            scheme,
+            self._redirect if scheme == "http" else None,
         )
         if self._stopping:
             connection.close_when_idle(IDLE_CLOSE_GRACE)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -81,7 +82,10 @@ def assert_no_failures(outcomes: list[Outcome], where: str = "") -> None:
 
 
 class LoadGenerator:
-    """Sends ``mix`` to 127.0.0.1:``port`` until stopped; thread-safe results."""
+    """Sends ``mix`` to 127.0.0.1:``port`` until stopped; thread-safe results.
+
+    With ``tls``, over HTTPS with that client context (a new connection is a new handshake).
+    """
 
     def __init__(
         self,
@@ -89,8 +93,10 @@ class LoadGenerator:
         mix: tuple[Worker, ...] = DEFAULT_MIX,
         max_seconds: float = 120.0,
         max_requests: int = 100_000,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._port = port
+        self._tls = tls
         self._mix = mix
         self._deadline = time.monotonic() + max_seconds
         self._max_requests = max_requests
@@ -133,7 +139,7 @@ class LoadGenerator:
         connection: http.client.HTTPConnection | None = None
         while self._running():
             if connection is None or not worker.keep_alive:
-                connection = http.client.HTTPConnection("127.0.0.1", self._port, timeout=30)
+                connection = self._connection()
             started = time.monotonic()
             status, body, error = None, "", None
             try:
@@ -152,3 +158,10 @@ class LoadGenerator:
                 self.outcomes.append(outcome)
         if connection is not None:
             connection.close()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._tls is not None:
+            return http.client.HTTPSConnection(
+                "127.0.0.1", self._port, timeout=30, context=self._tls
+            )
+        return http.client.HTTPConnection("127.0.0.1", self._port, timeout=30)

@@ -26,6 +26,7 @@ from wunderproxy.config import Edge
 from wunderproxy.fallback import Fallback
 from wunderproxy.forwarder import ClientConnection
 from wunderproxy.launchconfig import md5_hex, parse_launch_config
+from wunderproxy.redirect import Redirect
 from wunderproxy.state import Container, ProxyState
 
 
@@ -134,9 +135,13 @@ class Client:
 
 @contextlib.asynccontextmanager
 async def running_proxy(
-    log_path: Path, name: str = "testapp", fallback: Fallback | None = None
+    log_path: Path,
+    name: str = "testapp",
+    fallback: Fallback | None = None,
+    redirect: Redirect | None = None,
 ) -> AsyncIterator[Proxy]:
-    """The forwarder on a free 127.0.0.1 port, with an access log at ``log_path``."""
+    """The forwarder on a free 127.0.0.1 port, with an access log at ``log_path`` (and
+    answering every request with ``redirect``, if given)."""
     state = ProxyState(name, "test")
     state.fallback = fallback
     connections: set[ClientConnection] = set()
@@ -144,7 +149,9 @@ async def running_proxy(
     access_log.start()
 
     def new_connection() -> ClientConnection:
-        connection = ClientConnection(state, proxy.edge, connections.discard, access_log)
+        connection = ClientConnection(
+            state, proxy.edge, connections.discard, access_log, redirect=redirect
+        )
         connections.add(connection)
         return connection
 
