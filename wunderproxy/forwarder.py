@@ -4,9 +4,11 @@ The client's bytes are fed to the framing observer; at each request head the con
 opens a :class:`RequestCycle`, asks :class:`~wunderproxy.state.ProxyState` which container
 serves *now* and sends the request there, reusing the upstream connection while it is to the
 same container and kept alive. The container's answer is copied back as it arrives; the
-cycle is closed once, when the answer ends or fails. Bytes are forwarded exactly as received;
-the proxy only writes bytes of its own when it answers by itself (the failures of
-:mod:`wunderproxy.answers`), and then always before any byte of an upstream answer.
+cycle is closed once, when the answer ends or fails. Bytes are forwarded exactly as received
+(but for the forwarded fields of a request's head, with ``--forwarded``: see
+:mod:`wunderproxy.forwarded`); the proxy only writes bytes of its own when it answers by
+itself (the failures of :mod:`wunderproxy.answers`), and then always before any byte of an
+upstream answer.
 
 Both sides are asyncio protocols: bytes are handled in the callback that receives them.
 Streams would add a task wake-up and a future to every read and every answer, which cost
@@ -28,6 +30,7 @@ from wunderproxy import answers, framing
 from wunderproxy.accesslog import CLIENT_CLOSED_REQUEST, AccessLog
 from wunderproxy.config import Edge, Front
 from wunderproxy.fallback import Fallback, PeerTarget, unmarked
+from wunderproxy.forwarded import Forwarding
 from wunderproxy.state import Container, ProxyState
 from wunderproxy.streams import LINGER
 from wunderproxy.traffic import NO_REVISION
@@ -144,6 +147,7 @@ class ClientConnection(asyncio.Protocol):
         "_edge",
         "_exchange",
         "_fallback",
+        "_forwarding",
         "_front",
         "_head_since",
         "_last_active",
@@ -179,7 +183,9 @@ class ClientConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         # This connection.
         self._transport: asyncio.Transport | None = None
-        self._client_host: str | None = None  # only looked up for the access log
+        # Only looked up for the access log and the forwarded fields.
+        self._client_host: str | None = None
+        self._forwarding: Forwarding | None = None  # None: --forwarded off
         self._exchange = framing.Exchange(edge.max_header_size, edge.max_body_size)
         self._upstream: Upstream | None = None
         self._paused_for: set[str] = set()
@@ -303,9 +309,12 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self._state.open_connections += 1
-        if self._access_log is not None:
+        forwarded = self._front.forwarded
+        if self._access_log is not None or forwarded != "off":
             peer = transport.get_extra_info("peername")
             self._client_host = peer[0] if isinstance(peer, tuple) else None
+        if forwarded != "off":
+            self._forwarding = Forwarding(forwarded, self._client_host, self._scheme)
 
     def data_received(self, data: bytes) -> None:
         now = self._last_active = self._loop.time()
@@ -434,6 +443,8 @@ class ClientConnection(asyncio.Protocol):
         self._head_since = 0.0
         if self._fallback is not None:
             self._read_mark(cycle, self._fallback)
+        if self._forwarding is not None and cycle.sender is None:  # a peer's sender did
+            cycle.head = self._forwarding.rewrite(cycle.head)
         container = self._state.current
         if container is None or container.down:
             if cycle.may_fall_back:

@@ -9,14 +9,16 @@ half its body, then nothing; ``/events`` answers a ``text/event-stream`` without
 three events 0.1 s apart, and ends it by closing the connection; ``/drop`` closes its
 connection without answering. With ``answering`` False, every request is met that way
 (an app that crashed while its port stays open).
-Every answer carries ``X-Backend: NAME`` so tests can tell which server answered, and
-``heads`` keeps every request head received.
+Every answer carries ``X-Backend: NAME`` so tests can tell which server answered;
+``heads`` keeps every request head received, ``connected_at`` the time (``time.monotonic``)
+each connection was accepted, and ``received`` the raw bytes read on each.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass, field
 
 import h11
@@ -34,6 +36,8 @@ class Backend:
     drop_next_on_connection: dict[int, bool] = field(default_factory=dict)
     dropped: int = 0
     heads: list[h11.Request] = field(default_factory=list)
+    connected_at: list[float] = field(default_factory=list)
+    received: list[bytearray] = field(default_factory=list)
     answering: bool = True
 
     @property
@@ -58,10 +62,13 @@ class Backend:
         assert task is not None
         self.tasks.add(task)
         self.connections += 1
+        self.connected_at.append(time.monotonic())
+        raw = bytearray()
+        self.received.append(raw)
         conn = h11.Connection(h11.SERVER)
         try:
             while True:
-                request, body = await _read_request(conn, reader)
+                request, body = await _read_request(conn, reader, raw)
                 if request is None:
                     return
                 self.requests += 1
@@ -147,14 +154,16 @@ class Backend:
 
 
 async def _read_request(
-    conn: h11.Connection, reader: asyncio.StreamReader
+    conn: h11.Connection, reader: asyncio.StreamReader, raw: bytearray
 ) -> tuple[h11.Request | None, bytes]:
     request = None
     body = bytearray()
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await reader.read(65536))
+            data = await reader.read(65536)
+            raw += data
+            conn.receive_data(data)
         elif isinstance(event, h11.Request):
             request = event
         elif isinstance(event, h11.Data):
