@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import pytest
 
+from wunderproxy import spool as spool_module
 from wunderproxy.spool import READ_SIZE, Spool
 
 
@@ -72,3 +74,25 @@ def test_a_missing_directory_is_an_os_error_naming_it(tmp_path: Path) -> None:
     spool.write(b"x" * 10)  # fits in memory: no file needed yet
     with pytest.raises(OSError, match="gone"):
         spool.write(b"y")
+
+
+class ShortWrites(io.FileIO):
+    """A file whose writes take at most 1000 bytes each, as on a disk filling up."""
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        return super().write(memoryview(data)[:1000])
+
+
+def test_a_write_the_file_takes_only_part_of_is_written_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        spool_module.tempfile,
+        "TemporaryFile",
+        lambda **_: ShortWrites(tmp_path / "file", "w+b"),
+    )
+    spool = Spool(10, tmp_path)
+    body = bytes(range(256)) * 40
+    spool.write(body)
+    assert read_all(spool) == body
+    spool.close()

@@ -60,7 +60,11 @@ class Spool:
                 self._file = tempfile.TemporaryFile(  # noqa: SIM115 (closed by close())
                     buffering=0, dir=self._directory, prefix="wunderproxy-"
                 )
-            self._file.write(data)
+            # An unbuffered write may take only part (the disk filling up): the rest is
+            # written again, and then fails with the reason.
+            written = self._file.write(data)
+            while written < len(data):
+                written += self._file.write(data[written:])
 
     def read(self) -> bytes:
         """The next bytes in order, b"" after the last: first all that is in memory (let
