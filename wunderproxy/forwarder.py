@@ -7,8 +7,11 @@ same container and kept alive. The container's answer is copied back as it arriv
 cycle is closed once, when the answer ends or fails. Bytes are forwarded exactly as received
 (but for the forwarded fields of a request's head, with ``--forwarded``: see
 :mod:`wunderproxy.forwarded`); the proxy only writes bytes of its own when it answers by
-itself (the failures of :mod:`wunderproxy.answers`), and then always before any byte of an
-upstream answer.
+itself (the failures of :mod:`wunderproxy.answers`, and the ``100 Continue`` of a request it
+buffers), and then always before any byte of an upstream answer.
+
+With ``--buffer-requests``, a request whose body is still arriving when its head is read is
+routed only once its body is whole (:mod:`wunderproxy.requestbuffer`).
 
 Both sides are asyncio protocols: bytes are handled in the callback that receives them.
 Streams would add a task wake-up and a future to every read and every answer, which cost
@@ -31,6 +34,8 @@ from wunderproxy.accesslog import CLIENT_CLOSED_REQUEST, AccessLog
 from wunderproxy.config import Edge, Front
 from wunderproxy.fallback import Fallback, PeerTarget, unmarked
 from wunderproxy.forwarded import Forwarding
+from wunderproxy.requestbuffer import CONTINUE, BufferedRequest, store_failures, without_continue
+from wunderproxy.spool import Spool
 from wunderproxy.state import Container, ProxyState
 from wunderproxy.streams import LINGER
 from wunderproxy.traffic import NO_REVISION
@@ -97,6 +102,7 @@ class RequestCycle:
         "started_at",
         "status",
         "target",
+        "upload",
     )
 
     def __init__(self, request: framing.RequestStarted, started_at: float) -> None:
@@ -124,6 +130,7 @@ class RequestCycle:
         # The front door (for the access log).
         self.encoding: str | None = None  # how --compress encoded its answer
         self.buffered: str | None = None  # "request", "response" or "both"
+        self.upload: BufferedRequest | None = None  # its body, held until whole
 
     @property
     def answer_begun(self) -> bool:
@@ -365,6 +372,15 @@ class ClientConnection(asyncio.Protocol):
         if self._upstream is not None:
             self._upstream.pause_reading()
 
+    def upstream_writable(self, upstream: Upstream) -> None:
+        """The container takes more of the request again: read the client again, and
+        write on a held body."""
+        self.resume_reading("upstream")
+        cycle = self._cycle
+        if cycle is not None and cycle.upload is not None and cycle.target is upstream:
+            self._last_upstream = self._loop.time()  # it took some of the body: progress
+            cycle.upload.send(upstream)
+
     def resume_writing(self) -> None:
         self._send_mark = None
         # The container's answer was held back for the client: its clock starts again.
@@ -397,8 +413,8 @@ class ClientConnection(asyncio.Protocol):
             if isinstance(piece, framing.RequestStarted):
                 if not self._start_request(piece, pieces[index + 1 :]):
                     return  # the rest waits for the new upstream connection
-            else:
-                self._send(piece)
+            elif not self._send(piece):
+                return  # refused: its body could not be held
         self._hold_pipelined_requests()
 
     def _hold_pipelined_requests(self) -> None:
@@ -411,8 +427,12 @@ class ClientConnection(asyncio.Protocol):
         if cycle is not None and cycle.received and self._exchange.has_buffered_bytes:
             self.pause_reading("answer")
 
-    def _send(self, piece: framing.Body | framing.MessageEnded) -> None:
-        """Pass on a piece of the request body (or its end) to where the request went."""
+    def _send(self, piece: framing.Body | framing.MessageEnded) -> bool:
+        """Pass on a piece of the request body (or its end) to where the request went, or
+        hold it until the body is whole (--buffer-requests), then route the request.
+
+        False when the request was refused instead: its body could not be held.
+        """
         cycle = self._cycle
         assert cycle is not None, "a body piece with no request in progress"
         data = piece.data
@@ -426,16 +446,26 @@ class ClientConnection(asyncio.Protocol):
                     if len(replay) > REPLAY_LIMIT:
                         cycle.replay = None
                 target.write(data)
+            elif cycle.upload is not None and not cycle.answered:
+                try:
+                    cycle.upload.add(data)
+                except OSError as exc:
+                    store_failures.failed(str(self._front.buffer_dir), exc)
+                    self._refuse(answers.BUFFER_FAILED)
+                    return False
         if isinstance(piece, framing.MessageEnded):
             cycle.received = True
             if cycle.answered:  # answered before its body was all read
                 self._end_cycle()
+            elif cycle.upload is not None:  # held until now: the body is whole
+                self._route(cycle, [])
+        return True
 
     def _start_request(
         self, piece: framing.RequestStarted, rest: list[framing.ClientPiece]
     ) -> bool:
-        """Open the request's cycle and route it to the container serving now (or to a
-        peer, if that container is known to be down).
+        """Open the request's cycle and route it; with --buffer-requests, a request whose
+        body is still on its way is routed once the body is whole (see :meth:`_send`).
 
         False when a connection must be made first: ``rest`` is then forwarded once it is.
         """
@@ -445,6 +475,17 @@ class ClientConnection(asyncio.Protocol):
             self._read_mark(cycle, self._fallback)
         if self._forwarding is not None and cycle.sender is None:  # a peer's sender did
             cycle.head = self._forwarding.rewrite(cycle.head)
+        if self._front.buffer_requests and not (
+            rest and isinstance(rest[-1], framing.MessageEnded)
+        ):
+            self._hold_body(cycle)
+            return True
+        return self._route(cycle, rest)
+
+    def _route(self, cycle: RequestCycle, rest: list[framing.ClientPiece]) -> bool:
+        """Send the request to the container serving now (or to a peer, if that container
+        is known to be down), or answer it here. False when connecting, as for
+        :meth:`_dispatch`."""
         container = self._state.current
         if container is None or container.down:
             if cycle.may_fall_back:
@@ -464,6 +505,19 @@ class ClientConnection(asyncio.Protocol):
         container.request_started()
         cycle.container = container
         return self._dispatch(cycle, container, rest, None)
+
+    def _hold_body(self, cycle: RequestCycle) -> None:
+        """Hold the request's body until it is whole (--buffer-requests); a client that
+        waits for ``100 Continue`` is told to go on (see requestbuffer.py)."""
+        front = self._front
+        cycle.upload = BufferedRequest(Spool(front.buffer_memory, front.buffer_dir))
+        cycle.buffered = "request"
+        head = without_continue(cycle.head)
+        transport = self._transport
+        if head is not None and transport is not None and not transport.is_closing():
+            cycle.head = head
+            cycle.bytes_out += len(CONTINUE)
+            transport.write(CONTINUE)
 
     def _read_mark(self, cycle: RequestCycle, fallback: Fallback) -> None:
         """Note which peer sent a marked request, and decide whether the request may go to a
@@ -541,15 +595,21 @@ class ClientConnection(asyncio.Protocol):
 
     def _write_request(self, cycle: RequestCycle, upstream: Upstream, replay: bytes | None) -> None:
         """Write the request on the connection it was just given: the whole of it again
-        (``replay``), or its head and whatever of its body waited for the connection."""
+        (``replay``), or its head and whatever of its body waited for the connection; a
+        held body (``replay`` is then only its head) from its start, as the connection
+        takes it."""
         if replay is not None:
             upstream.write(replay)
             if cycle.replay is not None:
                 cycle.replay = bytearray(replay)
-            return
-        upstream.write(cycle.head)
+        else:
+            upstream.write(cycle.head)
+        upload = cycle.upload
+        if upload is not None:
+            upload.rewind()
+            upload.send(upstream)
         held = cycle.held
-        if not held:
+        if replay is not None or not held:
             return
         cycle.held = []
         for piece in held[1:]:
@@ -936,6 +996,13 @@ class ClientConnection(asyncio.Protocol):
             return
         self._cycle = None
         self._state.active_connections -= 1
+        upload = cycle.upload
+        if upload is not None:
+            if not upload.sent and cycle.target is not None and cycle.target is self._upstream:
+                # Answered before its held body all went up: that connection is out of step.
+                self._drop_upstream()
+                self.resume_reading("upstream")  # its flow control may have held the client
+            upload.close()
         container = cycle.container
         upstream = self._upstream
         if upstream is not None:

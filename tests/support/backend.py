@@ -12,13 +12,19 @@ connection without answering. With ``answering`` False, every request is met tha
 Every answer carries ``X-Backend: NAME`` so tests can tell which server answered;
 ``heads`` keeps every request head received, ``connected_at`` the time (``time.monotonic``)
 each connection was accepted, and ``received`` the raw bytes read on each.
+
+A :class:`Sink` is an app that reads uploads slowly and keeps nothing of them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import re
+import socket
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import h11
@@ -182,3 +188,68 @@ async def running_backend(name: str):  # type: ignore[no-untyped-def]
         yield backend
     finally:
         await backend.stop()
+
+
+@dataclass
+class Sink:
+    """A server that takes each request's body slowly and answers its length and SHA-256.
+
+    It keeps nothing of a body (so that its own memory does not count where the proxy's
+    is measured) and reads with a small receive buffer, after ``read_after`` seconds and
+    ``pace`` bytes at a time every 10 ms: the slow app a buffered body must wait for.
+    Content-Length bodies only; one request per connection.
+    """
+
+    read_after: float = 0.0
+    pace: int = 64 * 1024
+    server: asyncio.Server | None = None
+    answered: int = 0
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def start(self) -> Sink:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # accepted ones inherit it
+        sock.bind(("127.0.0.1", 0))
+        self.server = await asyncio.start_server(self._serve, sock=sock)
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            found = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+            assert found is not None, f"the sink takes Content-Length bodies: {head!r}"
+            length = int(found.group(1))
+            await asyncio.sleep(self.read_after)
+            digest = hashlib.sha256()
+            while length:
+                data = await reader.read(min(self.pace, length))
+                if not data:
+                    return
+                digest.update(data)
+                length -= len(data)
+                await asyncio.sleep(0.01)
+            body = f"{digest.hexdigest()}\n".encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+            self.answered += 1
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def running_sink(read_after: float = 0.0, pace: int = 64 * 1024) -> AsyncIterator[Sink]:
+    """A started :class:`Sink`, stopped on exit."""
+    sink = await Sink(read_after, pace).start()
+    try:
+        yield sink
+    finally:
+        assert sink.server is not None
+        sink.server.close()
+        await sink.server.wait_closed()
