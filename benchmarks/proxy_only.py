@@ -8,7 +8,8 @@ container would add Docker's own proxy to every row. This runs the production
 :class:`~wunderproxy.server.Server` (listeners, forwarder, framing, counters) with the
 upstream installed as the serving container; the manager answers too, on ``--api``.
 Every field of :class:`~wunderproxy.config.Edge` is an option named as ``wunderproxy run``
-names it (``--header-timeout``, ``--max-header-size``, ...), with the same default.
+names it (``--header-timeout``, ``--max-header-size``, ...), with the same default, and so
+are ``--forwarded`` and the ``--buffer-*`` options of requests.
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from wunderproxy import config as defaults
 from wunderproxy.accesslog import ACCESS_LOG_FORMATS, AccessLog
-from wunderproxy.config import Address, Config, Edge
+from wunderproxy.config import Address, Config, Edge, Front
 from wunderproxy.engine import ContainerRecord, ContainerSpec, StartedContainer
 from wunderproxy.errors import UpstreamFailed
 from wunderproxy.launchconfig import md5_hex, parse_launch_config
 from wunderproxy.runtime import run_event_loop
 from wunderproxy.server import Server
+from wunderproxy.spool import check_directory
 from wunderproxy.state import Container
 
 
@@ -130,7 +133,13 @@ def main() -> None:
     parser.add_argument("--access-log", help="write one line per request here (- for stdout)")
     parser.add_argument("--access-log-format", default="common", choices=ACCESS_LOG_FORMATS)
     add_edge_options(parser)
+    parser.add_argument("--forwarded", default="off", choices=defaults.FORWARDED_MODES)
+    parser.add_argument("--buffer-requests", action="store_true")
+    parser.add_argument("--buffer-memory", type=int, default=defaults.DEFAULT_BUFFER_MEMORY)
+    parser.add_argument("--buffer-dir", type=Path, default=defaults.DEFAULT_BUFFER_DIR)
     args = parser.parse_args()
+    if args.buffer_requests:
+        check_directory(args.buffer_dir, "--buffer-dir")
     logging.basicConfig(level=logging.WARNING)
     host, _, port = args.upstream.rpartition(":")
     raw = json.dumps({"Revision": "bench", "HealthCheckPath": "/"}).encode()
@@ -141,6 +150,12 @@ def main() -> None:
         proxy=Address.parse(args.listen, "--listen"),
         api=Address.parse(args.api, "--api"),
         edge=edge_from(args),
+        front=Front(
+            forwarded=args.forwarded,
+            buffer_requests=args.buffer_requests,
+            buffer_memory=args.buffer_memory,
+            buffer_dir=args.buffer_dir,
+        ),
     )
     access_log = AccessLog(args.access_log, args.access_log_format) if args.access_log else None
     server = Server(config, NoStore(), NoEngine(), access_log=access_log)
