@@ -129,6 +129,16 @@ def test_replace_leaves_the_host_out_of_an_http_1_0_request_without_one() -> Non
     assert values(result, b"forwarded") == [b"for=192.0.2.1;proto=http"]
 
 
+def test_replace_names_each_requests_own_host_on_one_connection() -> None:
+    forwarding = Forwarding("replace", CLIENT, "http")
+    for host in (b"a.example", b"b.example:8080", b"a.example"):
+        head = forwarding.rewrite(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        assert values(head, b"x-forwarded-host") == [host]
+    assert forwarding.rewrite(b"GET / HTTP/1.0\r\n\r\n").endswith(
+        b"Forwarded: for=192.0.2.1;proto=http\r\n\r\n"
+    )
+
+
 # -- the client's address ----------------------------------------------------------------
 
 

@@ -28,20 +28,21 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 
 from wunderproxy.config import ForwardedMode
-from wunderproxy.fields import TOKEN
 
-# The fields ``append`` reads: X-Forwarded-For (group 1 set) or X-Forwarded-Proto; group 2 is
-# the value up to the line's CR.
-_APPEND_FIELDS = re.compile(rb"\r\n(?:(x-forwarded-for)|x-forwarded-proto):([^\r]*)", re.IGNORECASE)
+# The fields read, as they start a line of a lower-cased head (which has no other CR).
+_FOR = b"\r\nx-forwarded-for:"
+_PROTO = b"\r\nx-forwarded-proto:"
+_HOST = b"\r\nhost:"
 # The fields ``replace`` removes: each line without its CRLF, which stays as the end of the
 # line before.
 _CLIENT_FIELDS = re.compile(
     rb"\r\n(?:x-forwarded-(?:for|proto|host)|forwarded):[^\r]*", re.IGNORECASE
 )
-_HOST = re.compile(rb"\r\nhost:[ \t]*([^\r]*?)[ \t]*\r", re.IGNORECASE)
-_TOKEN = re.compile(TOKEN)
+# The bytes a token is made of (RFC 9110 section 5.6.2).
+_TCHARS = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 # What a client of a Unix-socket listener is called (RFC 7239 section 6.3).
 UNKNOWN = "unknown"
@@ -50,65 +51,121 @@ UNKNOWN = "unknown"
 class Forwarding:
     """The fields of one client connection: its address and its listener's scheme.
 
-    Made once per connection (the address is formatted then), used for each request.
+    Made once per connection, when everything that does not change from one request to the
+    next is written; ``rewrite(head)`` then gives a request's head with the fields this
+    mode sets. Fields are found with ``bytes.find`` on the lower-cased head: regular
+    expressions that ignore case cost twice as many instructions per request.
     """
 
-    __slots__ = ("_for", "_node", "_proto", "_replace", "_tls")
+    __slots__ = (
+        "_after_for",
+        "_as_for",
+        "_for_field",
+        "_forwarded",
+        "_host",
+        "_host_fields",
+        "_own",
+        "_proto_field",
+        "_tls",
+        "rewrite",
+    )
 
     def __init__(self, mode: ForwardedMode, client: str | None, scheme: str) -> None:
         assert mode != "off", "with --forwarded off nothing is rewritten"
         address = client_address(client)
-        self._replace = mode == "replace"
         self._tls = scheme == "https"
-        self._proto = scheme.encode()
-        self._for = address.encode()  # as X-Forwarded-For has it
+        proto = scheme.encode()
+        client_for = address.encode()  # as X-Forwarded-For has it
         # As Forwarded has it: an IPv6 address in brackets, quoted (a colon is no token).
-        self._node = f'"[{address}]"'.encode() if ":" in address else self._for
-
-    def rewrite(self, head: bytes) -> bytes:
-        """``head`` (request line to blank line) with the fields this mode sets."""
-        return self._replaced(head) if self._replace else self._appended(head)
+        node = f'"[{address}]"'.encode() if ":" in address else client_for
+        self._after_for = b", " + client_for  # appended to a list
+        self._as_for = b" " + client_for  # the value of a field that had none
+        self._for_field = b"X-Forwarded-For: " + client_for + b"\r\n"
+        self._proto_field = b"X-Forwarded-Proto: " + proto + b"\r\n"
+        self._own = self._for_field + self._proto_field
+        self._forwarded = b"Forwarded: for=" + node + b";proto=" + proto
+        self._host = b""  # the last request's Host, and the fields replace set for it
+        self._host_fields = self._fields_for(b"")
+        # The mode's method itself: one call less per request than a method that picks it.
+        self.rewrite: Callable[[bytes], bytes] = (
+            self._replaced if mode == "replace" else self._appended
+        )
 
     def _appended(self, head: bytes) -> bytes:
-        last_for = None
-        protos = []
-        for field in _APPEND_FIELDS.finditer(head):
-            if field.group(1) is not None:
-                last_for = field
-            else:
-                protos.append(field)
-        edits: list[tuple[int, int, bytes]] = []
+        lowered = head.lower()
+        edits = []
         added = b""
-        if last_for is None:
-            added = b"X-Forwarded-For: " + self._for + b"\r\n"
+        if lowered.find(_PROTO) < 0:
+            added = self._proto_field
+        elif self._tls:  # whatever a client claims, this connection is TLS
+            protos = _lines(lowered, _PROTO)
+            start, end = protos[0]
+            if len(protos) > 1 or head[start + len(_PROTO) : end].strip(b" \t").lower() != b"https":
+                edits = [(start, end, b"") for start, end in protos]
+                added = self._proto_field
+        last_for = lowered.rfind(_FOR)
+        if last_for < 0:
+            added = self._for_field + added
         else:
-            value = last_for.group(2)
-            if value.strip(b" \t"):
-                end = last_for.start(2) + len(value.rstrip(b" \t"))
-                edits.append((end, end, b", " + self._for))
+            start = last_for + len(_FOR)
+            end = head.find(b"\r", start)
+            value = head[start:end].rstrip(b" \t")
+            if value.lstrip(b" \t"):
+                start = end = start + len(value)
+                insert = self._after_for
             else:  # an empty field: the address is its value
-                edits.append((last_for.start(2), last_for.end(2), b" " + self._for))
-        if self._tls:
-            # Whatever a client claims, this connection is TLS.
-            if len(protos) != 1 or protos[0].group(2).strip(b" \t").lower() != b"https":
-                edits.extend((proto.start(), proto.end(), b"") for proto in protos)
-                added += b"X-Forwarded-Proto: https\r\n"
-        elif not protos:
-            added += b"X-Forwarded-Proto: " + self._proto + b"\r\n"
+                insert = self._as_for
+            if not edits and not added:  # behind a proxy that sets both: the common case
+                return head[:start] + insert + head[end:]
+            edits.append((start, end, insert))
+        if not edits:  # nothing to change in place: the common case without a proxy
+            return head[:-2] + added + b"\r\n"
         if added:
             edits.append((len(head) - 2, len(head) - 2, added))
         return _spliced(head, edits)
 
     def _replaced(self, head: bytes) -> bytes:
-        host = _HOST.search(head)
-        kept = _CLIENT_FIELDS.sub(b"", head)
-        fields = b"X-Forwarded-For: " + self._for + b"\r\nX-Forwarded-Proto: " + self._proto
-        forwarded = b"\r\nForwarded: for=" + self._node + b";proto=" + self._proto
-        if host is not None and host.group(1):
-            value = host.group(1)
-            fields += b"\r\nX-Forwarded-Host: " + value
-            forwarded += b";host=" + _quoted(value)
-        return kept[:-2] + fields + forwarded + b"\r\n\r\n"
+        lowered = head.lower()
+        kept = head
+        if b"\r\nx-forwarded-" in lowered or b"\r\nforwarded:" in lowered:
+            kept = _CLIENT_FIELDS.sub(b"", head)
+        at = lowered.find(_HOST)
+        host = b""
+        if at >= 0:
+            start = at + len(_HOST)
+            host = head[start : head.find(b"\r", start)].strip(b" \t")
+        if host != self._host:  # a connection's requests mostly name one host
+            self._host = host
+            self._host_fields = self._fields_for(host)
+        return kept[:-2] + self._host_fields
+
+    def _fields_for(self, host: bytes) -> bytes:
+        """What ``replace`` puts at the end of a head whose Host is ``host``."""
+        if not host:  # HTTP/1.0 may have none
+            return self._own + self._forwarded + b"\r\n\r\n"
+        return b"".join(
+            (
+                self._own,
+                b"X-Forwarded-Host: ",
+                host,
+                b"\r\n",
+                self._forwarded,
+                b";host=",
+                _quoted(host),
+                b"\r\n\r\n",
+            )
+        )
+
+
+def _lines(lowered: bytes, start: bytes) -> list[tuple[int, int]]:
+    """Where each field line beginning with ``start`` is: from its CRLF to its CR."""
+    found = []
+    at = lowered.find(start)
+    while at >= 0:
+        end = lowered.find(b"\r", at + 2)
+        found.append((at, end))
+        at = lowered.find(start, end)
+    return found
 
 
 def client_address(host: str | None) -> str:
@@ -129,7 +186,7 @@ def client_address(host: str | None) -> str:
 def _quoted(value: bytes) -> bytes:
     """A Forwarded parameter's value: a token as it is, anything else (a host with a port
     has a colon) as a quoted string (RFC 7239 section 4, RFC 9110 section 5.6.4)."""
-    if _TOKEN.fullmatch(value) is not None:
+    if value and not value.translate(None, _TCHARS):
         return value
     return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
