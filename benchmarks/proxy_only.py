@@ -9,7 +9,8 @@ headers, buffering, compression) are named as ``wunderproxy run`` names them. Th
 production :class:`~wunderproxy.server.Server` (listeners, forwarder, framing, counters) with the
 upstream installed as the serving container; the manager answers too, on ``--api``.
 Every field of :class:`~wunderproxy.config.Edge` is an option named as ``wunderproxy run``
-names it (``--header-timeout``, ``--max-header-size``, ...), with the same default.
+names it (``--header-timeout``, ``--max-header-size``, ...), with the same default, and so
+are ``--forwarded`` and the ``--buffer-*`` options of requests.
 """
 
 from __future__ import annotations
@@ -26,14 +27,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from wunderproxy import config as defaults
 from wunderproxy.accesslog import ACCESS_LOG_FORMATS, AccessLog
 from wunderproxy.compression import available_encodings
-from wunderproxy.config import FORWARDED_MODES, Address, Config, Edge, Front, Tls
+from wunderproxy.config import Address, Config, Edge, Front, Tls
 from wunderproxy.engine import ContainerRecord, ContainerSpec, StartedContainer
 from wunderproxy.errors import UpstreamFailed
 from wunderproxy.launchconfig import md5_hex, parse_launch_config
 from wunderproxy.runtime import run_event_loop
 from wunderproxy.server import Server
+from wunderproxy.spool import check_directory
 from wunderproxy.state import Container
 
 
@@ -128,10 +131,11 @@ def add_front_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--proxy-tls", help="also serve HTTPS here, HOST:PORT")
     parser.add_argument("--tls-cert", type=Path)
     parser.add_argument("--tls-key", type=Path)
-    parser.add_argument("--forwarded", default="off", choices=FORWARDED_MODES)
+    parser.add_argument("--forwarded", default="off", choices=defaults.FORWARDED_MODES)
     parser.add_argument("--buffer-requests", action="store_true")
     parser.add_argument("--buffer-responses", action="store_true")
-    parser.add_argument("--buffer-memory", type=int, default=Front().buffer_memory)
+    parser.add_argument("--buffer-memory", type=int, default=defaults.DEFAULT_BUFFER_MEMORY)
+    parser.add_argument("--buffer-dir", type=Path, default=defaults.DEFAULT_BUFFER_DIR)
     parser.add_argument("--compress", action="store_true")
 
 
@@ -149,6 +153,7 @@ def front_from(args: argparse.Namespace) -> Front:
         buffer_requests=args.buffer_requests,
         buffer_responses=args.buffer_responses,
         buffer_memory=args.buffer_memory,
+        buffer_dir=args.buffer_dir,
         compress=available_encodings() if args.compress else (),
     )
 
@@ -164,6 +169,8 @@ def main() -> None:
     add_edge_options(parser)
     add_front_options(parser)
     args = parser.parse_args()
+    if args.buffer_requests:
+        check_directory(args.buffer_dir, "--buffer-dir")
     logging.basicConfig(level=logging.WARNING)
     host, _, port = args.upstream.rpartition(":")
     raw = json.dumps({"Revision": "bench", "HealthCheckPath": "/"}).encode()

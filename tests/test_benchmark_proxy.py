@@ -3,20 +3,15 @@ its stand-in engine and store must keep up with what the server asks of them."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from tests.support.docker import free_port
-from tests.support.process import http_call
-
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "proxy_only.py"
+from tests.support.process import http_call, proxy_only
+from tests.support.waiting import wait_until
 
 
 class Hello(BaseHTTPRequestHandler):
@@ -45,31 +40,7 @@ def upstream() -> Iterator[int]:
 def test_the_benchmark_proxy_starts_and_forwards_to_its_upstream(
     upstream: int, tmp_path: Path
 ) -> None:
-    proxy_port, api_port = free_port(), free_port()
-    log_path = tmp_path / "proxy_only.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                str(SCRIPT),
-                *("--listen", f"127.0.0.1:{proxy_port}"),
-                *("--upstream", f"127.0.0.1:{upstream}"),
-                *("--api", f"127.0.0.1:{api_port}"),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert process.poll() is None, log_path.read_text()
-            try:
-                answer = http_call(proxy_port, "GET", "/", timeout=5)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the benchmark proxy did not listen"
-                time.sleep(0.1)
+    with proxy_only(tmp_path, upstream) as running:
+        wait_until(running.listening, "the benchmark proxy to listen", 20)
+        answer = http_call(running.port, "GET", "/", timeout=5)
         assert (answer.status, answer.body) == (200, b"hello")
-    finally:
-        process.terminate()
-        process.wait(10)

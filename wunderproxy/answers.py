@@ -42,6 +42,9 @@ UPSTREAM_TIMEOUT = Failure(504, "the app container did not answer in time")
 HEADER_TIMEOUT = Failure(408, "the request head did not arrive in time")
 BODY_TIMEOUT = Failure(408, "the request body stopped arriving")
 TOO_MANY_CONNECTIONS = Failure(503, "too many connections")
+# --buffer-requests could not store a body (its disk is full, or --buffer-dir is gone): the
+# condition is the host's and passes, and a load balancer may send the request elsewhere.
+BUFFER_FAILED = Failure(503, "the proxy has no room to hold the request body; try again later")
 # A peer sent this request here because its own container was down: it is never sent on.
 FALLBACK_NO_CONTAINER = Failure(502, "fallback request found no container")
 

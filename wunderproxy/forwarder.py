@@ -4,9 +4,14 @@ The client's bytes are fed to the framing observer; at each request head the con
 opens a :class:`RequestCycle`, asks :class:`~wunderproxy.state.ProxyState` which container
 serves *now* and sends the request there, reusing the upstream connection while it is to the
 same container and kept alive. The container's answer is copied back as it arrives; the
-cycle is closed once, when the answer ends or fails. Bytes are forwarded exactly as received;
-the proxy only writes bytes of its own when it answers by itself (the failures of
-:mod:`wunderproxy.answers`), and then always before any byte of an upstream answer.
+cycle is closed once, when the answer ends or fails. Bytes are forwarded exactly as received
+(but for the forwarded fields of a request's head, with ``--forwarded``: see
+:mod:`wunderproxy.forwarded`); the proxy only writes bytes of its own when it answers by
+itself (the failures of :mod:`wunderproxy.answers`, and the ``100 Continue`` of a request it
+buffers), and then always before any byte of an upstream answer.
+
+With ``--buffer-requests``, a request whose body is still arriving when its head is read is
+routed only once its body is whole (:mod:`wunderproxy.requestbuffer`).
 
 Both sides are asyncio protocols: bytes are handled in the callback that receives them.
 Streams would add a task wake-up and a future to every read and every answer, which cost
@@ -28,7 +33,10 @@ from wunderproxy import answers, framing
 from wunderproxy.accesslog import CLIENT_CLOSED_REQUEST, AccessLog
 from wunderproxy.config import Edge, Front
 from wunderproxy.fallback import Fallback, PeerTarget, unmarked
+from wunderproxy.forwarded import Forwarding
 from wunderproxy.redirect import Redirect
+from wunderproxy.requestbuffer import CONTINUE, BufferedRequest, store_failures, without_continue
+from wunderproxy.spool import Spool
 from wunderproxy.state import Container, ProxyState
 from wunderproxy.streams import LINGER
 from wunderproxy.traffic import NO_REVISION
@@ -95,6 +103,7 @@ class RequestCycle:
         "started_at",
         "status",
         "target",
+        "upload",
     )
 
     def __init__(self, request: framing.RequestStarted, started_at: float) -> None:
@@ -122,6 +131,7 @@ class RequestCycle:
         # The front door (for the access log).
         self.encoding: str | None = None  # how --compress encoded its answer
         self.buffered: str | None = None  # "request", "response" or "both"
+        self.upload: BufferedRequest | None = None  # its body, held until whole
 
     @property
     def answer_begun(self) -> bool:
@@ -145,6 +155,7 @@ class ClientConnection(asyncio.Protocol):
         "_edge",
         "_exchange",
         "_fallback",
+        "_forwarding",
         "_front",
         "_head_since",
         "_last_active",
@@ -183,7 +194,9 @@ class ClientConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         # This connection.
         self._transport: asyncio.Transport | None = None
-        self._client_host: str | None = None  # only looked up for the access log
+        # Only looked up for the access log and the forwarded fields.
+        self._client_host: str | None = None
+        self._forwarding: Forwarding | None = None  # None: --forwarded off
         self._exchange = framing.Exchange(edge.max_header_size, edge.max_body_size)
         self._upstream: Upstream | None = None
         self._paused_for: set[str] = set()
@@ -307,9 +320,12 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self._state.open_connections += 1
-        if self._access_log is not None:
+        forwarded = self._front.forwarded
+        if self._access_log is not None or forwarded != "off":
             peer = transport.get_extra_info("peername")
             self._client_host = peer[0] if isinstance(peer, tuple) else None
+        if forwarded != "off":
+            self._forwarding = Forwarding(forwarded, self._client_host, self._scheme)
 
     def data_received(self, data: bytes) -> None:
         now = self._last_active = self._loop.time()
@@ -370,6 +386,15 @@ class ClientConnection(asyncio.Protocol):
         if self._upstream is not None:
             self._upstream.pause_reading()
 
+    def upstream_writable(self, upstream: Upstream) -> None:
+        """The container takes more of the request again: read the client again, and
+        write on a held body."""
+        self.resume_reading("upstream")
+        cycle = self._cycle
+        if cycle is not None and cycle.upload is not None and cycle.target is upstream:
+            self._last_upstream = self._loop.time()  # it took some of the body: progress
+            cycle.upload.send(upstream)
+
     def resume_writing(self) -> None:
         self._send_mark = None
         # The container's answer was held back for the client: its clock starts again.
@@ -402,8 +427,8 @@ class ClientConnection(asyncio.Protocol):
             if isinstance(piece, framing.RequestStarted):
                 if not self._start_request(piece, pieces[index + 1 :]):
                     return  # the rest waits for the new upstream connection
-            else:
-                self._send(piece)
+            elif not self._send(piece):
+                return  # refused: its body could not be held
         self._hold_pipelined_requests()
 
     def _hold_pipelined_requests(self) -> None:
@@ -416,8 +441,12 @@ class ClientConnection(asyncio.Protocol):
         if cycle is not None and cycle.received and self._exchange.has_buffered_bytes:
             self.pause_reading("answer")
 
-    def _send(self, piece: framing.Body | framing.MessageEnded) -> None:
-        """Pass on a piece of the request body (or its end) to where the request went."""
+    def _send(self, piece: framing.Body | framing.MessageEnded) -> bool:
+        """Pass on a piece of the request body (or its end) to where the request went, or
+        hold it until the body is whole (--buffer-requests), then route the request.
+
+        False when the request was refused instead: its body could not be held.
+        """
         cycle = self._cycle
         assert cycle is not None, "a body piece with no request in progress"
         data = piece.data
@@ -431,17 +460,28 @@ class ClientConnection(asyncio.Protocol):
                     if len(replay) > REPLAY_LIMIT:
                         cycle.replay = None
                 target.write(data)
+            elif cycle.upload is not None and not cycle.answered:
+                try:
+                    cycle.upload.add(data)
+                except OSError as exc:
+                    store_failures.failed(str(self._front.buffer_dir), exc)
+                    self._refuse(answers.BUFFER_FAILED)
+                    return False
         if isinstance(piece, framing.MessageEnded):
             cycle.received = True
             if cycle.answered:  # answered before its body was all read
                 self._end_cycle()
+            elif cycle.upload is not None:  # held until now: the body is whole
+                self._route(cycle, [])
+        return True
 
     def _start_request(
         self, piece: framing.RequestStarted, rest: list[framing.ClientPiece]
     ) -> bool:
         """Open the request's cycle and route it to the container serving now (or to a
         peer, if that container is known to be down); with ``--redirect-http``, answer it
-        with the redirect to https:// instead.
+        with the redirect to https:// instead; with --buffer-requests, a request whose
+        body is still on its way is routed once the body is whole (see :meth:`_send`).
 
         False when a connection must be made first: ``rest`` is then forwarded once it is.
         """
@@ -452,6 +492,19 @@ class ClientConnection(asyncio.Protocol):
             return True
         if self._fallback is not None:
             self._read_mark(cycle, self._fallback)
+        if self._forwarding is not None and cycle.sender is None:  # a peer's sender did
+            cycle.head = self._forwarding.rewrite(cycle.head)
+        if self._front.buffer_requests and not (
+            rest and isinstance(rest[-1], framing.MessageEnded)
+        ):
+            self._hold_body(cycle)
+            return True
+        return self._route(cycle, rest)
+
+    def _route(self, cycle: RequestCycle, rest: list[framing.ClientPiece]) -> bool:
+        """Send the request to the container serving now (or to a peer, if that container
+        is known to be down), or answer it here. False when connecting, as for
+        :meth:`_dispatch`."""
         container = self._state.current
         if container is None or container.down:
             if cycle.may_fall_back:
@@ -471,6 +524,19 @@ class ClientConnection(asyncio.Protocol):
         container.request_started()
         cycle.container = container
         return self._dispatch(cycle, container, rest, None)
+
+    def _hold_body(self, cycle: RequestCycle) -> None:
+        """Hold the request's body until it is whole (--buffer-requests); a client that
+        waits for ``100 Continue`` is told to go on (see requestbuffer.py)."""
+        front = self._front
+        cycle.upload = BufferedRequest(Spool(front.buffer_memory, front.buffer_dir))
+        cycle.buffered = "request"
+        head = without_continue(cycle.head)
+        transport = self._transport
+        if head is not None and transport is not None and not transport.is_closing():
+            cycle.head = head
+            cycle.bytes_out += len(CONTINUE)
+            transport.write(CONTINUE)
 
     def _read_mark(self, cycle: RequestCycle, fallback: Fallback) -> None:
         """Note which peer sent a marked request, and decide whether the request may go to a
@@ -548,15 +614,21 @@ class ClientConnection(asyncio.Protocol):
 
     def _write_request(self, cycle: RequestCycle, upstream: Upstream, replay: bytes | None) -> None:
         """Write the request on the connection it was just given: the whole of it again
-        (``replay``), or its head and whatever of its body waited for the connection."""
+        (``replay``), or its head and whatever of its body waited for the connection; a
+        held body (``replay`` is then only its head) from its start, as the connection
+        takes it."""
         if replay is not None:
             upstream.write(replay)
             if cycle.replay is not None:
                 cycle.replay = bytearray(replay)
-            return
-        upstream.write(cycle.head)
+        else:
+            upstream.write(cycle.head)
+        upload = cycle.upload
+        if upload is not None:
+            upload.rewind()
+            upload.send(upstream)
         held = cycle.held
-        if not held:
+        if replay is not None or not held:
             return
         cycle.held = []
         for piece in held[1:]:
@@ -943,6 +1015,13 @@ class ClientConnection(asyncio.Protocol):
             return
         self._cycle = None
         self._state.active_connections -= 1
+        upload = cycle.upload
+        if upload is not None:
+            if not upload.sent and cycle.target is not None and cycle.target is self._upstream:
+                # Answered before its held body all went up: that connection is out of step.
+                self._drop_upstream()
+                self.resume_reading("upstream")  # its flow control may have held the client
+            upload.close()
         container = cycle.container
         upstream = self._upstream
         if upstream is not None:

@@ -10,16 +10,21 @@ the disk, and take microseconds for the chunk sizes a socket delivers.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import BinaryIO
+
+from wunderproxy.config import ConfigError
 
 # Bytes read back from the file at a time: a few socket buffers' worth.
 READ_SIZE = 256 * 1024
 
 
 class Spool:
-    """Bytes written once, then read back once from the start.
+    """Bytes written once, then read back from the start: once with :meth:`read`, which
+    lets go of the memory as it goes, or as often as need be with :meth:`read_at` (a
+    request sent again), which keeps all until :meth:`close`. One or the other, not both.
 
     At most ``memory`` bytes are held in memory; the rest goes to a file under
     ``directory``, made when the first byte does not fit.
@@ -60,7 +65,11 @@ class Spool:
                 self._file = tempfile.TemporaryFile(  # noqa: SIM115 (closed by close())
                     buffering=0, dir=self._directory, prefix="wunderproxy-"
                 )
-            self._file.write(data)
+            # An unbuffered write may take only part (the disk filling up): the rest is
+            # written again, and then fails with the reason.
+            written = self._file.write(data)
+            while written < len(data):
+                written += self._file.write(data[written:])
 
     def read(self) -> bytes:
         """The next bytes in order, b"" after the last: first all that is in memory (let
@@ -76,9 +85,35 @@ class Spool:
             return b""
         return self._file.read(READ_SIZE) or b""
 
+    def read_at(self, offset: int) -> bytes:
+        """At most READ_SIZE bytes from ``offset`` on (b"" at the end), after the last write.
+        Nothing is let go, and the file's position does not matter (``pread``)."""
+        self._reading = True
+        memory = self._memory
+        if offset < len(memory):
+            with memoryview(memory) as view:  # one copy, not two
+                return view[offset : offset + READ_SIZE].tobytes()
+        if self._file is None:
+            return b""
+        return os.pread(self._file.fileno(), READ_SIZE, offset - len(memory))
+
     def close(self) -> None:
         """Let go of the memory and the file (idempotent): the file's blocks are freed."""
         self._memory = bytearray()
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def check_directory(directory: Path, option: str) -> None:
+    """Refuse to start when a spool's file cannot be made under ``directory`` (missing, not
+    a directory, not writable, or a file system without unnamed files): a ConfigError
+    naming ``option``, found at start-up rather than by the first large upload."""
+    try:
+        with tempfile.TemporaryFile(dir=directory, prefix="wunderproxy-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"{option} {directory}: cannot make a temporary file there ({exc.strerror or exc}); "
+            "give an existing directory this process may write to"
+        ) from exc

@@ -58,6 +58,9 @@ class UpstreamClient(Protocol):
     def resume_reading(self, reason: str) -> None:
         """Read from the client again."""
 
+    def upstream_writable(self, upstream: Upstream) -> None:
+        """The container takes more of the request again (writing was paused)."""
+
     def close(self) -> None:
         """Close the client connection."""
 
@@ -70,7 +73,15 @@ class Upstream(asyncio.Protocol):
     """
 
     # Slots: one of these per client connection, so its size counts in memory per connection.
-    __slots__ = ("_busy", "_client", "_ended", "_upgraded", "target", "transport")
+    __slots__ = (
+        "_busy",
+        "_client",
+        "_ended",
+        "_upgraded",
+        "_writing_paused",
+        "target",
+        "transport",
+    )
 
     def __init__(self, target: Target) -> None:
         self.target = target
@@ -81,6 +92,7 @@ class Upstream(asyncio.Protocol):
         self._busy = True
         self._upgraded = False
         self._ended = False
+        self._writing_paused = False  # the container takes the request slower than it comes
         target.links.add(self)
 
     # -- what the client connection does with it -----------------------------------
@@ -152,6 +164,12 @@ class Upstream(asyncio.Protocol):
             self.transport.resume_reading()
 
     @property
+    def writable(self) -> bool:
+        """True while writing more makes sense: open, and not paused by flow control."""
+        transport = self.transport
+        return not self._writing_paused and transport is not None and not transport.is_closing()
+
+    @property
     def ended(self) -> bool:
         """True once the container closed its side, or the connection failed."""
         return self._ended
@@ -202,12 +220,14 @@ class Upstream(asyncio.Protocol):
             self._client.upstream_ended(self, str(exc) if exc else "the connection was closed")
 
     def pause_writing(self) -> None:  # the container reads an upload slower than it comes
+        self._writing_paused = True
         if self._client is not None:
             self._client.pause_reading("upstream")
 
     def resume_writing(self) -> None:
+        self._writing_paused = False
         if self._client is not None:
-            self._client.resume_reading("upstream")
+            self._client.upstream_writable(self)
 
 
 def take_spare(target: Target) -> Upstream | None:

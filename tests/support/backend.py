@@ -9,14 +9,22 @@ half its body, then nothing; ``/events`` answers a ``text/event-stream`` without
 three events 0.1 s apart, and ends it by closing the connection; ``/drop`` closes its
 connection without answering. With ``answering`` False, every request is met that way
 (an app that crashed while its port stays open).
-Every answer carries ``X-Backend: NAME`` so tests can tell which server answered, and
-``heads`` keeps every request head received.
+Every answer carries ``X-Backend: NAME`` so tests can tell which server answered;
+``heads`` keeps every request head received, ``connected_at`` the time (``time.monotonic``)
+each connection was accepted, and ``received`` the raw bytes read on each.
+
+A :class:`Sink` is an app that reads uploads slowly and keeps nothing of them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import re
+import socket
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import h11
@@ -34,6 +42,8 @@ class Backend:
     drop_next_on_connection: dict[int, bool] = field(default_factory=dict)
     dropped: int = 0
     heads: list[h11.Request] = field(default_factory=list)
+    connected_at: list[float] = field(default_factory=list)
+    received: list[bytearray] = field(default_factory=list)
     answering: bool = True
 
     @property
@@ -58,10 +68,13 @@ class Backend:
         assert task is not None
         self.tasks.add(task)
         self.connections += 1
+        self.connected_at.append(time.monotonic())
+        raw = bytearray()
+        self.received.append(raw)
         conn = h11.Connection(h11.SERVER)
         try:
             while True:
-                request, body = await _read_request(conn, reader)
+                request, body = await _read_request(conn, reader, raw)
                 if request is None:
                     return
                 self.requests += 1
@@ -147,14 +160,16 @@ class Backend:
 
 
 async def _read_request(
-    conn: h11.Connection, reader: asyncio.StreamReader
+    conn: h11.Connection, reader: asyncio.StreamReader, raw: bytearray
 ) -> tuple[h11.Request | None, bytes]:
     request = None
     body = bytearray()
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await reader.read(65536))
+            data = await reader.read(65536)
+            raw += data
+            conn.receive_data(data)
         elif isinstance(event, h11.Request):
             request = event
         elif isinstance(event, h11.Data):
@@ -173,3 +188,68 @@ async def running_backend(name: str):  # type: ignore[no-untyped-def]
         yield backend
     finally:
         await backend.stop()
+
+
+@dataclass
+class Sink:
+    """A server that takes each request's body slowly and answers its length and SHA-256.
+
+    It keeps nothing of a body (so that its own memory does not count where the proxy's
+    is measured) and reads with a small receive buffer, after ``read_after`` seconds and
+    ``pace`` bytes at a time every 10 ms: the slow app a buffered body must wait for.
+    Content-Length bodies only; one request per connection.
+    """
+
+    read_after: float = 0.0
+    pace: int = 64 * 1024
+    server: asyncio.Server | None = None
+    answered: int = 0
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def start(self) -> Sink:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # accepted ones inherit it
+        sock.bind(("127.0.0.1", 0))
+        self.server = await asyncio.start_server(self._serve, sock=sock)
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            found = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+            assert found is not None, f"the sink takes Content-Length bodies: {head!r}"
+            length = int(found.group(1))
+            await asyncio.sleep(self.read_after)
+            digest = hashlib.sha256()
+            while length:
+                data = await reader.read(min(self.pace, length))
+                if not data:
+                    return
+                digest.update(data)
+                length -= len(data)
+                await asyncio.sleep(0.01)
+            body = f"{digest.hexdigest()}\n".encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+            self.answered += 1
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def running_sink(read_after: float = 0.0, pace: int = 64 * 1024) -> AsyncIterator[Sink]:
+    """A started :class:`Sink`, stopped on exit."""
+    sink = await Sink(read_after, pace).start()
+    try:
+        yield sink
+    finally:
+        assert sink.server is not None
+        sink.server.close()
+        await sink.server.wait_closed()

@@ -7,6 +7,7 @@ import json
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -211,3 +212,68 @@ def wunderproxy(
 def _limit_open_files(count: int) -> None:
     """In the child, before exec: at most ``count`` open files, with no way to raise it."""
     resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
+
+
+PROXY_ONLY = Path(__file__).resolve().parents[2] / "benchmarks" / "proxy_only.py"
+
+
+@dataclass
+class ProxyOnly:
+    """A running ``benchmarks/proxy_only.py``: the production server before a fixed upstream."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    def listening(self) -> bool:
+        """True once the proxy accepts connections; fails if the process exited."""
+        assert self.process.poll() is None, f"proxy_only.py exited:\n{self.log()}"
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def proxy_only(
+    tmp_path: Path, upstream_port: int, *options: str, max_file_size: int | None = None
+) -> Iterator[ProxyOnly]:
+    """Start ``benchmarks/proxy_only.py`` on a free port before 127.0.0.1:upstream_port with
+    these options (its own or ``wunderproxy run``'s); stopped by its PID at the end.
+
+    ``max_file_size`` limits the size of any file it writes (RLIMIT_FSIZE: past it, a
+    write fails with EFBIG, as on a full disk). Use :meth:`ProxyOnly.listening` to wait.
+    """
+    port = free_port()
+    log_path = tmp_path / f"proxy_only-{port}.log"
+    command = [
+        sys.executable,
+        str(PROXY_ONLY),
+        *("--listen", f"127.0.0.1:{port}"),
+        *("--upstream", f"127.0.0.1:{upstream_port}"),
+        *("--api", f"127.0.0.1:{free_port()}"),
+        *options,
+    ]
+    limit = max_file_size
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=None
+            if limit is None
+            else lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+        )
+    try:
+        yield ProxyOnly(process, port, log_path)
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -22,7 +22,7 @@ from tests.support.backend import Backend
 from tests.support.waiting import eventually
 from tests.support.wire import read_answer, send_request
 from wunderproxy.accesslog import AccessLog
-from wunderproxy.config import Edge
+from wunderproxy.config import Edge, Front
 from wunderproxy.fallback import Fallback
 from wunderproxy.forwarder import ClientConnection
 from wunderproxy.launchconfig import md5_hex, parse_launch_config
@@ -51,7 +51,10 @@ class Proxy:
         self.port: int = server.sockets[0].getsockname()[1]
         self.clients: list[Client] = []
         self.connections: set[ClientConnection] = set()
-        self.edge = Edge()  # for the connections accepted from now on
+        # For the connections accepted from now on.
+        self.edge = Edge()
+        self.front = Front()
+        self.scheme = "http"  # as the TLS listener's connections have "https"
 
     def sweep(self, seconds_later: float) -> None:
         """Run the timeout sweep as if ``seconds_later`` had passed (a controlled clock)."""
@@ -150,7 +153,13 @@ async def running_proxy(
 
     def new_connection() -> ClientConnection:
         connection = ClientConnection(
-            state, proxy.edge, connections.discard, access_log, redirect=redirect
+            state,
+            proxy.edge,
+            connections.discard,
+            access_log,
+            proxy.front,
+            proxy.scheme,
+            redirect=redirect,
         )
         connections.add(connection)
         return connection
