@@ -22,7 +22,7 @@ from tests.support.backend import Backend
 from tests.support.waiting import eventually
 from tests.support.wire import read_answer, send_request
 from wunderproxy.accesslog import AccessLog
-from wunderproxy.config import Edge
+from wunderproxy.config import Edge, Front
 from wunderproxy.fallback import Fallback
 from wunderproxy.forwarder import ClientConnection
 from wunderproxy.launchconfig import md5_hex, parse_launch_config
@@ -51,6 +51,7 @@ class Proxy:
         self.clients: list[Client] = []
         self.connections: set[ClientConnection] = set()
         self.edge = Edge()  # for the connections accepted from now on
+        self.front = Front()  # likewise
 
     def sweep(self, seconds_later: float) -> None:
         """Run the timeout sweep as if ``seconds_later`` had passed (a controlled clock)."""
@@ -144,7 +145,9 @@ async def running_proxy(
     access_log.start()
 
     def new_connection() -> ClientConnection:
-        connection = ClientConnection(state, proxy.edge, connections.discard, access_log)
+        connection = ClientConnection(
+            state, proxy.edge, connections.discard, access_log, proxy.front
+        )
         connections.add(connection)
         return connection
 
