@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from wunderproxy.accesslog import ACCESS_LOG_FORMATS, AccessLog
-from wunderproxy.config import Address, Config, Edge
+from wunderproxy.config import Address, Config, Edge, Front
 from wunderproxy.engine import ContainerRecord, ContainerSpec, StartedContainer
 from wunderproxy.errors import UpstreamFailed
 from wunderproxy.launchconfig import md5_hex, parse_launch_config
@@ -129,6 +129,9 @@ def main() -> None:
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
     parser.add_argument("--access-log", help="write one line per request here (- for stdout)")
     parser.add_argument("--access-log-format", default="common", choices=ACCESS_LOG_FORMATS)
+    parser.add_argument(
+        "--buffer-responses", action="store_true", help="as wunderproxy run's (with its defaults)"
+    )
     add_edge_options(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -141,6 +144,7 @@ def main() -> None:
         proxy=Address.parse(args.listen, "--listen"),
         api=Address.parse(args.api, "--api"),
         edge=edge_from(args),
+        front=Front(buffer_responses=args.buffer_responses),
     )
     access_log = AccessLog(args.access_log, args.access_log_format) if args.access_log else None
     server = Server(config, NoStore(), NoEngine(), access_log=access_log)
