@@ -36,7 +36,6 @@ from wunderproxy.errors import UpstreamFailed
 from wunderproxy.launchconfig import md5_hex, parse_launch_config
 from wunderproxy.runtime import run_event_loop
 from wunderproxy.server import Server
-from wunderproxy.spool import check_directory
 from wunderproxy.state import Container
 
 
@@ -166,11 +165,12 @@ def main() -> None:
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
     parser.add_argument("--access-log", help="write one line per request here (- for stdout)")
     parser.add_argument("--access-log-format", default="common", choices=ACCESS_LOG_FORMATS)
+    parser.add_argument(
+        "--buffer-responses", action="store_true", help="as wunderproxy run's (with its defaults)"
+    )
     add_edge_options(parser)
     add_front_options(parser)
     args = parser.parse_args()
-    if args.buffer_requests:
-        check_directory(args.buffer_dir, "--buffer-dir")
     logging.basicConfig(level=logging.WARNING)
     host, _, port = args.upstream.rpartition(":")
     raw = json.dumps({"Revision": "bench", "HealthCheckPath": "/"}).encode()

@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import io
+import errno
 import os
+import random
+import resource
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from wunderproxy import spool as spool_module
+from tests.support.openfiles import open_descriptors_under, open_files_under
 from wunderproxy.cli import main
-from wunderproxy.config import ConfigError
-from wunderproxy.spool import READ_SIZE, Spool, check_directory
-
-
-def open_files_under(directory: Path) -> list[str]:
-    """Files this process holds open under ``directory`` (deleted ones included)."""
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except FileNotFoundError:  # the descriptor listdir itself used
-            continue
-        if target.startswith(str(directory)):
-            found.append(target)
-    return found
+from wunderproxy.config import ConfigError, check_buffer_dir
+from wunderproxy.spool import READ_SIZE, Spool, SpoolTrouble
 
 
 def read_all(spool: Spool) -> bytes:
@@ -79,6 +68,82 @@ def test_a_missing_directory_is_an_os_error_naming_it(tmp_path: Path) -> None:
         spool.write(b"y")
 
 
+def test_bytes_written_while_earlier_ones_are_read_come_out_in_order(tmp_path: Path) -> None:
+    # An answer taken off a container while its client reads: writes and reads interleave,
+    # memory fills, the file takes the rest, memory is used again once the file is read.
+    spool = Spool(100_000, tmp_path)
+    body = random.Random(1).randbytes(3_000_000)
+    steps = random.Random(2)
+    written = 0
+    out = bytearray()
+    while len(out) < len(body):
+        if written < len(body) and steps.random() < 0.6:
+            size = steps.choice((1, 1000, 65536, 300_000))
+            spool.write(body[written : written + size])
+            written = min(len(body), written + size)
+        else:
+            out += spool.read()
+        assert spool.in_memory <= 100_000
+        assert spool.unread == written - len(out)
+    assert bytes(out) == body
+    assert spool.on_disk and spool.read() == b""
+    spool.close()
+
+
+def test_a_file_read_to_its_end_is_written_over_from_its_start(tmp_path: Path) -> None:
+    spool = Spool(10, tmp_path)
+    for round_ in range(5):
+        spool.write(b"%d" % round_ * 10 + b"x" * 100_000)
+        assert read_all(spool) == b"%d" % round_ * 10 + b"x" * 100_000
+        # Read to its end: memory takes the next bytes first again.
+        spool.write(b"y" * 10)
+        assert spool.in_memory == 10
+        assert spool.read() == b"y" * 10
+    (descriptor,) = open_descriptors_under(tmp_path)
+    assert os.fstat(descriptor).st_size == 100_000  # not 5 x 100,000
+    spool.close()
+
+
+def test_a_write_the_file_cannot_take_is_kept_nowhere_and_the_rest_reads_back(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "buffers"
+    directory.mkdir()
+    spool = Spool(1000, directory)
+    spool.write(b"a" * 600)
+    directory.rmdir()  # --buffer-dir gone: the file cannot be made
+    with pytest.raises(FileNotFoundError):
+        spool.write(b"b" * 1000)  # 400 would fit in memory, 600 not
+    assert (spool.unread, spool.in_memory, spool.on_disk) == (600, 600, False)
+    directory.mkdir()
+    spool.write(b"c" * 5000)
+    # A file that can grow only so far (as on a full disk): a write that fails halfway
+    # leaves nothing of itself to read back.
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8000, hard))
+    try:
+        with pytest.raises(OSError, match="too large"):
+            spool.write(b"d" * 5000)  # the file's first 3,000 bytes fit, the rest not
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    spool.write(b"e" * 10)
+    assert read_all(spool) == b"a" * 600 + b"c" * 5000 + b"e" * 10
+    spool.close()
+
+
+def test_spool_trouble_is_counted_and_said_once_a_minute(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    trouble = SpoolTrouble()
+    error = OSError(errno.ENOSPC, "No space left on device")
+    for _ in range(3):
+        trouble.failed(error, tmp_path, "answers stream")
+    assert trouble.failures == 3
+    (line,) = [r.getMessage() for r in caplog.records if "cannot hold" in r.getMessage()]
+    assert f"under {tmp_path} (No space left on device; 1 so far): answers stream" in line
+    assert "point --buffer-dir at a directory with room" in line
+
+
 def test_read_at_reads_from_any_offset_as_often_as_asked_and_keeps_it_all(
     tmp_path: Path,
 ) -> None:
@@ -113,12 +178,12 @@ def test_a_directory_no_spool_can_use_stops_start_up_naming_it(
     directory = tmp_path / "spool"
     if problem == "a file":
         directory.write_text("not a directory")
-    with pytest.raises(ConfigError, match=rf"--buffer-dir {directory}: cannot make a temporary"):
-        check_directory(directory, "--buffer-dir")
+    with pytest.raises(ConfigError, match=rf"--buffer-dir {directory} cannot hold temporary files"):
+        check_buffer_dir(directory)
 
 
 def test_a_usable_directory_passes_the_check_and_keeps_nothing(tmp_path: Path) -> None:
-    check_directory(tmp_path, "--buffer-dir")
+    check_buffer_dir(tmp_path)
     assert list(tmp_path.iterdir()) == [] and open_files_under(tmp_path) == []
 
 
@@ -137,26 +202,4 @@ def test_run_refuses_a_buffer_dir_it_cannot_use_before_anything_starts(tmp_path:
         ],
     )
     assert result.exit_code == 2, result.output
-    assert f"--buffer-dir {missing}: cannot make a temporary file there" in result.output
-
-
-class ShortWrites(io.FileIO):
-    """A file whose writes take at most 1000 bytes each, as on a disk filling up."""
-
-    def write(self, data: bytes) -> int:  # type: ignore[override]
-        return super().write(memoryview(data)[:1000])
-
-
-def test_a_write_the_file_takes_only_part_of_is_written_whole(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(
-        spool_module.tempfile,
-        "TemporaryFile",
-        lambda **_: ShortWrites(tmp_path / "file", "w+b"),
-    )
-    spool = Spool(10, tmp_path)
-    body = bytes(range(256)) * 40
-    spool.write(body)
-    assert read_all(spool) == body
-    spool.close()
+    assert f"--buffer-dir {missing} cannot hold temporary files" in result.output

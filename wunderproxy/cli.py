@@ -47,7 +47,6 @@ from wunderproxy.fleetdeploy import (
 from wunderproxy.fleetview import fleet_status, history_table
 from wunderproxy.hosts import FleetError, Host, find_store
 from wunderproxy.runtime import LoopChoice, run_event_loop
-from wunderproxy.spool import check_directory
 
 if TYPE_CHECKING:
     from wunderproxy.certificates import Certificates
@@ -473,8 +472,6 @@ def run(
                 compress_min_size=compress_min_size,
             ),
         )
-        if buffer_requests or buffer_responses:
-            check_directory(buffer_dir, "--buffer-dir")
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     if take_over and pid_file is None:

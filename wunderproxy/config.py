@@ -124,6 +124,10 @@ class Front:
     compress_types: tuple[str, ...] = DEFAULT_COMPRESS_TYPES
     compress_min_size: int = DEFAULT_COMPRESS_MIN_SIZE
 
+    def __post_init__(self) -> None:
+        if self.buffer_requests or self.buffer_responses:
+            check_buffer_dir(self.buffer_dir)
+
     def describe(self) -> dict[str, Any]:
         """The ``features`` of ``/status`` that these settings decide."""
         return {
@@ -133,6 +137,23 @@ class Front:
             "buffer_memory": self.buffer_memory,
             "compress": list(self.compress),
         }
+
+
+def check_buffer_dir(directory: Path) -> None:
+    """Check that buffered bodies can go to files under ``directory`` (``--buffer-dir``),
+    by making one there (and letting go of it): ConfigError saying what to do if not.
+
+    At start-up, so that an operator learns of a missing or read-only directory then, not
+    from the first large upload or download (which would then be passed on unbuffered).
+    """
+    try:
+        tempfile.TemporaryFile(dir=directory, prefix="wunderproxy-").close()
+    except OSError as exc:
+        raise ConfigError(
+            f"--buffer-dir {directory} cannot hold temporary files ({exc.strerror or exc}): "
+            "create it, or name a writable directory with --buffer-dir "
+            "(bodies over --buffer-memory go there)"
+        ) from exc
 
 
 _INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -31,6 +31,7 @@ from typing import cast
 
 from wunderproxy import answers, framing
 from wunderproxy.accesslog import CLIENT_CLOSED_REQUEST, AccessLog
+from wunderproxy.answerbuffer import STREAM_GAP, AnswerBuffer, buffer_for
 from wunderproxy.config import Edge, Front
 from wunderproxy.fallback import Fallback, PeerTarget, unmarked
 from wunderproxy.forwarded import Forwarding
@@ -51,6 +52,9 @@ log = logging.getLogger("wunderproxy.proxy")
 REPLAY_LIMIT = 64 * 1024
 # Methods that may be sent twice (RFC 9110 section 9.2.2).
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+
+# The access log's "buffered" once some of an answer was held for its client.
+_WITH_RESPONSE: dict[str | None, str] = {None: "response", "request": "both"}
 
 # What the access log shows of a request that could not be read.
 _UNREADABLE_REQUEST = framing.RequestStarted(method=b"-", target=b"-", data=b"")
@@ -83,7 +87,9 @@ class RequestCycle:
 
     # Slots: one is alive per busy connection, so thousands at once.
     __slots__ = (
+        "answer_head",
         "answered",
+        "buffer",
         "buffered",
         "bytes_in",
         "bytes_out",
@@ -132,11 +138,16 @@ class RequestCycle:
         self.encoding: str | None = None  # how --compress encoded its answer
         self.buffered: str | None = None  # "request", "response" or "both"
         self.upload: BufferedRequest | None = None  # its body, held until whole
+        # --buffer-responses: its answer's head, until its client falls behind (if ever),
+        # which decides whether the answer is buffered; then its buffer, if it is.
+        self.answer_head: bytes | None = None
+        self.buffer: AnswerBuffer | None = None
 
     @property
     def answer_begun(self) -> bool:
-        """True once any byte of an answer went to the client."""
-        return self.status != 0
+        """True once any byte of an answer went to the client (held ones have not)."""
+        buffer = self.buffer
+        return self.status != 0 and (buffer is None or buffer.given)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -236,12 +247,17 @@ class ClientConnection(asyncio.Protocol):
         the client may be sending right now is still served (and told the same).
         """
         self._closing = True
-        if self._exchange.idle:
+        if self._idle:
             self._loop.call_later(grace, self._close_if_idle)
 
     def _close_if_idle(self) -> None:
-        if self._exchange.idle:
+        if self._idle:
             self.close()
+
+    @property
+    def _idle(self) -> bool:
+        """True between requests (an answer still fed from its buffer is a request)."""
+        return self._cycle is None and self._exchange.idle
 
     def check_timeouts(self, now: float) -> None:
         """Enforce the edge's timeouts at ``now`` (loop time); called by one periodic sweep.
@@ -267,7 +283,11 @@ class ClientConnection(asyncio.Protocol):
         if not cycle.received and not self._paused_for:
             if now - self._last_active > edge.body_timeout:
                 self._time_out("body", answers.BODY_TIMEOUT)
-        elif cycle.target is not None and not cycle.answered and self._send_mark is None:
+        elif (
+            cycle.target is not None
+            and not cycle.answered
+            and (self._send_mark is None or self._reads_on(cycle))
+        ):
             container = cycle.container
             if container is not None and container.died and not cycle.answer_begun:
                 # Docker said it died, and its connection did not close with it: what
@@ -282,6 +302,8 @@ class ClientConnection(asyncio.Protocol):
                 progress = max(progress, self._last_active)
             if now - progress > edge.upstream_timeout:
                 self._time_out("upstream", answers.UPSTREAM_TIMEOUT)
+            elif cycle.buffer is not None and now - self._last_upstream > STREAM_GAP:
+                self._gap(cycle.buffer)
 
     def _send_stalled(self, now: float, timeout: float) -> bool:
         """True when the client read nothing of what waits for it for ``timeout``."""
@@ -383,7 +405,7 @@ class ClientConnection(asyncio.Protocol):
     def pause_writing(self) -> None:  # the client reads an answer slower than it comes
         if self._transport is not None:
             self._send_mark = (self._loop.time(), unsent(self._transport))
-        if self._upstream is not None:
+        if self._upstream is not None and not self._reads_on(self._cycle):
             self._upstream.pause_reading()
 
     def upstream_writable(self, upstream: Upstream) -> None:
@@ -397,10 +419,30 @@ class ClientConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._send_mark = None
+        cycle = self._cycle
+        if cycle is not None and cycle.buffer is not None:
+            buffer = cycle.buffer
+            self._feed(cycle, buffer)
+            if buffer.reads_on or buffer.holding:
+                return  # the container was not held back (or still is)
         # The container's answer was held back for the client: its clock starts again.
         self._last_upstream = self._loop.time()
         if self._upstream is not None:
             self._upstream.resume_reading()
+
+    def _reads_on(self, cycle: RequestCycle | None) -> bool:
+        """True while the container's answer is read whatever the client's pace: a
+        buffered one, or (with --buffer-responses) one whose head has not come yet."""
+        if cycle is None or not self._front.buffer_responses:
+            return False
+        buffer = cycle.buffer
+        if buffer is None:
+            if cycle.answer_head is None:
+                return cycle.status == 0
+            buffer = self._buffer_answer(cycle, given=True)  # its client just fell behind
+            if buffer is None:
+                return False
+        return buffer.reads_on
 
     # -- client to container -------------------------------------------------------
 
@@ -879,6 +921,9 @@ class ClientConnection(asyncio.Protocol):
                     # Shutting down: tell the client, so that it does not send its next
                     # request on a connection we are about to close.
                     raw = framing.with_connection_close(raw)
+                if self._front.buffer_responses and cycle.received:
+                    # (Else it answers early, and its request still goes up: streamed.)
+                    self._answer_begins(cycle, raw)
             elif isinstance(piece, framing.MessageEnded):
                 ended = True
             elif isinstance(piece, framing.ProtocolSwitched):
@@ -888,14 +933,118 @@ class ClientConnection(asyncio.Protocol):
             out.append(raw)
         # One write per read: a head and its body go out in one segment.
         data = out[0] if len(out) == 1 else b"".join(out)
+        if cycle.buffer is not None:
+            self._pass_buffered(cycle, cycle.buffer, data, ended)
+            return
         cycle.bytes_out += len(data)
         transport.write(data)
         if exchange.switched:
             upstream.write(exchange.take_client_leftover())
             self._close_cycle()
             self.resume_reading("answer")
+            if self._send_mark is not None:  # the client is behind (--buffer-responses read on)
+                upstream.pause_reading()
         elif ended:
             self._answered()
+
+    # -- --buffer-responses (see answerbuffer.py) ------------------------------------
+
+    def _answer_begins(self, cycle: RequestCycle, head: bytes) -> None:
+        """An answer begins. Most clients take it as fast as it comes, and then nothing
+        is held and nothing needs deciding: its head is kept until its client falls
+        behind (if it does), to decide then whether it is buffered. If the client is
+        behind already, now; an answer that streams then waits for it, as unbuffered."""
+        cycle.answer_head = head
+        if self._send_mark is not None:
+            buffer = self._buffer_answer(cycle, given=False)
+            if buffer is None and self._upstream is not None:
+                self._upstream.pause_reading()
+
+    def _buffer_answer(self, cycle: RequestCycle, given: bool) -> AnswerBuffer | None:
+        """Decide, from its head, whether the cycle's answer is buffered (``given``:
+        some of it went to the client already); its buffer, if so."""
+        head, cycle.answer_head = cycle.answer_head, None
+        assert head is not None
+        front = self._front
+        buffer = cycle.buffer = buffer_for(
+            head, cycle.request.method, cycle.status, front.buffer_memory, front.buffer_dir
+        )
+        if buffer is not None:
+            buffer.given = given
+        return buffer
+
+    def _pass_buffered(
+        self, cycle: RequestCycle, buffer: AnswerBuffer, data: bytes, ended: bool
+    ) -> None:
+        """Bytes of a buffered answer: on to the client if it takes them now, else held
+        (and the container read on). At the answer's end the container is let go."""
+        if not data:
+            pass  # the end of an answer delimited by the close
+        elif self._send_mark is None and not buffer.holding:
+            buffer.given = True
+            cycle.bytes_out += len(data)
+            assert self._transport is not None
+            self._transport.write(data)
+        else:
+            buffer.hold(data, self._state.spool_trouble)
+            cycle.buffered = _WITH_RESPONSE.get(cycle.buffered, cycle.buffered)
+            if buffer.streaming and self._upstream is not None:
+                self._upstream.pause_reading()  # until what is held is given
+        if not ended:
+            return
+        if buffer.holding:
+            self._answer_taken(cycle, buffer)
+        else:
+            self._answered()
+
+    def _answer_taken(self, cycle: RequestCycle, buffer: AnswerBuffer) -> None:
+        """The container's answer ended while the client still has some of it to read:
+        the request is finished on the container (a drain need not wait for the client),
+        and its connection goes back to the container's spares, or is closed, as the
+        answer's framing says. A pipelined request waits until the client has it all."""
+        buffer.taken = True
+        if cycle.container is not None:
+            cycle.container.request_finished()
+        upstream, self._upstream = self._upstream, None
+        cycle.target = None
+        if upstream is not None:
+            upstream.release()
+            if self._exchange.upstream_reusable:
+                upstream.park()
+            else:
+                upstream.close()
+        self.pause_reading("answer")
+
+    def _feed(self, cycle: RequestCycle, buffer: AnswerBuffer) -> None:
+        """Give the client what is held for it, while it takes it; once it has all of an
+        answer the container has ended, the request is answered."""
+        transport = self._transport
+        assert transport is not None
+        while self._send_mark is None and not transport.is_closing():
+            try:
+                data = buffer.read()
+            except OSError as exc:  # the spool's file could not be read back
+                log.warning("a buffered answer could not be read back: %s", exc)
+                cycle.status = answers.NO_ANSWER.status
+                self._drop_upstream()
+                self._close_cycle()
+                self.close()
+                return
+            if not data:
+                break
+            buffer.given = True
+            cycle.bytes_out += len(data)
+            transport.write(data)
+        if buffer.taken and not buffer.holding:
+            self._answered()
+
+    def _gap(self, buffer: AnswerBuffer) -> None:
+        """The container sent nothing for STREAM_GAP: an answer without a length is a
+        stream it keeps open, and from now on the container waits for the client."""
+        if buffer.until_close and not buffer.streaming:
+            buffer.streaming = True
+            if buffer.holding and self._upstream is not None:
+                self._upstream.pause_reading()
 
     def _unserved(self, upstream: Upstream, data: bytes) -> bool:
         """A peer answered that no container took the request there either: skip that
@@ -945,6 +1094,8 @@ class ClientConnection(asyncio.Protocol):
             # after answering early (the rest of the body is dropped): nothing lost.
             return
         target = upstream.target
+        if cycle.buffer is not None:
+            cycle.buffer.close()  # what is held of it is not worth giving
         if cycle.answer_begun:
             # Part of an answer went out: the client can only learn of the failure by
             # the connection closing.
@@ -1023,6 +1174,11 @@ class ClientConnection(asyncio.Protocol):
                 self.resume_reading("upstream")  # its flow control may have held the client
             upload.close()
         container = cycle.container
+        buffer = cycle.buffer
+        if buffer is not None:
+            buffer.close()
+            if buffer.taken:
+                container = None  # finished there when the answer was taken
         upstream = self._upstream
         if upstream is not None:
             upstream.release()

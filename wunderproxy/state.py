@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from wunderproxy.events import DeployEvents
 from wunderproxy.launchconfig import LaunchConfig
+from wunderproxy.spool import SpoolTrouble
 from wunderproxy.timestamps import rfc3339
 from wunderproxy.traffic import Traffic, describe_figures, describe_minute, merged
 
@@ -185,6 +186,8 @@ class ProxyState:
         self.health_check_path: bytes | None = None
         # Peers and figures of peer fallback; None without --fallback-secret.
         self.fallback: Fallback | None = None
+        # Spool files of buffered bodies that could not be written (said once a minute).
+        self.spool_trouble = SpoolTrouble()
         # Which front-door features are on (TLS, forwarded headers, buffering, compression):
         # called for each /status, since a certificate reload changes what TLS shows.
         self.features: Callable[[], dict[str, Any]] = dict

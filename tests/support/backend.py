@@ -9,6 +9,13 @@ half its body, then nothing; ``/events`` answers a ``text/event-stream`` without
 three events 0.1 s apart, and ends it by closing the connection; ``/drop`` closes its
 connection without answering. With ``answering`` False, every request is met that way
 (an app that crashed while its port stays open).
+``/random/N`` answers N bytes of :func:`random_body` (no two stretches alike, so a byte out
+of place shows) with a Content-Length, 64 KiB a write; ``?chunked`` in chunks instead,
+``?until-close`` with no length, ending it by closing the connection; ``&wait=S`` waits S
+seconds before its head, ``&pause=S`` after the first half of its body, and ``&cut`` closes
+the connection there instead (a container that dies mid-answer); ``&type=T`` sets the
+Content-Type, ``&accel=no`` sends ``X-Accel-Buffering: no``. ``body_sent`` counts such
+bytes the kernel took, ``answered`` the answers written whole (not yet all read, maybe).
 Every answer carries ``X-Backend: NAME`` so tests can tell which server answered;
 ``heads`` keeps every request head received, ``connected_at`` the time (``time.monotonic``)
 each connection was accepted, and ``received`` the raw bytes read on each.
@@ -21,11 +28,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import random
 import re
 import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from urllib.parse import parse_qs, urlsplit
 
 import h11
 
@@ -45,6 +54,8 @@ class Backend:
     connected_at: list[float] = field(default_factory=list)
     received: list[bytearray] = field(default_factory=list)
     answering: bool = True
+    body_sent: int = 0
+    answered: int = 0
 
     @property
     def port(self) -> int:
@@ -125,6 +136,8 @@ class Backend:
         if path == "/stall":
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf.")
             await asyncio.sleep(3600)
+        if path.startswith("/random/"):
+            return await self._random(conn, writer, path)
         if path == "/events":
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
             for number in range(3):
@@ -157,6 +170,53 @@ class Backend:
         writer.write(conn.send(h11.EndOfMessage()))
         await writer.drain()
         return True
+
+    async def _random(self, conn: h11.Connection, writer: asyncio.StreamWriter, path: str) -> bool:
+        """``/random/N...``: see the module's docstring."""
+        url = urlsplit(path)
+        query = {name: values[0] for name, values in parse_qs(url.query, True).items()}
+        if "wait" in query:
+            await asyncio.sleep(float(query["wait"]))
+        body = random_body(int(url.path.removeprefix("/random/")))
+        headers = [
+            ("X-Backend", self.name),
+            ("Content-Type", query.get("type", "application/octet-stream")),
+        ]
+        if "accel" in query:
+            headers.append(("X-Accel-Buffering", query["accel"]))
+        until_close = "until-close" in query
+        if until_close:  # h11 would frame it: written by hand
+            writer.write(
+                b"HTTP/1.1 200 OK\r\n%s\r\n"
+                % b"".join(
+                    b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in headers
+                )
+            )
+        else:
+            if "chunked" not in query:
+                headers.append(("Content-Length", str(len(body))))
+            writer.write(conn.send(h11.Response(status_code=200, headers=headers)))
+        step = 65536
+        half = len(body) // 2 // step * step
+        for at in range(0, len(body), step):
+            if at == half and "pause" in query:
+                await asyncio.sleep(float(query["pause"]))
+            if at == half and "cut" in query:
+                return False
+            part = body[at : at + step]
+            writer.write(part if until_close else conn.send(h11.Data(data=part)))
+            await writer.drain()
+            self.body_sent += len(part)
+        if not until_close:
+            writer.write(conn.send(h11.EndOfMessage()))
+            await writer.drain()
+        self.answered += 1
+        return not until_close
+
+
+def random_body(size: int) -> bytes:
+    """``size`` pseudo-random bytes, the same each time for the same size."""
+    return random.Random(size).randbytes(size)
 
 
 async def _read_request(
