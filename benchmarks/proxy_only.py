@@ -165,12 +165,11 @@ def main() -> None:
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
     parser.add_argument("--access-log", help="write one line per request here (- for stdout)")
     parser.add_argument("--access-log-format", default="common", choices=ACCESS_LOG_FORMATS)
-    parser.add_argument(
-        "--buffer-responses", action="store_true", help="as wunderproxy run's (with its defaults)"
-    )
     add_edge_options(parser)
     add_front_options(parser)
     args = parser.parse_args()
+    if args.buffer_requests or args.buffer_responses:
+        defaults.check_buffer_dir(args.buffer_dir)
     logging.basicConfig(level=logging.WARNING)
     host, _, port = args.upstream.rpartition(":")
     raw = json.dumps({"Revision": "bench", "HealthCheckPath": "/"}).encode()

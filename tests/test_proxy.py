@@ -336,7 +336,8 @@ async def test_every_request_is_counted_with_its_revision_status_time_and_exact_
     figures = proxy.state.traffic.totals()["rev1"]
     assert figures.by_status == {200: 2, 404: 1}
     assert figures.latency.count == 3
-    assert figures.latency.percentile(1.0) == pytest.approx(0.2, rel=0.1)
+    # The slowest is the 0.2 s one (with room for a loaded machine).
+    assert 0.18 <= figures.latency.percentile(1.0) < 0.6
     assert figures.bytes_in == sum(map(len, requests))
     assert figures.bytes_out == sum(map(len, answers))
 

@@ -32,6 +32,7 @@ from wunderproxy.config import (
     Front,
     Peer,
     Tls,
+    check_buffer_dir,
     default_instance,
     read_env_file,
 )
@@ -472,6 +473,8 @@ def run(
                 compress_min_size=compress_min_size,
             ),
         )
+        if buffer_requests or buffer_responses:
+            check_buffer_dir(buffer_dir)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     if take_over and pid_file is None:

@@ -124,10 +124,6 @@ class Front:
     compress_types: tuple[str, ...] = DEFAULT_COMPRESS_TYPES
     compress_min_size: int = DEFAULT_COMPRESS_MIN_SIZE
 
-    def __post_init__(self) -> None:
-        if self.buffer_requests or self.buffer_responses:
-            check_buffer_dir(self.buffer_dir)
-
     def describe(self) -> dict[str, Any]:
         """The ``features`` of ``/status`` that these settings decide."""
         return {
@@ -143,8 +139,8 @@ def check_buffer_dir(directory: Path) -> None:
     """Check that buffered bodies can go to files under ``directory`` (``--buffer-dir``),
     by making one there (and letting go of it): ConfigError saying what to do if not.
 
-    At start-up, so that an operator learns of a missing or read-only directory then, not
-    from the first large upload or download (which would then be passed on unbuffered).
+    Called at start-up when either buffering is on, so that an operator learns of a
+    missing or read-only directory then, not from the first large upload or download.
     """
     try:
         tempfile.TemporaryFile(dir=directory, prefix="wunderproxy-").close()
