@@ -3,10 +3,12 @@
 The client's bytes are fed to the framing observer; at each request head the connection
 opens a :class:`RequestCycle`, asks :class:`~wunderproxy.state.ProxyState` which container
 serves *now* and sends the request there, reusing the upstream connection while it is to the
-same container and kept alive. The container's answer is copied back as it arrives; the
-cycle is closed once, when the answer ends or fails. Bytes are forwarded exactly as received;
-the proxy only writes bytes of its own when it answers by itself (the failures of
-:mod:`wunderproxy.answers`), and then always before any byte of an upstream answer.
+same container and kept alive. The container's answer is copied back as it arrives (with
+``--buffer-responses``, what its client cannot take yet is held for it: see
+:mod:`wunderproxy.answerbuffer`); the cycle is closed once, when the answer ends or fails.
+Bytes are forwarded exactly as received; the proxy only writes bytes of its own when it
+answers by itself (the failures of :mod:`wunderproxy.answers`), and then always before any
+byte of an upstream answer.
 
 Both sides are asyncio protocols: bytes are handled in the callback that receives them.
 Streams would add a task wake-up and a future to every read and every answer, which cost
