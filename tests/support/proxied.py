@@ -22,7 +22,7 @@ from tests.support.backend import Backend
 from tests.support.waiting import eventually
 from tests.support.wire import read_answer, send_request
 from wunderproxy.accesslog import AccessLog
-from wunderproxy.config import Edge
+from wunderproxy.config import Edge, Front
 from wunderproxy.fallback import Fallback
 from wunderproxy.forwarder import ClientConnection
 from wunderproxy.launchconfig import md5_hex, parse_launch_config
@@ -134,9 +134,13 @@ class Client:
 
 @contextlib.asynccontextmanager
 async def running_proxy(
-    log_path: Path, name: str = "testapp", fallback: Fallback | None = None
+    log_path: Path,
+    name: str = "testapp",
+    fallback: Fallback | None = None,
+    front: Front | None = None,
 ) -> AsyncIterator[Proxy]:
-    """The forwarder on a free 127.0.0.1 port, with an access log at ``log_path``."""
+    """The forwarder on a free 127.0.0.1 port, with an access log at ``log_path`` (and the
+    front-door settings ``front``, if given)."""
     state = ProxyState(name, "test")
     state.fallback = fallback
     connections: set[ClientConnection] = set()
@@ -144,7 +148,7 @@ async def running_proxy(
     access_log.start()
 
     def new_connection() -> ClientConnection:
-        connection = ClientConnection(state, proxy.edge, connections.discard, access_log)
+        connection = ClientConnection(state, proxy.edge, connections.discard, access_log, front)
         connections.add(connection)
         return connection
 
