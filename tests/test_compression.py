@@ -17,6 +17,7 @@ from wunderproxy.chunked import ChunkedData, ChunkedReader
 from wunderproxy.compression import (
     accepted_weights,
     available_encodings,
+    field_values,
     media_type_matches,
     negotiate,
     rewrite_head,
@@ -80,6 +81,24 @@ def test_weights_are_read_per_coding() -> None:
         b"*": 0.1,
         b"identity": 0.0,
     }
+
+
+def test_a_field_sent_twice_is_read_as_one_list() -> None:
+    head = (
+        b"get / http/1.1\r\naccept-encoding: br;q=0.5\r\nhost: t\r\naccept-encoding:gzip \r\n\r\n"
+    )
+    assert field_values(head, b"\r\naccept-encoding:") == b"br;q=0.5, gzip"
+    assert field_values(head, b"\r\nhost:") == b"t"
+    assert field_values(head, b"\r\naccept:") is None
+
+
+def test_a_requests_accept_encoding_fields_are_read_together() -> None:
+    request = (
+        b"GET / HTTP/1.1\r\nAccept-Encoding: zstd;q=0\r\nHost: t\r\nACCEPT-ENCODING: br\r\n\r\n"
+    )
+    answer_head = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 5000\r\n\r\n"
+    encoder = compression.start(Front(compress=OFFERED), b"GET", request, 200, answer_head)
+    assert encoder is not None and encoder.encoding == "br"
 
 
 @pytest.mark.parametrize(

@@ -29,13 +29,14 @@ bytes).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import re
 
 from wunderproxy.config import COMPRESS_ENCODINGS, Front
 from wunderproxy.encoders import AnswerEncoder
-from wunderproxy.fields import TOKEN, comma_tokens, fields_pattern, stripped
+from wunderproxy.fields import TOKEN, comma_tokens, stripped
 from wunderproxy.framing import with_connection_close
 
 log = logging.getLogger("wunderproxy.compression")
@@ -43,10 +44,13 @@ log = logging.getLogger("wunderproxy.compression")
 # The module each encoding needs; gzip's (zlib) is in the standard library.
 _MODULES = {"zstd": "zstandard", "br": "brotli", "gzip": "zlib"}
 
-_ACCEPT_ENCODING = fields_pattern("accept-encoding")
-_ANSWER_FIELDS = fields_pattern(
-    "content-type", "content-length", "content-encoding", "cache-control", "transfer-encoding"
-)
+# The fields read, as field_values looks for them.
+_ACCEPT_ENCODING = b"\r\naccept-encoding:"
+_CONTENT_TYPE = b"\r\ncontent-type:"
+_CONTENT_LENGTH = b"\r\ncontent-length:"
+_CONTENT_ENCODING = b"\r\ncontent-encoding:"
+_CACHE_CONTROL = b"\r\ncache-control:"
+_TRANSFER_ENCODING = b"\r\ntransfer-encoding:"
 _CODING = re.compile(TOKEN)
 # RFC 9110 section 12.4.2: 0 to 1, at most three decimals.
 _QVALUE = re.compile(rb"0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?")
@@ -81,29 +85,42 @@ def start(
     request_line = request_head[: request_head.find(b"\r\n")]
     if not request_line.endswith(b" HTTP/1.1") or not answer_head.startswith(b"HTTP/1.1 "):
         return None
-    encoding = negotiate(_accept_encoding(request_head), front.compress)
+    # Most answers that stay as they are are small: their length is looked at first.
+    lowered = answer_head.lower()
+    length = field_values(lowered, _CONTENT_LENGTH)
+    if length is not None and int(length) < max(front.compress_min_size, 1):
+        return None  # an empty body only grows
+    encoding = _negotiated(field_values(request_head.lower(), _ACCEPT_ENCODING), front.compress)
     if encoding is None:
         return None
-    fields: dict[bytes, list[bytes]] = {}
-    for found in _ANSWER_FIELDS.finditer(answer_head):
-        fields.setdefault(found.group(1).lower(), []).append(stripped(found.group(2)))
-    if b"content-encoding" in fields:
+    content_type = field_values(lowered, _CONTENT_TYPE)
+    if content_type is None or not _type_matches(content_type, front.compress_types):
         return None
-    if any(b"no-transform" in comma_tokens(value) for value in fields.get(b"cache-control", ())):
+    if _CONTENT_ENCODING in lowered:
         return None
-    content_type = fields.get(b"content-type")
-    if not content_type or not media_type_matches(content_type[0], front.compress_types):
+    cache_control = field_values(lowered, _CACHE_CONTROL)
+    if cache_control is not None and b"no-transform" in comma_tokens(cache_control):
         return None
-    length = fields.get(b"content-length")
-    if length is not None and int(length[0]) < max(front.compress_min_size, 1):
-        return None  # an empty body only grows
-    chunked = b"transfer-encoding" in fields
+    chunked = _TRANSFER_ENCODING in lowered
     head = rewrite_head(answer_head, encoding)
     if length is None and not chunked:
         # Delimited by the container's close, so the client connection closes after it
         # too: say so, now that the client could otherwise see the end in the chunks.
         head = with_connection_close(head)
     return AnswerEncoder(encoding, head, chunked)
+
+
+# Browsers send the same few Accept-Encoding and Content-Type values again and again:
+# reading them costs more (10-15 us) than looking the answer up. A client sending values
+# that miss the cache costs what it would without one.
+@functools.lru_cache(maxsize=1024)
+def _negotiated(accept_encoding: bytes | None, offered: tuple[str, ...]) -> str | None:
+    return negotiate(accept_encoding, offered)
+
+
+@functools.lru_cache(maxsize=1024)
+def _type_matches(content_type: bytes, patterns: tuple[str, ...]) -> bool:
+    return media_type_matches(content_type, patterns)
 
 
 def negotiate(accept_encoding: bytes | None, offered: tuple[str, ...]) -> str | None:
@@ -204,7 +221,23 @@ def rewrite_head(head: bytes, encoding: str) -> bytes:
     return b"\r\n".join(kept) + b"\r\n\r\n"
 
 
-def _accept_encoding(request_head: bytes) -> bytes | None:
-    """The request's Accept-Encoding fields as one list (None without one)."""
-    values = [stripped(found.group(2)) for found in _ACCEPT_ENCODING.finditer(request_head)]
-    return b", ".join(values) if values else None
+def field_values(lowered_head: bytes, key: bytes) -> bytes | None:
+    """The values of a field in a head, joined as one list, or None without one.
+
+    ``lowered_head``: the head in lower case; ``key``: CRLF, the field's name in lower case
+    and a colon. Plain searches, not a pattern (this runs for every answer while --compress
+    is on): the head was read by the strict grammar of :mod:`wunderproxy.fields`, so every
+    field line follows a CRLF and starts with its name and a colon.
+    """
+    at = lowered_head.find(key)
+    if at < 0:
+        return None
+    end = lowered_head.find(b"\r\n", at + len(key))
+    value = lowered_head[at + len(key) : end].strip(b" \t")
+    if lowered_head.find(key, end) < 0:
+        return value  # the common case: the field once
+    values = [value]
+    while (at := lowered_head.find(key, end)) >= 0:
+        end = lowered_head.find(b"\r\n", at + len(key))
+        values.append(lowered_head[at + len(key) : end].strip(b" \t"))
+    return b", ".join(values)
