@@ -8,7 +8,8 @@ container would add Docker's own proxy to every row. This runs the production
 :class:`~wunderproxy.server.Server` (listeners, forwarder, framing, counters) with the
 upstream installed as the serving container; the manager answers too, on ``--api``.
 Every field of :class:`~wunderproxy.config.Edge` is an option named as ``wunderproxy run``
-names it (``--header-timeout``, ``--max-header-size``, ...), with the same default.
+names it (``--header-timeout``, ``--max-header-size``, ...), with the same default; so is
+``--compress`` (with the default types and minimum size).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from wunderproxy.accesslog import ACCESS_LOG_FORMATS, AccessLog
-from wunderproxy.config import Address, Config, Edge
+from wunderproxy.compression import available_encodings
+from wunderproxy.config import Address, Config, Edge, Front
 from wunderproxy.engine import ContainerRecord, ContainerSpec, StartedContainer
 from wunderproxy.errors import UpstreamFailed
 from wunderproxy.launchconfig import md5_hex, parse_launch_config
@@ -129,6 +131,7 @@ def main() -> None:
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
     parser.add_argument("--access-log", help="write one line per request here (- for stdout)")
     parser.add_argument("--access-log-format", default="common", choices=ACCESS_LOG_FORMATS)
+    parser.add_argument("--compress", action="store_true", help="as wunderproxy run's")
     add_edge_options(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -141,6 +144,7 @@ def main() -> None:
         proxy=Address.parse(args.listen, "--listen"),
         api=Address.parse(args.api, "--api"),
         edge=edge_from(args),
+        front=Front(compress=available_encodings() if args.compress else ()),
     )
     access_log = AccessLog(args.access_log, args.access_log_format) if args.access_log else None
     server = Server(config, NoStore(), NoEngine(), access_log=access_log)
