@@ -7,17 +7,18 @@ reaches the client as it comes; the last chunk follows the end.
 
 Levels are a proxy's: fast, since every answer is compressed as it passes, with no cache
 behind. Measured on 100 KiB of API-like JSON, source code and HTML, read 64 KiB at a time
-and flushed after each read (``python3 benchmarks/compression.py``; figures in the README):
+and flushed after each read (``python3 benchmarks/compression.py``; the README has the
+figures):
 
-- ``zstd`` level 3 (the library's default): 3-7 us per KiB, about gzip 6's ratio. Its
-  hash tables at 64 and 32 K entries and a 512 KiB window instead of 128/64 K and 2 MiB:
-  the same output on these samples, in 0.55 MiB per answer in flight instead of 0.95;
-- ``br`` quality 4: smaller than gzip 6 for less CPU than gzip 5. Quality 5 is 2-8 %
-  smaller still, for 1.5-2 times the CPU. A 256 KiB window (``lgwin`` 18): larger ones
-  gained nothing on these answers and hold more memory on large ones (0.7-1.2 MiB per
-  answer in flight);
-- ``gzip`` level 5: the knee of its curve; 6 costs 8-20 % more CPU for 1-3 % less, 4 sends
-  5 % more. About 0.25 MiB per answer in flight.
+- ``zstd`` level 3 (the library's default): by far the cheapest (2-5 us per KiB) for about
+  gzip 5's ratio. Its hash tables at 64 and 32 K entries and a 512 KiB window instead of
+  128/64 K and 2 MiB: the same output on these samples, in 0.55 MiB per answer in flight
+  instead of 0.94;
+- ``br`` quality 4: about gzip 5's ratio (1 % worse to 4 % better) for 55-80 % of its
+  CPU; quality 5 sends 5-8 % less for twice the CPU and memory. A 256 KiB window
+  (``lgwin`` 18): larger ones gained nothing on these answers;
+- ``gzip`` level 5: level 4 sends 4-11 % more; level 6 costs up to a quarter more CPU
+  for 2-5 % less.
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ ZSTD_WINDOW_LOG = 19
 ZSTD_HASH_LOG = 16
 ZSTD_CHAIN_LOG = 15
 
-# Bytes of one read above which it is compressed on a worker thread (see the README's
-# "Compression" for the measurements behind them): about half a millisecond of compressing.
+# Bytes of one read from which it is compressed on a worker thread: 0.3-0.4 ms of
+# compressing at the levels above, two to four times what the trip to a worker thread and
+# back costs (0.1-0.2 ms). Below the line the trip would cost as much as it saves the loop;
+# above it the loop would stall every other connection for longer. (Measured by
+# benchmarks/compression.py; see the README's "Compression".)
 OFF_LOOP_BYTES = {"zstd": 128 * 1024, "br": 32 * 1024, "gzip": 32 * 1024}
 
 
