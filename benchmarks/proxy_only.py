@@ -10,7 +10,8 @@ production :class:`~wunderproxy.server.Server` (listeners, forwarder, framing, c
 upstream installed as the serving container; the manager answers too, on ``--api``.
 Every field of :class:`~wunderproxy.config.Edge` is an option named as ``wunderproxy run``
 names it (``--header-timeout``, ``--max-header-size``, ...), with the same default, and so
-are ``--forwarded`` and the ``--buffer-*`` options of requests.
+are ``--forwarded``, the ``--buffer-*`` options and ``--compress`` (with the default types
+and minimum size).
 """
 
 from __future__ import annotations
@@ -165,6 +166,7 @@ def main() -> None:
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
     parser.add_argument("--access-log", help="write one line per request here (- for stdout)")
     parser.add_argument("--access-log-format", default="common", choices=ACCESS_LOG_FORMATS)
+    parser.add_argument("--compress", action="store_true", help="as wunderproxy run's")
     add_edge_options(parser)
     add_front_options(parser)
     args = parser.parse_args()

@@ -131,3 +131,64 @@ class ChunkedReader:
                 "6.5.1: framing fields in trailers are not framing, yet some parsers read "
                 "them so); send it in the head, or not at all"
             )
+
+
+def chunk(data: bytes) -> bytes:
+    """``data`` framed as one chunk; nothing for no data (a chunk of size 0 would end the
+    body)."""
+    if not data:
+        return b""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+# The last chunk of a body without trailer fields.
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+class ChunkedData:
+    """The data of a chunked body that a :class:`ChunkedReader` accepted, framing removed.
+
+    Fed the bytes that reader consumed, in order and cut anywhere, it hands back the chunks'
+    data; once the last chunk was read, the bytes after it are the trailer section
+    (``trailer``: its fields and the blank line that ends it). Extensions are dropped.
+    The framing was checked already, so this reads it without checking it again.
+    """
+
+    __slots__ = ("_left", "_line", "trailer")
+
+    def __init__(self) -> None:
+        self._left = 0  # data bytes left in the current chunk; -1: the CRLF after them
+        self._line = b""  # the start of a chunk-size line or CRLF cut by a read
+        self.trailer: bytes | None = None  # None until the last chunk
+
+    def feed(self, framed: bytes) -> bytes:
+        """The data in ``framed``, the next bytes of the body."""
+        if self.trailer is not None:
+            self.trailer += framed
+            return b""
+        if self._line:
+            framed, self._line = self._line + framed, b""
+        data = []
+        at, end = 0, len(framed)
+        while at < end:
+            left = self._left
+            if left > 0:
+                step = min(left, end - at)
+                data.append(framed[at : at + step])
+                at += step
+                self._left = left - step or -1
+                continue
+            line_end = framed.find(b"\n", at)
+            if line_end < 0:
+                self._line = framed[at:]
+                break
+            if left < 0:  # the CRLF after a chunk's data
+                self._left = 0
+            else:
+                size = int(framed[at:line_end].partition(b";")[0], 16)
+                if not size:
+                    self.trailer = framed[line_end + 1 :]
+                    break
+                self._left = size
+            at = line_end + 1
+        return b"".join(data)

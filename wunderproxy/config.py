@@ -104,6 +104,11 @@ class Tls:
     redirect_http: bool = False  # the plain listener answers 308 to https://
 
 
+# What --compress-types takes: type/subtype, type/*, type/*+suffix, or */* (RFC 6838 names).
+_MEDIA_NAME = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*"
+_MEDIA_RANGE = re.compile(rf"\*/\*|{_MEDIA_NAME}/(?:\*|\*\+{_MEDIA_NAME}|{_MEDIA_NAME})")
+
+
 @dataclass(frozen=True, slots=True)
 class Front:
     """What the proxy changes in the bytes it forwards (all off: they pass untouched).
@@ -123,6 +128,16 @@ class Front:
     compress: tuple[str, ...] = ()
     compress_types: tuple[str, ...] = DEFAULT_COMPRESS_TYPES
     compress_min_size: int = DEFAULT_COMPRESS_MIN_SIZE
+
+    def __post_init__(self) -> None:
+        if self.compress and not self.compress_types:
+            raise ConfigError("--compress-types is empty: --compress would compress nothing")
+        for media_range in self.compress_types:
+            if _MEDIA_RANGE.fullmatch(media_range) is None:
+                raise ConfigError(
+                    f"--compress-types: {media_range!r} is not a media type; use type/subtype, "
+                    "type/* or type/*+suffix (e.g. text/*, application/*+json)"
+                )
 
     def describe(self) -> dict[str, Any]:
         """The ``features`` of ``/status`` that these settings decide."""

@@ -27,14 +27,16 @@ keeps. Arming and cancelling a timer around every read would cost more than the 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from typing import cast
 
-from wunderproxy import answers, framing
+from wunderproxy import answers, compression, framing
 from wunderproxy.accesslog import CLIENT_CLOSED_REQUEST, AccessLog
 from wunderproxy.answerbuffer import STREAM_GAP, AnswerBuffer, buffer_for
 from wunderproxy.config import Edge, Front
+from wunderproxy.encoders import AnswerEncoder
 from wunderproxy.fallback import Fallback, PeerTarget, unmarked
 from wunderproxy.forwarded import Forwarding
 from wunderproxy.redirect import Redirect
@@ -166,6 +168,7 @@ class ClientConnection(asyncio.Protocol):
         "_cycle",
         "_discarding",
         "_edge",
+        "_encoder",
         "_exchange",
         "_fallback",
         "_forwarding",
@@ -212,6 +215,7 @@ class ClientConnection(asyncio.Protocol):
         self._forwarding: Forwarding | None = None  # None: --forwarded off
         self._exchange = framing.Exchange(edge.max_header_size, edge.max_body_size)
         self._upstream: Upstream | None = None
+        self._encoder: AnswerEncoder | None = None  # compressing the answer (--compress)
         self._paused_for: set[str] = set()
         self._closed = False
         self._closing = False  # shutting down: this answer is the connection's last
@@ -902,6 +906,13 @@ class ClientConnection(asyncio.Protocol):
             return
         if self._fallback is not None and self._unserved(upstream, data):
             return
+        encoder = self._encoder
+        if encoder is not None and encoder.busy:
+            # An earlier read is being compressed off the loop: this one waits its turn.
+            # (Reading is paused meanwhile, but the client's resume_writing resumes it.)
+            encoder.waiting.append(data)
+            upstream.pause_reading()
+            return
         try:
             pieces = exchange.upstream_data(data)
         except framing.UpstreamProtocolError as exc:
@@ -919,6 +930,10 @@ class ClientConnection(asyncio.Protocol):
             if isinstance(piece, framing.ResponseStarted):
                 cycle.status = piece.status
                 cycle.replay = None
+                if self._front.compress:
+                    encoder = self._encoder = self._encoder_for(cycle, piece)
+                    if encoder is not None:
+                        raw = encoder.head
                 if self._closing:
                     # Shutting down: tell the client, so that it does not send its next
                     # request on a connection we are about to close.
@@ -926,6 +941,14 @@ class ClientConnection(asyncio.Protocol):
                 if self._front.buffer_responses and cycle.received:
                     # (Else it answers early, and its request still goes up: streamed.)
                     self._answer_begins(cycle, raw)
+            elif encoder is not None:
+                # Transform raw bytes: the body goes through the encoder, whose output
+                # goes out below, once for this read.
+                encoder.take(raw)
+                if isinstance(piece, framing.MessageEnded):
+                    ended = True
+                    encoder.end()
+                continue
             elif isinstance(piece, framing.MessageEnded):
                 ended = True
             elif isinstance(piece, framing.ProtocolSwitched):
@@ -933,20 +956,36 @@ class ClientConnection(asyncio.Protocol):
                 cycle.replay = None
                 upstream.upgrade()
             out.append(raw)
+        if encoder is not None:
+            if encoder.off_loop:
+                self._encode_off_loop(upstream, encoder, out, ended)
+                return
+            out.append(encoder.encode())
+            if ended:
+                self._encoder = None
         # One write per read: a head and its body go out in one segment.
         data = out[0] if len(out) == 1 else b"".join(out)
+        if not exchange.switched:
+            self._emit(cycle, data, ended)
+            return
+        cycle.bytes_out += len(data)
+        transport.write(data)
+        upstream.write(exchange.take_client_leftover())
+        self._close_cycle()
+        self.resume_reading("answer")
+        if self._send_mark is not None:  # the client is behind (--buffer-responses read on)
+            upstream.pause_reading()
+
+    def _emit(self, cycle: RequestCycle, data: bytes, ended: bool) -> None:
+        """Where an answer's bytes (compressed, if they are) go: to the client, or into
+        the buffer that holds what it cannot take yet. ``ended``: the answer ends here."""
         if cycle.buffer is not None:
             self._pass_buffered(cycle, cycle.buffer, data, ended)
             return
         cycle.bytes_out += len(data)
-        transport.write(data)
-        if exchange.switched:
-            upstream.write(exchange.take_client_leftover())
-            self._close_cycle()
-            self.resume_reading("answer")
-            if self._send_mark is not None:  # the client is behind (--buffer-responses read on)
-                upstream.pause_reading()
-        elif ended:
+        assert self._transport is not None
+        self._transport.write(data)
+        if ended:
             self._answered()
 
     # -- --buffer-responses (see answerbuffer.py) ------------------------------------
@@ -1047,6 +1086,73 @@ class ClientConnection(asyncio.Protocol):
             buffer.streaming = True
             if buffer.holding and self._upstream is not None:
                 self._upstream.pause_reading()
+
+    def _encoder_for(
+        self, cycle: RequestCycle, answer: framing.ResponseStarted
+    ) -> AnswerEncoder | None:
+        """An encoder for the answer starting, if --compress applies to it."""
+        request = cycle.request
+        encoder = compression.start(
+            self._front, request.method, request.data, answer.status, answer.data
+        )
+        if encoder is not None:
+            cycle.encoding = encoder.encoding
+        return encoder
+
+    def _encode_off_loop(
+        self, upstream: Upstream, encoder: AnswerEncoder, out: list[bytes], ended: bool
+    ) -> None:
+        """Compress a large read on a worker thread, so that the loop serves every other
+        connection meanwhile. What came before it (the head) goes out now; the container
+        is not read until it is done, and a read that comes all the same waits (see
+        upstream_data), so that no later read overtakes it."""
+        cycle = self._cycle
+        assert cycle is not None
+        if out:
+            self._emit(cycle, b"".join(out), False)
+        encoder.busy = True
+        upstream.pause_reading()
+        if ended:
+            # The framing saw this answer end: a request the client sends now would be
+            # read as the next one while this answer is still to go out.
+            self.pause_reading("compressing")
+        job = self._loop.run_in_executor(None, encoder.compress, encoder.held())
+        job.add_done_callback(functools.partial(self._encoded, upstream, encoder, ended))
+
+    def _encoded(
+        self,
+        upstream: Upstream,
+        encoder: AnswerEncoder,
+        ended: bool,
+        job: asyncio.Future[bytes],
+    ) -> None:
+        """A read compressed off the loop: pass it on, then what waited behind it."""
+        encoder.busy = False
+        cycle = self._cycle
+        transport = self._transport
+        if (
+            self._encoder is not encoder
+            or self._upstream is not upstream
+            or cycle is None
+            or transport is None
+            or self._closed
+        ):
+            return  # the answer failed meanwhile (and its connections are closed)
+        try:
+            data = job.result()
+        except Exception as exc:
+            self._upstream_failed(upstream, f"compressing its answer failed: {exc!r}")
+            return
+        if self._send_mark is None or self._reads_on(cycle):  # else resume_writing will
+            upstream.resume_reading()
+        if ended:
+            self._encoder = None
+            self.resume_reading("compressing")
+        self._emit(cycle, data, ended)
+        # In order: one that finds the encoder busy again waits again, behind the others.
+        waiting, encoder.waiting = encoder.waiting, []
+        for data in waiting:
+            self.upstream_data(upstream, data)
 
     def _unserved(self, upstream: Upstream, data: bytes) -> bool:
         """A peer answered that no container took the request there either: skip that

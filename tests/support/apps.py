@@ -4,6 +4,8 @@ No image can be pulled from the internet on the test machines, so the app is bus
 ``httpd`` serving ``/www`` on port 9292:
 
 - ``/health`` answers ``ok``; ``/index.html`` names the revision baked into the image.
+- ``/app.js`` is :data:`APP_JS`, 60 KiB of script (``application/javascript``, with a strong
+  ETag and ``Accept-Ranges``), for ``--compress``.
 - ``/cgi-bin/revision`` answers ``revision=$REVISION`` and, if ``APP_GREETING`` is set,
   `` greeting=$APP_GREETING`` (to see that ``--config-file`` entries reach the container).
 - ``/cgi-bin/whoami`` answers ``revision=$REVISION container=$HOSTNAME`` (the container's
@@ -96,6 +98,13 @@ CGI_SCRIPTS = {
     ),
 }
 
+# A static file worth compressing: busybox httpd serves .js as application/javascript (it
+# gives .json no type at all).
+APP_JS = "".join(
+    f"function handler{number}(request) {{ return render('v{number}', request.id * {number}); }}\n"
+    for number in range(800)
+).encode()
+
 DOCKERFILE = """FROM scratch
 COPY bin /bin
 COPY www /www
@@ -125,6 +134,7 @@ def build_context(revision: str) -> io.BytesIO:
         tar.addfile(link)
         _add(tar, "www/health", b"ok\n")
         _add(tar, "www/index.html", f"<h1>testapp {revision}</h1>\n".encode())
+        _add(tar, "www/app.js", APP_JS)
         for name, body in CGI_SCRIPTS.items():
             _add(tar, f"www/cgi-bin/{name}", f"#!/bin/sh\n{_RESPOND}{body}".encode(), 0o755)
     buffer.seek(0)

@@ -142,9 +142,11 @@ async def running_proxy(
     name: str = "testapp",
     fallback: Fallback | None = None,
     redirect: Redirect | None = None,
+    front: Front | None = None,
 ) -> AsyncIterator[Proxy]:
     """The forwarder on a free 127.0.0.1 port, with an access log at ``log_path`` (and
-    answering every request with ``redirect``, if given)."""
+    answering every request with ``redirect``, if given; with the front-door settings
+    ``front``, if given)."""
     state = ProxyState(name, "test")
     state.fallback = fallback
     connections: set[ClientConnection] = set()
@@ -167,6 +169,8 @@ async def running_proxy(
     server = await asyncio.get_running_loop().create_server(new_connection, "127.0.0.1", 0)
     proxy = Proxy(state, server, access_log)
     proxy.connections = connections
+    if front is not None:
+        proxy.front = front
     try:
         yield proxy
     finally:
