@@ -166,7 +166,6 @@ def main() -> None:
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
     parser.add_argument("--access-log", help="write one line per request here (- for stdout)")
     parser.add_argument("--access-log-format", default="common", choices=ACCESS_LOG_FORMATS)
-    parser.add_argument("--compress", action="store_true", help="as wunderproxy run's")
     add_edge_options(parser)
     add_front_options(parser)
     args = parser.parse_args()
