@@ -22,9 +22,7 @@ from tests.support.proxied import Client, Proxy, make_container, running_proxy
 from tests.support.waiting import eventually
 from tests.test_fallback import fleet_of
 from tests.test_spool import open_files_under
-from wunderproxy import forwarder
 from wunderproxy.config import Edge, Front
-from wunderproxy.requestbuffer import StoreFailures
 
 MEMORY = 64 * 1024  # --buffer-memory of these tests: larger bodies go to a file
 PIECE = 64 * 1024
@@ -267,11 +265,9 @@ async def test_a_body_that_cannot_be_stored_gets_503_and_everyone_else_is_served
     blue: Backend,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """--buffer-dir removed after start-up: the file of a body past --buffer-memory cannot
     be made (a full disk fails the same write: see test_request_buffering_process.py)."""
-    monkeypatch.setattr(forwarder, "store_failures", StoreFailures())  # its own rate limit
     gone = tmp_path / "gone"
     buffering(proxy, gone, memory=4096)
     proxy.serve(make_container(blue, "rev1"))
@@ -282,8 +278,11 @@ async def test_a_body_that_cannot_be_stored_gets_503_and_everyone_else_is_served
     assert b"no room to hold the request body" in body
     assert await client.read_all() == b""  # closed
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert f"answered 503: the body could not be stored under --buffer-dir {gone}" in warning
-    assert "free space there, or point --buffer-dir at a directory with room" in warning
+    assert f"under {gone} (No such file or directory; 1 so far): the request was answered 503" in (
+        warning
+    )
+    assert "point --buffer-dir at a directory with room" in warning
+    assert proxy.state.snapshot()["buffer_failures"] == 1
     # Others are served: a body that arrives whole needs no file, nor does one in memory.
     other = await proxy.connect()
     send(other, upload_head("/echo", 5), h11.Data(data=b"hello"), h11.EndOfMessage())
@@ -293,3 +292,55 @@ async def test_a_body_that_cannot_be_stored_gets_503_and_everyone_else_is_served
     send(other, h11.Data(data=b"world"), h11.EndOfMessage())
     assert (await other.response())[2] == b"helloworld"
     assert blue.requests == 2
+
+
+async def test_with_both_buffers_an_early_answer_to_a_held_upload_never_lets_its_connection_go_on(
+    proxy: Proxy, spool_dir: Path
+) -> None:
+    """The app answers before it took the held body (and never reads it) while the client
+    reads slowly: the answer streams, and the connection the body was cut short on is
+    neither reused for another client nor left holding this client's reading."""
+    heads: list[tuple[int, bytes]] = []  # (connection number, its first bytes)
+    writers: list[asyncio.StreamWriter] = []
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        number = len(heads)
+        head = await reader.readuntil(b"\r\n\r\n")
+        heads.append((number, head))
+        if head.startswith(b"PUT"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (4 * MiB))
+            writer.write(b"x" * (4 * MiB))
+            await writer.drain()
+            await asyncio.sleep(30)  # keeps the connection, never reads the body
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        proxy.front = Front(
+            buffer_requests=True, buffer_responses=True, buffer_memory=MEMORY, buffer_dir=spool_dir
+        )
+        proxy.serve(make_container(port, "rev1"))
+        slow = await proxy.connect(receive_buffer=16_384)
+        send(slow, upload_head("/up", 8 * MiB), h11.Data(data=b"u" * (8 * MiB)), h11.EndOfMessage())
+        await asyncio.sleep(1.0)  # reads nothing meanwhile
+        # Another client: its request goes on a connection of its own, from its start.
+        other = await proxy.connect()
+        assert (await other.request("GET", "/second"))[2] == b"ok"
+        assert [head[:11] for _, head in heads] == [b"PUT /up HTT", b"GET /second"]
+        status, _, body = await slow.response()
+        assert (status, len(body)) == (200, 4 * MiB)
+        # This client is read again: its next request is answered.
+        assert (await asyncio.wait_for(slow.request("GET", "/third"), 10))[2] == b"ok"
+    finally:
+        for writer in writers:
+            writer.transport.abort()
+        server.close()
+        await server.wait_closed()
+
+
+MiB = 1024 * 1024

@@ -4,13 +4,11 @@ bodies that could not be stored. (Over real sockets: test_request_buffering.py.)
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
 
-from wunderproxy import requestbuffer
-from wunderproxy.requestbuffer import BufferedRequest, StoreFailures, without_continue
+from wunderproxy.requestbuffer import BufferedRequest, without_continue
 from wunderproxy.spool import READ_SIZE, Spool
 
 
@@ -75,24 +73,3 @@ def test_only_a_100_continue_expectation_of_http_1_1_is_answered_and_removed(
         assert without_continue(head) is None
     else:
         assert without_continue(head) == b"PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n"
-
-
-def test_store_failures_are_warned_of_at_most_once_an_interval_with_their_count(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    now = [1000.0]
-    monkeypatch.setattr(requestbuffer.time, "monotonic", lambda: now[0])
-    failures = StoreFailures()
-    full = OSError(28, "No space left on device")
-    with caplog.at_level(logging.WARNING, "wunderproxy.proxy"):
-        failures.failed("/var/spool", full)
-        failures.failed("/var/spool", full)
-        now[0] += requestbuffer.FAILURE_WARNING_INTERVAL - 1
-        failures.failed("/var/spool", full)
-        now[0] += 1
-        failures.failed("/var/spool", full)
-    assert [r.getMessage().partition(":")[2][:27] for r in caplog.records] == [
-        " 1 request(s) answered 503:",
-        " 3 request(s) answered 503:",
-    ]
-    assert "(No space left on device)" in caplog.records[0].getMessage()

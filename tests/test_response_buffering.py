@@ -26,6 +26,7 @@ from tests.support.openfiles import open_files_under
 from tests.support.proxied import Client, Proxy, make_container, running_proxy
 from tests.support.waiting import eventually
 from tests.test_timeouts import sweeping
+from wunderproxy import answerbuffer
 from wunderproxy.answerbuffer import buffer_for
 from wunderproxy.cli import main
 from wunderproxy.config import Edge, Front
@@ -219,6 +220,21 @@ async def test_an_event_stream_or_an_answer_its_app_marks_unbuffered_waits_for_t
     assert (await response_to(client, f"/random/{HUGE}{query}"))[2] == random_body(HUGE)
     (line,) = await proxy.logged_lines(1)
     assert buffered_field(line) == "-"
+
+
+async def test_past_max_held_the_container_waits_for_the_client_again(
+    proxy: Proxy, blue: Backend, buffers: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One client reading a trickle of a huge answer cannot fill the disk."""
+    monkeypatch.setattr(answerbuffer, "MAX_HELD", 2 * MEMORY)
+    container = make_container(blue, "rev1")
+    proxy.serve(container)
+    client = await slow_client(proxy, get(f"/random/{HUGE}"))
+    await held_back(blue)
+    assert blue.body_sent < HUGE // 2, "the container was not read to its answer's end"
+    assert (await response_to(client, f"/random/{HUGE}"))[2] == random_body(HUGE)
+    (line,) = await proxy.logged_lines(1)
+    assert buffered_field(line) == "response"
 
 
 async def test_answers_without_a_body_are_passed_on_as_they_are(

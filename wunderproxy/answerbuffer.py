@@ -40,6 +40,11 @@ from wunderproxy.spool import Spool, SpoolTrouble
 # sees it move again at once.
 STREAM_GAP = 1.0
 
+# Bytes of one answer held for its client at most (nginx proxy_max_temp_file_size, 1 GiB):
+# past it the container waits for the client again, so that one client reading a trickle
+# of a huge answer cannot fill the disk.
+MAX_HELD = 1024 * 1024 * 1024
+
 _FIELDS = fields_pattern("content-type", "content-length", "x-accel-buffering")
 
 
@@ -94,6 +99,9 @@ class AnswerBuffer:
             trouble.failed(exc, self._directory, "answers stream to slow clients, holding the app")
             self.streaming = True
             self._tail.append(data)
+            return
+        if spool.unread > MAX_HELD:
+            self.streaming = True
 
     def read(self) -> bytes:
         """The next bytes for the client, in order (b"": none wait); OSError if the

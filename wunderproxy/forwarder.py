@@ -40,7 +40,7 @@ from wunderproxy.encoders import AnswerEncoder
 from wunderproxy.fallback import Fallback, PeerTarget, unmarked
 from wunderproxy.forwarded import Forwarding
 from wunderproxy.redirect import Redirect
-from wunderproxy.requestbuffer import CONTINUE, BufferedRequest, store_failures, without_continue
+from wunderproxy.requestbuffer import CONTINUE, BufferedRequest, without_continue
 from wunderproxy.spool import Spool
 from wunderproxy.state import Container, ProxyState
 from wunderproxy.streams import LINGER
@@ -512,7 +512,9 @@ class ClientConnection(asyncio.Protocol):
                 try:
                     cycle.upload.add(data)
                 except OSError as exc:
-                    store_failures.failed(str(self._front.buffer_dir), exc)
+                    self._state.spool_trouble.failed(
+                        exc, self._front.buffer_dir, "the request was answered 503"
+                    )
                     self._refuse(answers.BUFFER_FAILED)
                     return False
         if isinstance(piece, framing.MessageEnded):
@@ -520,6 +522,8 @@ class ClientConnection(asyncio.Protocol):
             if cycle.answered:  # answered before its body was all read
                 self._end_cycle()
             elif cycle.upload is not None:  # held until now: the body is whole
+                # Connecting (False) holds nothing more: the framing hands back no piece
+                # after a request's end until its answer ends.
                 self._route(cycle, [])
         return True
 
@@ -938,7 +942,7 @@ class ClientConnection(asyncio.Protocol):
                     # Shutting down: tell the client, so that it does not send its next
                     # request on a connection we are about to close.
                     raw = framing.with_connection_close(raw)
-                if self._front.buffer_responses and cycle.received:
+                if self._front.buffer_responses and self._request_gone_up(cycle):
                     # (Else it answers early, and its request still goes up: streamed.)
                     self._answer_begins(cycle, raw)
             elif encoder is not None:
@@ -989,6 +993,13 @@ class ClientConnection(asyncio.Protocol):
             self._answered()
 
     # -- --buffer-responses (see answerbuffer.py) ------------------------------------
+
+    @staticmethod
+    def _request_gone_up(cycle: RequestCycle) -> bool:
+        """True when the whole request went to the container: read from the client, and a
+        held body (--buffer-requests) all written. Only then may its answer be buffered
+        and its connection let go of at the answer's end."""
+        return cycle.received and (cycle.upload is None or cycle.upload.sent)
 
     def _answer_begins(self, cycle: RequestCycle, head: bytes) -> None:
         """An answer begins. Most clients take it as fast as it comes, and then nothing
@@ -1065,7 +1076,9 @@ class ClientConnection(asyncio.Protocol):
             try:
                 data = buffer.read()
             except OSError as exc:  # the spool's file could not be read back
-                log.warning("a buffered answer could not be read back: %s", exc)
+                self._state.spool_trouble.failed(
+                    exc, self._front.buffer_dir, "an answer held there was cut short"
+                )
                 cycle.status = answers.NO_ANSWER.status
                 self._drop_upstream()
                 self._close_cycle()

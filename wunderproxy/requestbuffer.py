@@ -27,21 +27,14 @@ with its head, so there is nothing left for it to wait on or to answer, and a se
 
 from __future__ import annotations
 
-import logging
 import re
-import time
 from typing import Protocol
 
 from wunderproxy.spool import Spool
 
-log = logging.getLogger("wunderproxy.proxy")
-
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # An Expect field asking for 100-continue, and nothing else (RFC 9110 section 10.1.1).
 _EXPECT_CONTINUE = re.compile(rb"\r\nexpect:[ \t]*100-continue[ \t]*(?=\r\n)", re.IGNORECASE)
-# Seconds between two warnings of bodies that could not be stored (a full disk fails
-# every upload at once).
-FAILURE_WARNING_INTERVAL = 10.0
 
 
 class Writable(Protocol):
@@ -84,6 +77,8 @@ class BufferedRequest:
         spool = self.spool
         while self._sent < spool.size and upstream.writable:
             data = spool.read_at(self._sent)
+            if not data:  # let go of meanwhile: the request is over, nothing goes on
+                break
             self._sent += len(data)
             upstream.write(data)
 
@@ -99,34 +94,3 @@ def without_continue(head: bytes) -> bytes | None:
         return None
     stripped, found = _EXPECT_CONTINUE.subn(b"", head, count=1)
     return stripped if found else None
-
-
-class StoreFailures:
-    """Bodies that could not be stored, logged with what to do: at most one warning every
-    FAILURE_WARNING_INTERVAL seconds, with how many failed since the last one (a full disk
-    fails every upload at once, and the log may be on that disk)."""
-
-    def __init__(self) -> None:
-        self._unreported = 0
-        self._quiet_until = 0.0
-
-    def failed(self, directory: str, error: OSError) -> None:
-        """A body for ``directory`` could not be stored: say so, unless said lately."""
-        self._unreported += 1
-        now = time.monotonic()
-        if now < self._quiet_until:
-            return
-        self._quiet_until = now + FAILURE_WARNING_INTERVAL
-        log.warning(
-            "--buffer-requests: %d request(s) answered 503: the body could not be stored "
-            "under --buffer-dir %s (%s); free space there, or point --buffer-dir at a "
-            "directory with room (bodies past --buffer-memory go there)",
-            self._unreported,
-            directory,
-            error.strerror or error,
-        )
-        self._unreported = 0
-
-
-# One disk, one process: the failures of every connection are reported together.
-store_failures = StoreFailures()

@@ -285,6 +285,8 @@ class ProxyState:
             },
             "connections": connections | {"refused": self.connections_refused},
             "features": self.features(),
+            # Bodies --buffer-requests or --buffer-responses could not hold (a full disk).
+            "buffer_failures": self.spool_trouble.failures,
             "timeouts": dict(sorted(self.timeouts.items())),
             "docker": {"state": "ok" if self.docker_error is None else "error"}
             | ({"error": self.docker_error} if self.docker_error else {}),
