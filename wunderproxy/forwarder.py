@@ -6,7 +6,8 @@ serves *now* and sends the request there, reusing the upstream connection while 
 same container and kept alive. The container's answer is copied back as it arrives; the
 cycle is closed once, when the answer ends or fails. Bytes are forwarded exactly as received;
 the proxy only writes bytes of its own when it answers by itself (the failures of
-:mod:`wunderproxy.answers`), and then always before any byte of an upstream answer.
+:mod:`wunderproxy.answers`), and then always before any byte of an upstream answer, or
+when ``--compress`` compresses an answer (:mod:`wunderproxy.compression`).
 
 Both sides are asyncio protocols: bytes are handled in the callback that receives them.
 Streams would add a task wake-up and a future to every read and every answer, which cost
