@@ -74,6 +74,15 @@ def test_negotiation_offers_only_what_is_offered() -> None:
     assert negotiate(b"zstd, br;q=0.5, gzip;q=0.1", ("br", "gzip")) == "br"
 
 
+def test_a_long_accept_encoding_is_read_each_time_and_never_kept() -> None:
+    """The negotiation cache holds short values only, whatever clients send."""
+    long = b", ".join(b"x-coding-%d;q=0.1" % number for number in range(20)) + b", br"
+    kept = compression._negotiated_cached.cache_info().currsize
+    assert compression._negotiated(long, OFFERED) == "br"
+    assert compression._negotiated(b"gzip;q=0.5, br;q=0.75", OFFERED) == "br"  # new here
+    assert compression._negotiated_cached.cache_info().currsize == kept + 1
+
+
 def test_weights_are_read_per_coding() -> None:
     assert accepted_weights(b"gzip;q=0.8, br, *;q=0.1, identity;q=0") == {
         b"gzip": 0.8,

@@ -110,16 +110,32 @@ def start(
     return AnswerEncoder(encoding, head, chunked)
 
 
-# Browsers send the same few Accept-Encoding and Content-Type values again and again:
-# reading them costs more (10-15 us) than looking the answer up. A client sending values
-# that miss the cache costs what it would without one.
-@functools.lru_cache(maxsize=1024)
+# Browsers send the same few Accept-Encoding values again and again, and an app the same
+# few Content-Types: reading one costs several times more than looking its answer up. A
+# value that misses the cache costs what it would without one; one over _CACHED bytes is
+# never kept, so that the caches stay small whatever clients send.
+_CACHED = 128
+
+
 def _negotiated(accept_encoding: bytes | None, offered: tuple[str, ...]) -> str | None:
+    if accept_encoding is not None and len(accept_encoding) > _CACHED:
+        return negotiate(accept_encoding, offered)
+    return _negotiated_cached(accept_encoding, offered)
+
+
+@functools.lru_cache(maxsize=1024)
+def _negotiated_cached(accept_encoding: bytes | None, offered: tuple[str, ...]) -> str | None:
     return negotiate(accept_encoding, offered)
 
 
-@functools.lru_cache(maxsize=1024)
 def _type_matches(content_type: bytes, patterns: tuple[str, ...]) -> bool:
+    if len(content_type) > _CACHED:
+        return media_type_matches(content_type, patterns)
+    return _type_matches_cached(content_type, patterns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _type_matches_cached(content_type: bytes, patterns: tuple[str, ...]) -> bool:
     return media_type_matches(content_type, patterns)
 
 

@@ -6,11 +6,12 @@ serves *now* and sends the request there, reusing the upstream connection while 
 same container and kept alive. The container's answer is copied back as it arrives (with
 ``--buffer-responses``, what its client cannot take yet is held for it: see
 :mod:`wunderproxy.answerbuffer`); the cycle is closed once, when the answer ends or fails.
-Bytes are forwarded exactly as received (but for the forwarded fields of a request's head,
-with ``--forwarded``: see :mod:`wunderproxy.forwarded`); the proxy only writes bytes of its
-own when it answers by itself (the failures of :mod:`wunderproxy.answers`, and the
-``100 Continue`` of a request it buffers), and then always before any byte of an upstream
-answer.
+Bytes are forwarded exactly as received but where a feature the operator turned on changes
+them: the forwarded fields of a request's head (``--forwarded``,
+:mod:`wunderproxy.forwarded`) and a compressed answer (``--compress``,
+:mod:`wunderproxy.compression`). The proxy writes bytes of its own only when it answers by
+itself (the failures of :mod:`wunderproxy.answers`, and the ``100 Continue`` of a request
+it buffers), and then always before any byte of an upstream answer.
 
 With ``--buffer-requests``, a request whose body is still arriving when its head is read is
 routed only once its body is whole (:mod:`wunderproxy.requestbuffer`).
