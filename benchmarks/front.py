@@ -212,7 +212,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         running_front(Path(work_dir)) as targets,
     ):
         work = Path(work_dir)
-        facts = machine_facts() | {"open_files_limit": open_files}
+        plain = targets[False]
+        facts = machine_facts() | {
+            "open_files_limit": open_files,
+            "nginx": plain["nginx"].versions,
+            "wunderproxy_uvloop": loads_library(plain["wunderproxy"].process.pid, "uvloop"),
+        }
         figures["machine"] = facts
         print(header(facts, args.seconds, args.warmup), flush=True)
         for name in chosen:
