@@ -45,6 +45,7 @@ from benchmarks.peers import (
     JSON_PATH,
     Peer,
     free_port,
+    loads_library,
     nginx_main,
     raise_open_files,
     start_backend,
