@@ -4,7 +4,9 @@ byte for byte what each test wrote (tests/support/scripted.py)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
+import random
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -154,6 +156,35 @@ async def test_a_read_that_comes_while_one_is_compressed_off_the_loop_waits_its_
         status, headers, body = await client.response()
         assert (status, headers["content-encoding"]) == (200, encoding)
         assert decoded(encoding, body) == LARGE
+
+
+@pytest.mark.parametrize("close", ["after a length", "as the answer's end"])
+async def test_a_container_that_closes_while_its_last_read_is_compressed_off_the_loop_is_not_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, close: str
+) -> None:
+    """An app that closes after each answer (unicorn, gunicorn's sync workers), its whole
+    answer in one read that goes off the loop: the close waits behind it."""
+    monkeypatch.setitem(OFF_LOOP_BYTES, "gzip", 1024)
+    if close == "after a length":
+        script = Script([answer("200 OK", JSON, "Connection: close", body=BODY)], close=True)
+    else:
+        script = Script([answer("200 OK", JSON, length=False) + BODY], close=True)
+    jobs = CountingExecutor(gate=threading.Event())
+    asyncio.get_running_loop().set_default_executor(jobs)
+    async with compressing(tmp_path, {"/": script}) as (proxy, _):
+        client = await proxy.connect()
+        send_request(client.conn, client.writer, "GET", "/", headers=[("Accept-Encoding", "gzip")])
+        await eventually(lambda: jobs.submitted == 1)  # held at the gate
+        (connection,) = proxy.connections
+        connection.pause_writing()
+        connection.resume_writing()  # the container's connection is read again: its close
+        await asyncio.sleep(0.3)
+        jobs.gate.set()
+        status, headers, body = await client.response()
+        assert (status, headers["content-encoding"]) == (200, "gzip")
+        assert decoded("gzip", body) == BODY
+        (line,) = await proxy.logged_lines(1)
+        assert '"GET / HTTP/1.1" 200 ' in line
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
@@ -391,3 +422,28 @@ def h11_answer(data: bytes, method: str) -> Sent:
         elif isinstance(event, h11.Data):
             body += event.data
     return Sent(status, headers, body)
+
+
+async def test_a_compressed_answer_with_a_length_stays_buffered_when_its_app_pauses(
+    tmp_path: Path,
+) -> None:
+    """With --buffer-responses, compression's chunked framing does not make an answer the
+    container sent with a length look like an open stream: a pause longer than the stream
+    gap mid-body still lets the container go at the answer's end, not the slow client."""
+    body = base64.b64encode(random.Random(7).randbytes(18 * 1024 * 1024))
+    first_half = asyncio.Event()
+    head = answer("200 OK", JSON, body=body)
+    split = len(head) - len(body) + 12_000_000
+    script = Script([head[:split], first_half, head[split:]])
+    front = Front(compress=("gzip",), buffer_responses=True, buffer_dir=tmp_path)
+    async with compressing(tmp_path, {"/": script}, front) as (proxy, _):
+        client = await proxy.connect(receive_buffer=4096)
+        client.send_raw(b"GET / HTTP/1.1\r\nHost: t\r\nAccept-Encoding: gzip\r\n\r\n")
+        await asyncio.sleep(1.0)  # the client reads nothing: it fell behind
+        container = proxy.state.current
+        assert container is not None and container.in_flight == 1
+        proxy.sweep(1.5)  # the app computes for longer than the stream gap
+        first_half.set()
+        # The whole answer was taken off the container while its client still reads.
+        await eventually(lambda: container.in_flight == 0, within=20)
+        client.writer.close()

@@ -945,7 +945,9 @@ class ClientConnection(asyncio.Protocol):
                     raw = framing.with_connection_close(raw)
                 if self._front.buffer_responses and self._request_gone_up(cycle):
                     # (Else it answers early, and its request still goes up: streamed.)
-                    self._answer_begins(cycle, raw)
+                    # The container's own head: whether it sent a length decides, not
+                    # the compressed answer's chunked framing.
+                    self._answer_begins(cycle, piece.data)
             elif encoder is not None:
                 # Transform raw bytes: the body goes through the encoder, whose output
                 # goes out below, once for this read.
@@ -1167,6 +1169,9 @@ class ClientConnection(asyncio.Protocol):
         waiting, encoder.waiting = encoder.waiting, []
         for data in waiting:
             self.upstream_data(upstream, data)
+        if upstream.ended and self._upstream is upstream and not encoder.busy:
+            # It closed while this read was compressed: an answer cut short fails now.
+            self._upstream_failed(upstream, "the container closed the connection")
 
     def _unserved(self, upstream: Upstream, data: bytes) -> bool:
         """A peer answered that no container took the request there either: skip that
@@ -1202,6 +1207,9 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         self.upstream_data(upstream, b"")  # an answer delimited by the end ends here
+        encoder = self._encoder
+        if encoder is not None and encoder.busy:
+            return  # the end waits behind a read being compressed: see _encoded
         if self._upstream is upstream:
             self._upstream_failed(upstream, reason)
 
