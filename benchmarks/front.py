@@ -61,6 +61,8 @@ from benchmarks.suite import (
     log_problems,
     logs_report,
     machine_facts,
+    parsed,
+    run_options,
     run_scenario,
     scenario_table,
     stop_on_sigterm,
@@ -190,15 +192,9 @@ def running_front(work: Path) -> Iterator[dict[bool, dict[str, Peer]]]:
 
 def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=10.0, help="length of each wrk run")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured run before each")
-    parser.add_argument("--json", type=Path, help="also write every figure here")
+    parser = run_options(__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", choices=list(SCENARIOS), help="run only these")
-    args = parser.parse_args(argv)
-    if not 0 < args.seconds <= 600 or not 0 <= args.warmup <= 60:
-        parser.error("--seconds must be in (0, 600] and --warmup in [0, 60]")
-    return args
+    return parsed(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -453,12 +453,26 @@ def stop_on_sigterm(signum: int, frame: object) -> NoReturn:
     raise SystemExit(128 + signum)
 
 
-def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run_options(description: str) -> argparse.ArgumentParser:
+    """A command line with the options every wrk benchmark has: --seconds, --warmup, --json."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each wrk run")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured run before each")
     parser.add_argument("--json", type=Path, help="also write every figure here")
+    return parser
+
+
+def parsed(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The options of ``parser`` (made by :func:`run_options`), their bounds checked."""
+    args = parser.parse_args(argv)
+    if not 0 < args.seconds <= 600 or not 0 <= args.warmup <= 60:
+        parser.error("--seconds must be in (0, 600] and --warmup in [0, 60]")
+    return args
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line."""
+    parser = run_options(__doc__.split("\n\n")[0])
     parser.add_argument(
         "--only",
         nargs="+",
@@ -477,10 +491,7 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="connections held for idle-memory (default 10,000, fewer if the open-file "
         "limit cannot hold two per connection in one process)",
     )
-    args = parser.parse_args(argv)
-    if not 0 < args.seconds <= 600 or not 0 <= args.warmup <= 60:
-        parser.error("--seconds must be in (0, 600] and --warmup in [0, 60]")
-    return args
+    return parsed(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
