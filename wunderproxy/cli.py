@@ -197,6 +197,22 @@ def main() -> None:
     help="Bytes an answer with a Content-Length needs to be compressed.",
 )
 @click.option(
+    "--keep-upstream",
+    envvar="WUNDERPROXY_KEEP_UPSTREAM",
+    is_flag=True,
+    help="Take a client's Connection: close out of the request sent to the container, so "
+    "that its connection is kept for the next client (the client's answer still closes).",
+)
+@click.option(
+    "--workers",
+    envvar="WUNDERPROXY_WORKERS",
+    type=click.IntRange(1, defaults.MAX_WORKERS),
+    default=defaults.default_workers,
+    show_default="the number of CPUs this process may run on",
+    help="Proxy worker processes sharing the proxy's ports; 1 proxies in the manager's "
+    "own process.",
+)
+@click.option(
     "--api",
     envvar="WUNDERPROXY_API",
     default=defaults.DEFAULT_API,
@@ -394,6 +410,8 @@ def run(
     compress: bool,
     compress_types: str,
     compress_min_size: int,
+    keep_upstream: bool,
+    workers: int,
     api: str,
     registry_port: int,
     config_file: Path | None,
@@ -471,7 +489,9 @@ def run(
                 compress=available_encodings() if compress else (),
                 compress_types=tuple(t.strip() for t in compress_types.split(",") if t.strip()),
                 compress_min_size=compress_min_size,
+                keep_upstream=keep_upstream,
             ),
+            workers=workers,
         )
         if buffer_requests or buffer_responses:
             check_buffer_dir(buffer_dir)

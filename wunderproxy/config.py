@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import tempfile
@@ -31,6 +32,16 @@ DEFAULT_STOP_TIMEOUT = 10
 DEFAULT_KEEPALIVE_TIMEOUT = 75.0
 # Seconds SIGTERM waits for requests in flight before the process exits anyway.
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+# Most proxy worker processes --workers takes: more than a host's cores only adds memory
+# and context switches, and no host this runs on has more than a few dozen.
+MAX_WORKERS = 64
+
+
+def default_workers() -> int:
+    """Proxy worker processes when --workers is not given: one per CPU this process may
+    run on (its affinity mask, which a container's or systemd's CPU set narrows)."""
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+
 
 # The edge: timeouts and limits that keep one client or one container from holding the
 # proxy. nginx's defaults are the reference; where ours differ, the comment says why.
@@ -117,7 +128,8 @@ class Front:
     ``buffer_responses``: read a whole body before passing it on, in memory up to
     ``buffer_memory`` bytes, beyond that in a file under ``buffer_dir``; ``compress``: the
     encodings offered (none: off), for answers of ``compress_types`` of at least
-    ``compress_min_size`` bytes.
+    ``compress_min_size`` bytes; ``keep_upstream``: a client's ``Connection: close`` is
+    taken out of the head sent to the container, so that its connection is kept.
     """
 
     forwarded: ForwardedMode = DEFAULT_FORWARDED
@@ -128,6 +140,7 @@ class Front:
     compress: tuple[str, ...] = ()
     compress_types: tuple[str, ...] = DEFAULT_COMPRESS_TYPES
     compress_min_size: int = DEFAULT_COMPRESS_MIN_SIZE
+    keep_upstream: bool = False
 
     def __post_init__(self) -> None:
         if self.compress and not self.compress_types:
@@ -147,6 +160,7 @@ class Front:
             "buffer_responses": self.buffer_responses,
             "buffer_memory": self.buffer_memory,
             "compress": list(self.compress),
+            "keep_upstream": self.keep_upstream,
         }
 
 
@@ -315,8 +329,12 @@ class Config:
     fleet: Fleet = field(default_factory=Fleet)
     tls: Tls | None = None
     front: Front = field(default_factory=Front)
+    # Proxy worker processes; 1: the manager's own process proxies too, as one process.
+    workers: int = 1
 
     def __post_init__(self) -> None:
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"--workers {self.workers}: give 1 to {MAX_WORKERS}")
         if self.proxy is None and self.tls is None:
             raise ConfigError("--proxy none needs --proxy-tls: the proxy must listen somewhere")
         if self.tls is not None and self.tls.redirect_http and self.proxy is None:
