@@ -115,6 +115,12 @@ CMD ["httpd", "-f", "-p", "9292", "-h", "/www"]
 """
 
 
+# On the host's network the app listens where wunderproxy says (PORT), and on loopback
+# only: a test must never open a port on any other address of the machine.
+HOST_NETWORK_CMD = ["sh", "-c", 'exec /bin/busybox httpd -f -p "127.0.0.1:$PORT" -h /www']
+"""``Cmd`` for the app on the host's network (the entrypoint is busybox, so ``sh -c``)."""
+
+
 def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
