@@ -222,6 +222,8 @@ def start_product(bench: Bench, app: str, variant: Variant, directory: Path) -> 
     ]
     command += ["--registry-port", str(bench.registry_port), "--health-timeout", "30"]
     command += ["--stop-timeout", "1", "--log-level", "warning", *variant.options()]
+    # A host-network app is a loopback peer of the API: wunderproxy warns unless a token is set.
+    command += ["--api-token", bench.labels[BENCH_LABEL]]
     peer = start_peer(variant.name, port, command, directory / "wunderproxy.log", SERVER_CPU)
     peer.versions = f"Python {sys.version.split()[0]}"
     return peer

@@ -733,6 +733,21 @@ async def test_two_host_network_launches_at_once_get_different_ports(
     assert ports == {"rev1": 40001, "rev2": 40002}
 
 
+async def test_a_host_network_launch_without_an_api_token_warns_that_the_app_could_use_the_api(
+    store: MemoryStore, engine: FakeEngine, state: ProxyState, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with host_network_manager(state, store, engine, 40001) as host:
+        with caplog.at_level(logging.WARNING, logger="wunderproxy.manager"):
+            config_hash = upload(store, "rev1", HostConfig=HOST_NETWORK)
+            assert (await post(host, "/launch", config_hash)).status == 200
+            assert (await post(host, "/launch", upload(store, "rev2"))).status == 200
+    warnings = [r.getMessage() for r in caplog.records if "--api-token" in r.getMessage()]
+    assert warnings == [
+        "revision rev1 runs on the host's network, where its app is a loopback peer of the "
+        "manager API: without --api-token it could launch and switch; set one"
+    ]
+
+
 async def test_a_host_network_app_never_healthy_answers_504_naming_its_port(
     store: MemoryStore, engine: FakeEngine, state: ProxyState
 ) -> None:

@@ -203,6 +203,14 @@ class Controller:
     async def _start_healthy(self, config: LaunchConfig) -> LaunchResult:
         if not config.host_network:
             return await self._start_healthy_on(config, None)
+        if self._config.api_token is None:
+            # A bridge container reaches the API from its own address (403 without a token);
+            # on the host's network it connects from 127.0.0.1, which the API trusts.
+            log.warning(
+                "revision %s runs on the host's network, where its app is a loopback peer of "
+                "the manager API: without --api-token it could launch and switch; set one",
+                config.revision,
+            )
         # On the host's network the app gets a port no container of this app has.
         with self._host_ports.pick(c.port for c in self._state.containers) as port:
             try:
