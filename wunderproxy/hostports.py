@@ -17,16 +17,18 @@ import contextlib
 import socket
 from collections.abc import Callable, Iterable, Iterator
 
+from wunderproxy.engine import PUBLISH_HOST_IP as HOST
 from wunderproxy.errors import UpstreamFailed
-
-HOST = "127.0.0.1"
-"""Where a host-network app must listen: loopback, so that the proxy is the one way in."""
 
 PICK_ATTEMPTS = 20  # the kernel rarely repeats a port; 20 in a row means something is wrong
 
 
 def kernel_free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing is bound to right now, as the kernel picks one."""
+    """A TCP port on 127.0.0.1 that nothing is bound to right now, as the kernel picks one.
+
+    A host-network app must listen there, as a published port is: the proxy is the one way
+    in.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((HOST, 0))
         port: int = probe.getsockname()[1]
