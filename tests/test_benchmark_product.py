@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 
 PRODUCT = Path(__file__).resolve().parents[1] / "benchmarks" / "product.py"
 TARGETS = {"direct", "nginx", "wunderproxy-w1", "wunderproxy-w2"}
-RUN_TIMEOUT = 400  # seconds; it takes about 40 on an idle machine
+RUN_TIMEOUT = 400  # seconds; it took about 40 here while others ran tests
 
 
 def test_the_product_benchmark_measures_every_target_in_both_modes_and_cleans_up(
