@@ -181,6 +181,10 @@ class Peer:
     scheme: str = "http"
     _known: dict[int, int] = field(default_factory=dict)
 
+    def alive(self) -> bool:
+        """Whether the started process still runs."""
+        return self.process.poll() is None
+
     def pids(self) -> list[int]:
         """The started process and its descendants (nginx: master and workers)."""
         tree = process_tree(self.process.pid)

@@ -30,6 +30,7 @@ Everything it starts is stopped by PID at the end, also on failure or Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -40,11 +41,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -104,6 +105,22 @@ SCENARIOS = {
 }
 
 
+class Target(Protocol):
+    """What a wrk run is aimed at: a :class:`~benchmarks.peers.Peer`, or anything else whose
+    processes can be found (a container, say)."""
+
+    name: str
+
+    def alive(self) -> bool: ...
+    def pids(self) -> list[int]: ...
+    def url(self, path: str) -> str: ...
+
+
+# Processes that serve every target's requests without being any target, such as Docker's
+# userland proxy in front of a container: their CPU per request gets a column of its own.
+Sides = Mapping[str, Callable[[], list[int]]]
+
+
 @dataclass(frozen=True)
 class Measurement:
     """One wrk run against one target, with the CPU time its processes spent."""
@@ -115,6 +132,7 @@ class Measurement:
     post_body_bytes: int = 0
     other_cpu_seconds: float = 0.0
     error: str = ""
+    side_cpu_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def other_load_percent(self) -> float:
@@ -142,6 +160,10 @@ class Measurement:
         """The backend's CPU time per completed request, in µs (behind a proxy)."""
         return _per_request(self.backend_cpu_seconds, self.wrk)
 
+    def side_cpu_us_per_request(self, side: str) -> float:
+        """The CPU time per completed request of the side processes named ``side``, in µs."""
+        return _per_request(self.side_cpu_seconds.get(side, math.nan), self.wrk)
+
     def as_dict(self) -> dict[str, Any]:
         wrk = self.wrk.as_dict() if self.wrk else None
         return {
@@ -155,6 +177,10 @@ class Measurement:
             "cpu_seconds": self.cpu_seconds,
             "cpu_us_per_request": _finite(self.cpu_us_per_request),
             "backend_cpu_us_per_request": _finite(self.backend_cpu_us_per_request),
+            **{
+                f"{side}_cpu_us_per_request": _finite(self.side_cpu_us_per_request(side))
+                for side in self.side_cpu_seconds
+            },
             "other_load_percent_of_a_core": _finite(self.other_load_percent),
             "error": self.error or None,
         }
@@ -219,12 +245,20 @@ def wrk_arguments(scenario: Scenario, work: Path) -> tuple[str, ...]:
 
 
 def measure(
-    scenario: Scenario, target: Peer, backend: Peer, seconds: float, extra: tuple[str, ...]
+    scenario: Scenario,
+    target: Target,
+    backend: Target,
+    seconds: float,
+    extra: tuple[str, ...],
+    sides: Sides | None = None,
 ) -> Measurement:
-    """One bounded wrk run against ``target``, reading CPU times around it."""
-    if target.process.poll() is not None:
+    """One bounded wrk run against ``target``, reading CPU times around it (also of the
+    ``sides``' processes, each apart)."""
+    if not target.alive():
         return Measurement(target.name, None, 0.0, 0.0, error="process exited")
     pids, backend_pids = target.pids(), backend.pids()
+    side_pids = {name: find() for name, find in (sides or {}).items()}
+    side_before = {name: cpu_seconds(found) for name, found in side_pids.items()}
     cpu_before, backend_before = cpu_seconds(pids), cpu_seconds(backend_pids)
     busy_before, wrk_before = machine_busy_seconds(), _waited_children_cpu()
     stolen_before = stolen_seconds()
@@ -237,7 +271,8 @@ def measure(
     stolen = stolen_seconds() - stolen_before
     target_cpu = cpu_seconds(pids) - cpu_before
     backend_cpu = cpu_seconds(backend_pids) - backend_before
-    ours = target_cpu + _waited_children_cpu() - wrk_before
+    side_cpu = {name: cpu_seconds(found) - side_before[name] for name, found in side_pids.items()}
+    ours = target_cpu + _waited_children_cpu() - wrk_before + sum(side_cpu.values())
     if target is not backend:
         ours += backend_cpu
     return Measurement(
@@ -248,6 +283,7 @@ def measure(
         post_body_bytes=scenario.post_body_bytes,
         # A virtual machine's cores are shared: time the host gave to others counts too.
         other_cpu_seconds=max(0.0, busy - ours) + stolen,
+        side_cpu_seconds=side_cpu,
     )
 
 
@@ -258,7 +294,12 @@ def _waited_children_cpu() -> float:
 
 
 def run_scenario(
-    scenario: Scenario, peers: dict[str, Peer], work: Path, seconds: float, warmup: float
+    scenario: Scenario,
+    peers: Mapping[str, Target],
+    work: Path,
+    seconds: float,
+    warmup: float,
+    sides: Sides | None = None,
 ) -> dict[str, Measurement]:
     """Every target, one after another, each after an unmeasured warm-up run."""
     extra = wrk_arguments(scenario, work)
@@ -268,7 +309,7 @@ def run_scenario(
         if warmup > 0:
             measure(scenario, peers[name], peers["direct"], warmup, extra)
             time.sleep(0.5)
-        results[name] = measure(scenario, peers[name], peers["direct"], seconds, extra)
+        results[name] = measure(scenario, peers[name], peers["direct"], seconds, extra, sides)
         time.sleep(1.0)
     return results
 
@@ -326,10 +367,12 @@ def scenario_table(scenario: Scenario, results: dict[str, Measurement]) -> str:
         return measurement.wrk.requests_per_second
 
     baseline = compared(results[BASELINE]) if BASELINE in results else math.nan
+    sides = sorted({side for m in results.values() for side in m.side_cpu_seconds})
     rows = []
     for name, m in results.items():
         if m.wrk is None:
-            rows.append([name, "-", "-", "-", "-", m.error or "failed", "-", "-", "-", "-"])
+            failed = [name, "-", "-", "-", "-", m.error or "failed", "-", "-"]
+            rows.append(failed + ["-"] * (len(sides) + 2))
             continue
         rows.append(
             [
@@ -341,13 +384,15 @@ def scenario_table(scenario: Scenario, results: dict[str, Measurement]) -> str:
                 str(m.wrk.failed),
                 str(m.wrk.timeouts),
                 _number(m.cpu_us_per_request, 1),
+                *(_number(m.side_cpu_us_per_request(side), 1) for side in sides),
                 _ratio(compared(m), baseline),
                 _number(m.other_load_percent),
             ]
         )
     what = "MiB/s" if scenario.compare_mib else "req/s"
     headers = ["target", "req/s", "MiB/s", "p50 ms", "p99 ms", "errors", "timeouts"]
-    headers += ["CPU µs/req", f"{what} vs nginx", "other %"]
+    headers += ["CPU µs/req", *(f"{side} µs/req" for side in sides)]
+    headers += [f"{what} vs nginx", "other %"]
     title = f"== {scenario.name}: {scenario.path}, {scenario.connections} connections"
     if scenario.close_connections:
         title += ", Connection: close"

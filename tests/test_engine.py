@@ -12,13 +12,14 @@ import docker
 import docker.errors
 import pytest
 
-from tests.support.apps import APP_PORT
+from tests.support.apps import APP_PORT, HOST_NETWORK_CMD
 from tests.support.docker import (
     AppImages,
     Registry,
     containers_of,
     forget_local_images,
     free_port,
+    listening_addresses,
 )
 from wunderproxy.engine import (
     LABEL_APP,
@@ -58,6 +59,7 @@ def spec_for(
     container_config: dict[str, object] | None = None,
     host_config: dict[str, object] | None = None,
     env: list[str] | None = None,
+    host_port: int | None = None,
 ) -> ContainerSpec:
     return ContainerSpec(
         image=image,
@@ -72,6 +74,7 @@ def spec_for(
             LABEL_REVISION: revision,
             LABEL_HASH: f"hash-of-{revision}",
         },
+        host_port=host_port,
     )
 
 
@@ -176,6 +179,38 @@ def test_start_replaces_an_operators_port_binding_and_says_so(
     )
     assert started.port != taken
     assert http_get(started.port, "/cgi-bin/revision") == (200, "revision=rev2\n")
+
+
+def test_on_the_hosts_network_the_app_listens_on_the_port_given_and_a_listing_finds_it(
+    engine: DockerEngine,
+    images: AppImages,
+    app_name: str,
+    test_labels: dict[str, str],
+    docker_client: docker.DockerClient,
+) -> None:
+    image = images.ref("rev1")
+    engine.ensure_image(image)
+    port = free_port()
+    spec = spec_for(
+        image,
+        app_name,
+        test_labels,
+        container_config={"Cmd": HOST_NETWORK_CMD, "Env": ["PORT=9292"]},
+        host_config={"Init": True, "NetworkMode": "host"},
+        host_port=port,
+    )
+
+    started = engine.start(spec)
+
+    assert (started.host, started.port) == ("127.0.0.1", port)
+    assert started.warnings[0].startswith("PORT=9292 in Env replaced by PORT=")
+    assert http_get(port, "/cgi-bin/revision") == (200, "revision=rev1\n")
+    attrs = docker_client.api.inspect_container(started.id)
+    assert attrs["HostConfig"]["NetworkMode"] == "host"
+    assert not attrs["NetworkSettings"]["Ports"], "nothing is published on the host's network"
+    assert listening_addresses(port) == ["127.0.0.1"]
+    [record] = engine.list_containers({LABEL_APP: app_name})
+    assert (record.id, record.status, record.port) == (started.id, "running", port)
 
 
 def test_ensure_image_names_the_registry_when_the_image_is_not_in_it(

@@ -42,6 +42,7 @@ def make_spec(
     container_config: dict[str, Any] | None = None,
     host_config: dict[str, Any] | None = None,
     env: list[str] | None = None,
+    host_port: int | None = None,
 ) -> ContainerSpec:
     return ContainerSpec(
         image="localhost:8080/myapp:rev",
@@ -50,6 +51,7 @@ def make_spec(
         host_config=host_config or {},
         env=env or [],
         labels={LABEL_APP: "myapp"},
+        host_port=host_port,
     )
 
 
@@ -100,4 +102,59 @@ def test_the_create_body_replaces_an_operators_binding_of_the_app_port_and_warns
     assert warnings == (
         "PortBindings for 9292/tcp replaced: wunderproxy publishes the app port on 127.0.0.1 "
         "with a port Docker picks",
+    )
+
+
+HOST_NETWORK = {"NetworkMode": "host"}
+
+
+def test_on_the_hosts_network_the_app_is_told_its_port_and_nothing_is_published() -> None:
+    spec = make_spec({"Env": ["RACK_ENV=production"]}, HOST_NETWORK, ["EXTRA=1"], host_port=41234)
+
+    body, warnings = container_create_body(spec)
+
+    assert body == {
+        "Image": "localhost:8080/myapp:rev",
+        "Env": ["EXTRA=1", "RACK_ENV=production", "PORT=41234"],
+        "Labels": {LABEL_APP: "myapp", LABEL_PORT: "41234/tcp"},
+        "HostConfig": {"NetworkMode": "host"},
+    }
+    assert warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("own_env", "config_file_env"),
+    [(["PORT=9292"], []), ([], ["PORT=9292"]), (["PORT=8000"], ["PORT=9292"])],
+)
+def test_on_the_hosts_network_a_port_set_in_env_is_replaced_and_the_warning_says_so(
+    own_env: list[str], config_file_env: list[str]
+) -> None:
+    spec = make_spec({"Env": own_env}, HOST_NETWORK, config_file_env, host_port=41234)
+
+    body, warnings = container_create_body(spec)
+
+    assert [e for e in body["Env"] if e.startswith("PORT=")] == ["PORT=41234"]
+    given = (own_env or config_file_env)[0]
+    assert warnings == (
+        f"{given} in Env replaced by PORT=41234: on the host's network wunderproxy picks "
+        "the app's port, and the app must listen on 127.0.0.1:$PORT",
+    )
+
+
+def test_on_the_hosts_network_port_bindings_go_and_exposed_ports_are_named_as_unused() -> None:
+    spec = make_spec(
+        {"ExposedPorts": {"9292/tcp": {}}},
+        {**HOST_NETWORK, "PortBindings": {"9292/tcp": [{"HostPort": "80"}]}},
+        host_port=41234,
+    )
+
+    body, warnings = container_create_body(spec)
+
+    assert "PortBindings" not in body["HostConfig"]
+    assert body["ExposedPorts"] == {"9292/tcp": {}}  # kept as written, for Docker's listing
+    assert warnings == (
+        "PortBindings dropped: on the host's network nothing is published; the app listens "
+        "on 127.0.0.1:41234 itself (PORT)",
+        "ExposedPorts ['9292/tcp'] not used: on the host's network the app must listen on "
+        "127.0.0.1:$PORT (PORT=41234), where the proxy connects",
     )

@@ -89,6 +89,26 @@ def test_optional_fields_default_when_absent() -> None:
 
 
 @pytest.mark.parametrize(
+    ("host_config", "host_network"),
+    [
+        ({"NetworkMode": "host"}, True),
+        ({"NetworkMode": "bridge"}, False),
+        ({"NetworkMode": "default"}, False),
+        ({"NetworkMode": "my-network"}, False),
+        ({"NetworkMode": ""}, False),
+        ({}, False),
+    ],
+)
+def test_only_network_mode_host_runs_on_the_hosts_network(
+    host_config: dict[str, Any], host_network: bool
+) -> None:
+    parsed = parse(example_config(HostConfig=host_config))
+
+    assert parsed.host_network is host_network
+    assert parsed.host_config == host_config  # passed to Docker as written
+
+
+@pytest.mark.parametrize(
     ("exposed", "port"),
     [({}, "9292/tcp"), ({"3000": {}}, "3000/tcp"), ({"8080/tcp": {}}, "8080/tcp")],
 )
@@ -171,6 +191,18 @@ def container(**fields: Any) -> dict[str, Any]:
         (container(ExposedPorts={"70000": {}}), "ContainerConfig.ExposedPorts key '70000'"),
         (container(Labels=["a"]), "ContainerConfig.Labels must be a JSON object, got array"),
         (container(Labels={"a": 1}), "ContainerConfig.Labels.a must be a string, got number"),
+        (
+            example_config(HostConfig={"NetworkMode": 1}),
+            "HostConfig.NetworkMode must be a string, got number",
+        ),
+        (
+            example_config(HostConfig={"NetworkMode": "none"}),
+            "HostConfig.NetworkMode 'none' leaves the proxy no way to reach the app",
+        ),
+        (
+            example_config(HostConfig={"NetworkMode": "container:web"}),
+            "HostConfig.NetworkMode 'container:web' leaves the proxy no way to reach the app",
+        ),
     ],
 )
 def test_missing_or_wrongly_typed_field_is_refused_naming_the_field(

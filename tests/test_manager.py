@@ -23,7 +23,7 @@ import uvloop
 
 from tests.support.backend import Backend, running_backend
 from tests.support.configs import encode_config, example_config, upload_launch_config
-from tests.support.fakes import FakeEngine, MemoryStore
+from tests.support.fakes import FakeEngine, MemoryStore, offered_ports
 from tests.support.waiting import eventually
 from tests.support.wire import Answer, read_answer, send_request
 from wunderproxy import dockerwatch
@@ -38,6 +38,7 @@ from wunderproxy.engine import (
     ContainerRecord,
 )
 from wunderproxy.fallback import Fallback
+from wunderproxy.hostports import HostPorts
 from wunderproxy.manager import (
     MAX_BODY,
     ApiRequest,
@@ -684,6 +685,80 @@ async def test_a_failure_to_remove_the_unhealthy_container_still_answers_504(
     assert reply.status == 504
     assert engine.removed_ids == [engine.started_ids[-1]]
     assert_still_serving(state, engine, serving)
+
+
+# -- /launch on the host's network -------------------------------------------------------
+
+HOST_NETWORK = {"NetworkMode": "host"}
+
+
+@contextlib.asynccontextmanager
+async def host_network_manager(
+    state: ProxyState, store: MemoryStore, engine: FakeEngine, *ports: int
+) -> AsyncIterator[Manager]:
+    """A manager whose host-network launches are offered ``ports`` as the free ones."""
+    controller = Controller(make_config(), state, store, engine, HostPorts(offered_ports(*ports)))
+    try:
+        yield Manager(controller, state, token=None)
+    finally:
+        engine.release()
+        await controller.shutdown(grace=1.0)
+
+
+async def test_a_host_network_launch_skips_the_port_of_a_container_already_running(
+    manager: Manager, store: MemoryStore, engine: FakeEngine, state: ProxyState, serving: Container
+) -> None:
+    async with host_network_manager(state, store, engine, serving.port, 40002) as host:
+        config_hash = upload(store, "rev1", HostConfig=HOST_NETWORK)
+        assert (await post(host, "/launch", config_hash)).status == 200
+    assert [spec.host_port for spec in engine.specs] == [None, 40002]
+
+
+async def test_two_host_network_launches_at_once_get_different_ports(
+    store: MemoryStore, engine: FakeEngine, state: ProxyState
+) -> None:
+    async with host_network_manager(state, store, engine, 40001, 40001, 40002) as host:
+        engine.hold("start")
+        first = asyncio.create_task(
+            post(host, "/launch", upload(store, "rev1", HostConfig=HOST_NETWORK))
+        )
+        await eventually(engine.requested["start"].is_set)
+        second = asyncio.create_task(
+            post(host, "/launch", upload(store, "rev2", HostConfig=HOST_NETWORK))
+        )
+        await eventually(lambda: len(engine.called("start")) == 2)
+        engine.release()
+        assert ((await first).status, (await second).status) == (200, 200)
+    ports = {spec.labels[LABEL_REVISION]: spec.host_port for spec in engine.specs}
+    assert ports == {"rev1": 40001, "rev2": 40002}
+
+
+async def test_a_host_network_launch_without_an_api_token_warns_that_the_app_could_use_the_api(
+    store: MemoryStore, engine: FakeEngine, state: ProxyState, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with host_network_manager(state, store, engine, 40001) as host:
+        with caplog.at_level(logging.WARNING, logger="wunderproxy.manager"):
+            config_hash = upload(store, "rev1", HostConfig=HOST_NETWORK)
+            assert (await post(host, "/launch", config_hash)).status == 200
+            assert (await post(host, "/launch", upload(store, "rev2"))).status == 200
+    warnings = [r.getMessage() for r in caplog.records if "--api-token" in r.getMessage()]
+    assert warnings == [
+        "revision rev1 runs on the host's network, where its app is a loopback peer of the "
+        "manager API: without --api-token it could launch and switch; set one"
+    ]
+
+
+async def test_a_host_network_app_never_healthy_answers_504_naming_its_port(
+    store: MemoryStore, engine: FakeEngine, state: ProxyState
+) -> None:
+    async with host_network_manager(state, store, engine, 40001) as host:
+        config_hash = upload(store, "rev1", HostConfig=HOST_NETWORK, HealthCheckPath="/status/404")
+        reply = await post(host, "/launch", config_hash)
+    assert reply.status == 504
+    message = error_of(reply)
+    assert "not healthy after" in message
+    assert "must listen on 127.0.0.1:$PORT, here PORT=40001" in message
+    assert "launch again for another port" in message
 
 
 # -- /switch ----------------------------------------------------------------------------

@@ -443,6 +443,10 @@ def run(
 
     BUCKET is an S3 bucket, or file://DIR for a local directory with the same layout;
     PREFIX is the key prefix of the app's launch configs there.
+
+    A launch config with HostConfig NetworkMode "host" runs its container on the host's
+    network, on a port wunderproxy picks and passes as PORT: the app must listen on
+    127.0.0.1:$PORT, or it is open on the host's public addresses too.
     """
     logging.basicConfig(
         level=log_level.upper(),

@@ -36,8 +36,9 @@ from wunderproxy.engine import (
     ContainerSpec,
     StartedContainer,
 )
-from wunderproxy.errors import Conflict, NotFound, WunderproxyError
+from wunderproxy.errors import Conflict, HealthTimeout, NotFound, WunderproxyError
 from wunderproxy.health import probe, wait_healthy
+from wunderproxy.hostports import HostPorts, host_port_hint
 from wunderproxy.launchconfig import LaunchConfig, parse_hash
 from wunderproxy.state import Container, ProxyState, health_path_of
 
@@ -102,7 +103,14 @@ class SwitchResult:
 class Controller:
     """Changes what runs: the only writer of :attr:`ProxyState.current`."""
 
-    def __init__(self, config: Config, state: ProxyState, store: stores.Store, engine: Engine):
+    def __init__(
+        self,
+        config: Config,
+        state: ProxyState,
+        store: stores.Store,
+        engine: Engine,
+        host_ports: HostPorts | None = None,
+    ):
         self._config = config
         self._state = state
         self._store = store
@@ -119,6 +127,7 @@ class Controller:
         self._stale_removals: set[asyncio.Task[None]] = set()
         self._record_lock = asyncio.Lock()
         self._previous_image: str | None = None
+        self._host_ports = host_ports or HostPorts()  # ports of host-network containers
 
     # -- launch --------------------------------------------------------------------
 
@@ -192,6 +201,24 @@ class Controller:
         return result
 
     async def _start_healthy(self, config: LaunchConfig) -> LaunchResult:
+        if not config.host_network:
+            return await self._start_healthy_on(config, None)
+        if self._config.api_token is None:
+            # A bridge container reaches the API from its own address (403 without a token);
+            # on the host's network it connects from 127.0.0.1, which the API trusts.
+            log.warning(
+                "revision %s runs on the host's network, where its app is a loopback peer of "
+                "the manager API: without --api-token it could launch and switch; set one",
+                config.revision,
+            )
+        # On the host's network the app gets a port no container of this app has.
+        with self._host_ports.pick(c.port for c in self._state.containers) as port:
+            try:
+                return await self._start_healthy_on(config, port)
+            except HealthTimeout as exc:
+                raise HealthTimeout(f"{exc}. {host_port_hint(port)}") from None
+
+    async def _start_healthy_on(self, config: LaunchConfig, host_port: int | None) -> LaunchResult:
         image = config.image or f"{self._config.repository}:{config.revision}"
         log.info("launching revision %s (%s) from %s", config.revision, config.hash, image)
         await self._docker.call(self._engine.ensure_image, image)
@@ -207,6 +234,7 @@ class Controller:
                 LABEL_HASH: config.hash,
                 LABEL_INSTANCE: self._config.fleet.instance,
             },
+            host_port=host_port,
         )
         started = await self._start(spec)
         for warning in started.warnings:

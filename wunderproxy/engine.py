@@ -50,6 +50,8 @@ class ContainerSpec:
     ``HostConfig`` as the operator wrote them (capitalised keys). ``env`` holds extra
     ``KEY=VALUE`` entries from the operator's config file; on a name clash the entry in
     ``container_config["Env"]`` wins. ``labels`` are merged over any labels in the config.
+    ``host_port`` is set for a host-network container (``NetworkMode: "host"``): the port
+    on 127.0.0.1 its app must listen on, passed to it as ``PORT``; ``app_port`` is then unused.
     """
 
     image: str
@@ -58,6 +60,7 @@ class ContainerSpec:
     host_config: dict[str, Any]
     env: list[str]
     labels: dict[str, str]
+    host_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -107,31 +110,76 @@ def container_create_body(spec: ContainerSpec) -> tuple[dict[str, Any], tuple[st
     """The Engine API container-create body for ``spec``, and warnings for the operator.
 
     The launch config's shapes are kept as written; wunderproxy adds the image, the merged
-    ``Env``, its labels, the app port in ``ExposedPorts`` and its loopback ``PortBindings``.
+    ``Env``, its labels, and on a bridge network the app port in ``ExposedPorts`` with its
+    loopback ``PortBindings``; on the host's network, ``PORT`` in ``Env`` instead.
     """
     body = copy.deepcopy(spec.container_config)
     body["Image"] = spec.image
     own_env: list[str] = list(body.get("Env") or [])
     own_keys = {entry.split("=", 1)[0] for entry in own_env}
     body["Env"] = [e for e in spec.env if e.split("=", 1)[0] not in own_keys] + own_env
-    body["Labels"] = {**(body.get("Labels") or {}), **spec.labels, LABEL_PORT: spec.app_port}
-    body["ExposedPorts"] = {**(body.get("ExposedPorts") or {}), spec.app_port: {}}
     host_config = {**(body.get("HostConfig") or {}), **copy.deepcopy(spec.host_config)}
+    if spec.host_port is None:
+        warnings = _publish_app_port(body, host_config, spec.app_port)
+        port_label = spec.app_port
+    else:
+        warnings = _listen_on_host_port(body, host_config, spec.host_port)
+        port_label = f"{spec.host_port}/tcp"
+    # The port a listing needs to find the container again: the app port, published by
+    # Docker on a bridge network; on the host's network, the port the app listens on.
+    body["Labels"] = {**(body.get("Labels") or {}), **spec.labels, LABEL_PORT: port_label}
+    body["HostConfig"] = host_config
+    return body, warnings
+
+
+def _publish_app_port(
+    body: dict[str, Any], host_config: dict[str, Any], app_port: str
+) -> tuple[str, ...]:
+    """Expose ``app_port`` and publish it on 127.0.0.1 with a port Docker picks."""
+    body["ExposedPorts"] = {**(body.get("ExposedPorts") or {}), app_port: {}}
     bindings: dict[str, Any] = dict(host_config.get("PortBindings") or {})
     wanted = [{"HostIp": PUBLISH_HOST_IP, "HostPort": ""}]
     # Docker reads a bare "9292" as "9292/tcp", so an operator may have written either.
-    aliases = {spec.app_port, spec.app_port.removesuffix("/tcp")} & bindings.keys()
+    aliases = {app_port, app_port.removesuffix("/tcp")} & bindings.keys()
     replaced = [bindings.pop(key) for key in sorted(aliases)]
-    bindings[spec.app_port] = wanted
+    bindings[app_port] = wanted
     host_config["PortBindings"] = bindings
-    body["HostConfig"] = host_config
-    warnings: tuple[str, ...] = ()
     if any(old != wanted for old in replaced):
-        warnings = (
-            f"PortBindings for {spec.app_port} replaced: wunderproxy publishes the app port "
+        return (
+            f"PortBindings for {app_port} replaced: wunderproxy publishes the app port "
             "on 127.0.0.1 with a port Docker picks",
         )
-    return body, warnings
+    return ()
+
+
+def _listen_on_host_port(
+    body: dict[str, Any], host_config: dict[str, Any], port: int
+) -> tuple[str, ...]:
+    """Tell a host-network app its port in ``PORT``, overriding any ``PORT`` already set.
+
+    Nothing is published on the host's network, so ``PortBindings`` go (Docker would
+    discard them too), and ``ExposedPorts`` say nothing about where the app listens.
+    """
+    warnings = []
+    env: list[str] = body["Env"]
+    given = [e.split("=", 1)[1] for e in env if e.split("=", 1)[0] == "PORT" and "=" in e]
+    if any(value != str(port) for value in given):
+        warnings.append(
+            f"PORT={given[-1]} in Env replaced by PORT={port}: on the host's network "
+            "wunderproxy picks the app's port, and the app must listen on 127.0.0.1:$PORT"
+        )
+    body["Env"] = [e for e in env if e.split("=", 1)[0] != "PORT"] + [f"PORT={port}"]
+    if host_config.pop("PortBindings", None):
+        warnings.append(
+            "PortBindings dropped: on the host's network nothing is published; the app "
+            f"listens on 127.0.0.1:{port} itself (PORT)"
+        )
+    if body.get("ExposedPorts"):
+        warnings.append(
+            f"ExposedPorts {sorted(body['ExposedPorts'])} not used: on the host's network the "
+            f"app must listen on 127.0.0.1:$PORT (PORT={port}), where the proxy connects"
+        )
+    return tuple(warnings)
 
 
 def _reason(error: BaseException) -> str:
@@ -267,11 +315,13 @@ class DockerEngine:
                 raise UpstreamFailed(_pull_failed(image, _explanation(e))) from e
 
     def start(self, spec: ContainerSpec) -> StartedContainer:
-        """Create and start a container and return where its app port is published.
+        """Create and start a container and return where its app listens.
 
-        The app port is published on 127.0.0.1 with a host port Docker picks; an operator's
-        ``PortBindings`` entry for it is replaced and reported in ``warnings``. A container that
-        fails to start, or dies before its port can be read, is removed before this raises.
+        On a bridge network the app port is published on 127.0.0.1 with a host port Docker
+        picks; an operator's ``PortBindings`` entry for it is replaced and reported in
+        ``warnings``. On the host's network (``spec.host_port``) the app listens on that port.
+        A container that fails to start, or dies before its port can be read, is removed
+        before this raises.
         """
         body, warnings = container_create_body(spec)
         api = self._api()
@@ -283,7 +333,9 @@ class DockerEngine:
             with self._errors(f"starting a container from {spec.image}", hint):
                 api.start(container_id)
                 state = api.inspect_container(container_id)
-            port = self._published_port(state, spec.app_port)
+            # On the host's network the app listens on the port it was given, once it is up:
+            # the health check waits for that, and notices if the container exits first.
+            port = spec.host_port or self._published_port(state, spec.app_port)
             if port is None:
                 raise UpstreamFailed(self._no_port_message(container_id, state, spec))
         except BaseException:
@@ -314,7 +366,8 @@ class DockerEngine:
         network = (state.get("HostConfig") or {}).get("NetworkMode")
         return (
             f"container {short} from {spec.image} has no port published for {spec.app_port} "
-            f"(NetworkMode {network}); use a bridge network in the launch config's HostConfig"
+            f"(NetworkMode {network}); leave NetworkMode out of the launch config's HostConfig "
+            '(a bridge network), or use "host"'
         )
 
     def _force_remove(self, container_id: str) -> None:
@@ -375,10 +428,17 @@ class DockerEngine:
         filters = {"label": [f"{key}={value}" for key, value in labels.items()]}
         with self._errors("listing containers"):
             found: list[dict[str, Any]] = api.containers(all=True, filters=filters)
-        records = []
-        for item in found:
-            item_labels: dict[str, str] = item.get("Labels") or {}
-            number, _, proto = item_labels.get(LABEL_PORT, "").partition("/")
+        return [self._record(item) for item in found]
+
+    @staticmethod
+    def _record(item: dict[str, Any]) -> ContainerRecord:
+        """A listing's entry as a record, with the port the proxy reaches its app on."""
+        labels: dict[str, str] = item.get("Labels") or {}
+        number, _, proto = labels.get(LABEL_PORT, "").partition("/")
+        port: int | None
+        if (item.get("HostConfig") or {}).get("NetworkMode") == "host":
+            port = int(number) if number.isdigit() else None  # the port it was given
+        else:
             port = next(
                 (
                     int(p["PublicPort"])
@@ -389,10 +449,7 @@ class DockerEngine:
                 ),
                 None,
             )
-            records.append(
-                ContainerRecord(item["Id"], item.get("State", ""), item_labels, item["Image"], port)
-            )
-        return records
+        return ContainerRecord(item["Id"], item.get("State", ""), labels, item["Image"], port)
 
     def deaths(self, labels: dict[str, str], since: int | None = None) -> ContainerDeaths:
         """Follow the deaths of containers that carry all of ``labels`` (from the Unix time

@@ -24,6 +24,9 @@ TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 DEFAULT_APP_PORT = "9292/tcp"
 """The app's port when ExposedPorts names none: the original wunderproxy's default."""
 
+HOST_NETWORK = "host"
+"""The NetworkMode that runs the container in the host's network namespace."""
+
 _PORT_RE = re.compile(r"(\d{1,5})(/tcp)?")
 
 
@@ -73,7 +76,10 @@ class LaunchConfig:
     artifacts_bucket: str | None
     """S3 bucket holding the registry's image artifacts, if named."""
     app_port: str
-    """The container port the app listens on, as ``PORT/tcp``."""
+    """The container port the app listens on, as ``PORT/tcp`` (bridge networks only)."""
+    host_network: bool = False
+    """``HostConfig.NetworkMode`` is ``"host"``: the container shares the host's network, so
+    wunderproxy picks the app's port and passes it as ``PORT`` (see hostports.py)."""
 
 
 def parse_launch_config(
@@ -147,6 +153,7 @@ def _build(hash_: str, raw: bytes, document: object) -> LaunchConfig:
 
     container = _optional_object(document, "ContainerConfig", "ContainerConfig")
     host = _optional_object(document, "HostConfig", "HostConfig")
+    network_mode = _network_mode(host)
     image = _optional_string(container, "Image", "ContainerConfig.Image")
     env = container.get("Env")
     if env is not None:
@@ -177,7 +184,25 @@ def _build(hash_: str, raw: bytes, document: object) -> LaunchConfig:
         host_config=host,
         artifacts_bucket=artifacts_bucket or None,
         app_port=app_port,
+        host_network=network_mode == HOST_NETWORK,
     )
+
+
+def _network_mode(host: dict[str, Any]) -> str | None:
+    """HostConfig.NetworkMode, refused when the proxy could never reach the app.
+
+    "host" is wunderproxy's host-network mode; "bridge", "default" and named networks get
+    the app port published on 127.0.0.1 as without it. "none" has no network at all and
+    "container:ID" shares another container's, where nothing can be published or picked.
+    """
+    mode = _optional_string(host, "NetworkMode", "HostConfig.NetworkMode", empty=True)
+    if mode == "none" or (mode or "").startswith("container:"):
+        raise _FieldError(
+            f"HostConfig.NetworkMode {_preview(mode or '')} leaves the proxy no way to reach "
+            "the app; leave NetworkMode out (a bridge network, the app port published on "
+            '127.0.0.1) or use "host" (the app listens on 127.0.0.1:$PORT)'
+        )
+    return mode
 
 
 def _app_port(exposed: dict[str, Any]) -> str:

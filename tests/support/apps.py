@@ -115,7 +115,14 @@ CMD ["httpd", "-f", "-p", "9292", "-h", "/www"]
 """
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
+# On the host's network the app listens where wunderproxy says (PORT), and on loopback
+# only: a test must never open a port on any other address of the machine.
+HOST_NETWORK_CMD = ["sh", "-c", 'exec /bin/busybox httpd -f -p "127.0.0.1:$PORT" -h /www']
+"""``Cmd`` for the app on the host's network (the entrypoint is busybox, so ``sh -c``)."""
+
+
+def add_file(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
+    """Add a file of ``data`` to a build context."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mode = mode
@@ -126,17 +133,17 @@ def build_context(revision: str) -> io.BytesIO:
     """The build context of the app image as an in-memory tar."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
-        _add(tar, "Dockerfile", DOCKERFILE.format(revision=revision).encode())
+        add_file(tar, "Dockerfile", DOCKERFILE.format(revision=revision).encode())
         tar.add(BUSYBOX, arcname="bin/busybox")
         link = tarfile.TarInfo("bin/sh")
         link.type = tarfile.SYMTYPE
         link.linkname = "busybox"
         tar.addfile(link)
-        _add(tar, "www/health", b"ok\n")
-        _add(tar, "www/index.html", f"<h1>testapp {revision}</h1>\n".encode())
-        _add(tar, "www/app.js", APP_JS)
+        add_file(tar, "www/health", b"ok\n")
+        add_file(tar, "www/index.html", f"<h1>testapp {revision}</h1>\n".encode())
+        add_file(tar, "www/app.js", APP_JS)
         for name, body in CGI_SCRIPTS.items():
-            _add(tar, f"www/cgi-bin/{name}", f"#!/bin/sh\n{_RESPOND}{body}".encode(), 0o755)
+            add_file(tar, f"www/cgi-bin/{name}", f"#!/bin/sh\n{_RESPOND}{body}".encode(), 0o755)
     buffer.seek(0)
     return buffer
 
@@ -167,8 +174,13 @@ def push_app_image(
 ) -> None:
     """Build the app image as ``tag``, push it, and drop the local copy (launches pull)."""
     build_app_image(client, tag, labels, revision)
+    push_image(client, tag)
+    client.images.remove(tag)
+
+
+def push_image(client: docker.DockerClient, tag: str) -> None:
+    """Push ``tag`` to its registry; raise if the registry refused it."""
     repository, version = split_image_reference(tag)
     for chunk in client.images.push(repository, tag=version, stream=True, decode=True):
         if "error" in chunk:
             raise RuntimeError(f"pushing {tag} failed: {chunk['error']}")
-    client.images.remove(tag)

@@ -6,6 +6,7 @@ import copy
 import json
 from typing import TYPE_CHECKING, Any
 
+from tests.support.apps import HOST_NETWORK_CMD
 from wunderproxy.launchconfig import md5_hex
 from wunderproxy.store import Store, config_key
 
@@ -63,4 +64,12 @@ def app_config(images: AppImages, revision: str, **fields: Any) -> dict[str, Any
         "HealthCheckPath": "/health",
     }
     config.update(fields)
+    return config
+
+
+def host_network_app_config(images: AppImages, revision: str) -> dict[str, Any]:
+    """``app_config`` on the host's network: the app listens on 127.0.0.1:$PORT."""
+    config = app_config(images, revision)
+    config["ContainerConfig"]["Cmd"] = HOST_NETWORK_CMD
+    config["HostConfig"]["NetworkMode"] = "host"
     return config

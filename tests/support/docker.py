@@ -42,6 +42,24 @@ def free_port() -> int:
         return port
 
 
+def listening_addresses(port: int) -> list[str]:
+    """The addresses of this network namespace's TCP listeners on ``port`` (/proc/net/tcp*)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)  # the header
+            for line in lines:
+                local, state = line.split()[1], line.split()[3]
+                address, _, hex_port = local.partition(":")
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    found.append(
+                        socket.inet_ntoa(bytes.fromhex(address)[::-1])
+                        if len(address) == 8
+                        else address  # IPv6: any listener there is wrong anyway
+                    )
+    return found
+
+
 def containers_of(client: docker.DockerClient, app_name: str) -> list[Container]:
     """Every container, in any state, labelled ``wunderproxy.app=<app_name>``."""
     return labelled_containers(client, f"{LABEL_APP}={app_name}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from wunderproxy.engine import ContainerRecord, ContainerSpec, StartedContainer
@@ -71,6 +71,17 @@ class MemoryStore:
     def _check_put(self, key: str) -> None:
         if self.fail_puts is not None:
             raise UpstreamFailed(f"put {key} in {self.description} failed: {self.fail_puts}")
+
+
+def offered_ports(*ports: int) -> Callable[[], int]:
+    """A stand-in for the kernel's choice of a free port (``hostports.kernel_free_port``)
+    that offers ``ports`` in turn, then the last one for ever."""
+    offered = iter(ports)
+
+    def next_port() -> int:
+        return next(offered, ports[-1])
+
+    return next_port
 
 
 @dataclass(frozen=True)

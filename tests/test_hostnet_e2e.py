@@ -1,0 +1,85 @@
+"""Containers on the host's network (``HostConfig.NetworkMode: "host"``), end to end: the
+real Docker engine, registry and S3 server, and wunderproxy started by its CLI."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import docker
+import pytest
+
+from tests.support.configs import PREFIX, host_network_app_config, upload_launch_config
+from tests.support.docker import AppImages, containers_of, listening_addresses
+from tests.support.load import DEFAULT_MIX, LoadGenerator, assert_no_failures, revision_of
+from tests.support.process import WunderproxyProcess, revision_served, wunderproxy
+from wunderproxy.store import S3Store
+
+pytestmark = pytest.mark.e2e
+
+
+def ports_by_revision(running: WunderproxyProcess) -> dict[str, int]:
+    """The port of each of the app's containers, as /status shows them."""
+    return {c["revision"]: c["port"] for c in running.status()["containers"]}
+
+
+def test_host_network_revisions_get_their_own_ports_switch_without_a_failure_and_are_adopted(
+    s3_bucket: str,
+    app_name: str,
+    app_images: AppImages,
+    docker_client: docker.DockerClient,
+    tmp_path: Path,
+) -> None:
+    store = S3Store(s3_bucket, PREFIX)
+    upload_launch_config(store, host_network_app_config(app_images, "rev1"), current=True)
+    rev2 = upload_launch_config(store, host_network_app_config(app_images, "rev2"))
+    pid_file = tmp_path / "wunderproxy.pid"
+    options = ("--drain-timeout", "10", "--pid-file", str(pid_file))
+    registry_port = app_images.registry_port
+    with wunderproxy(tmp_path, s3_bucket, PREFIX, app_name, registry_port, *options) as old:
+        old.wait_until_serving("rev1")
+        [first] = containers_of(docker_client, app_name)
+        assert first.attrs["HostConfig"]["NetworkMode"] == "host"
+        rev1_port = ports_by_revision(old)["rev1"]
+        # The health check and the proxy reach the app on the port it was given, on loopback.
+        assert f"PORT={rev1_port}" in first.attrs["Config"]["Env"]
+        assert listening_addresses(rev1_port) == ["127.0.0.1"]
+        assert revision_served(old) == "revision=rev1"
+
+        launched = old.launch(rev2)
+        assert launched.status == 200, launched.text
+        ports = ports_by_revision(old)
+        assert ports.keys() == {"rev1", "rev2"}
+        assert ports["rev2"] != rev1_port
+        assert f"listening on port {ports['rev2']}" in launched.text
+
+        with LoadGenerator(old.proxy_port, DEFAULT_MIX, max_seconds=120) as load:
+            time.sleep(1.0)
+            switched = old.switch(rev2)
+            assert switched.status == 200, switched.text
+            after_switch = time.monotonic()
+            time.sleep(2.5)  # the slow requests that began on rev1 finish there
+            # wunderproxy restarts (a hitless take-over): the new one adopts rev2's container.
+            with wunderproxy(
+                tmp_path,
+                s3_bucket,
+                PREFIX,
+                app_name,
+                registry_port,
+                *options,
+                "--take-over",
+                ports=(old.proxy_port, old.api_port),
+            ) as new:
+                assert old.process.wait(30) == 0, old.log()
+                time.sleep(1.0)
+                outcomes = load.stop()
+                current = new.status()["current"]
+                assert (current["revision"], current["port"]) == ("rev2", ports["rev2"])
+                assert f"on port {ports['rev2']}" in new.log()
+                assert "adopted running container" in new.log()
+                assert revision_served(new) == "revision=rev2"
+    assert_no_failures(outcomes)
+    assert len(outcomes) > 100, "too little load to prove anything"
+    late = [o for o in outcomes if o.started > after_switch + 0.5]
+    assert late, "no request was sent after the switch"
+    assert {revision_of(o) for o in late} == {"rev2"}
