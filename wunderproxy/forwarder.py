@@ -40,6 +40,7 @@ from wunderproxy.config import Edge, Front
 from wunderproxy.encoders import AnswerEncoder
 from wunderproxy.fallback import Fallback, PeerTarget, unmarked
 from wunderproxy.forwarded import Forwarding
+from wunderproxy.keepupstream import without_close
 from wunderproxy.redirect import Redirect
 from wunderproxy.requestbuffer import CONTINUE, BufferedRequest, without_continue
 from wunderproxy.spool import Spool
@@ -98,6 +99,7 @@ class RequestCycle:
         "buffered",
         "bytes_in",
         "bytes_out",
+        "close_dropped",
         "container",
         "encoding",
         "failure",
@@ -133,6 +135,9 @@ class RequestCycle:
         self.held: list[framing.ClientPiece] = []  # pieces waiting for a connection
         self.replay: bytearray | None = None  # its bytes, to send it again if need be
         self.reused = False  # sent on a connection that carried requests before
+        # Went up without the client's Connection: close (--keep-upstream): its answer
+        # says close to the client instead.
+        self.close_dropped = False
         # Peer fallback (see fallback.py).
         self.may_fall_back = False  # a peer may take it if no container here can
         self.sender: str | None = None  # the peer instance that sent it here
@@ -398,16 +403,21 @@ class ClientConnection(asyncio.Protocol):
             if not cycle.answered:
                 cycle.status = CLIENT_CLOSED_REQUEST  # it left before the answer ended
             self._close_cycle()
+        self._give_back_upstream()
+        if self._transport is not None:
+            self._state.open_connections -= 1
+        if self._on_close is not None:
+            self._on_close(self)
+
+    def _give_back_upstream(self) -> None:
+        """The client leaves: its upstream connection goes to the container's spares if
+        it may carry another request, else it is closed."""
         upstream, self._upstream = self._upstream, None
         if upstream is not None:
             if self._exchange.upstream_reusable:
                 upstream.park()
             else:
                 upstream.close()
-        if self._transport is not None:
-            self._state.open_connections -= 1
-        if self._on_close is not None:
-            self._on_close(self)
 
     def pause_writing(self) -> None:  # the client reads an answer slower than it comes
         if self._transport is not None:
@@ -547,6 +557,10 @@ class ClientConnection(asyncio.Protocol):
             self._read_mark(cycle, self._fallback)
         if self._forwarding is not None and cycle.sender is None:  # a peer's sender did
             cycle.head = self._forwarding.rewrite(cycle.head)
+        if piece.closes and self._front.keep_upstream:
+            cycle.head = without_close(cycle.head)
+            cycle.close_dropped = True
+            self._exchange.close_dropped()
         if self._front.buffer_requests and not (
             rest and isinstance(rest[-1], framing.MessageEnded)
         ):
@@ -939,9 +953,10 @@ class ClientConnection(asyncio.Protocol):
                     encoder = self._encoder = self._encoder_for(cycle, piece)
                     if encoder is not None:
                         raw = encoder.head
-                if self._closing:
+                if self._closing or cycle.close_dropped:
                     # Shutting down: tell the client, so that it does not send its next
-                    # request on a connection we are about to close.
+                    # request on a connection we are about to close. --keep-upstream: the
+                    # client asked to close, and the container was not told.
                     raw = framing.with_connection_close(raw)
                 if self._front.buffer_responses and self._request_gone_up(cycle):
                     # (Else it answers early, and its request still goes up: streamed.)
@@ -1326,6 +1341,9 @@ class ClientConnection(asyncio.Protocol):
             or self._client_eof
             or (self._closing and not exchange.request_in_progress)
         ):
+            # Parked now, not when the close completes: the next client may want it
+            # sooner (--keep-upstream keeps those of clients that said close).
+            self._give_back_upstream()
             self.close()
             return
         if self._paused_for:
