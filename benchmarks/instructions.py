@@ -117,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2_000)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--annotate", type=int, default=0, help="print the top N functions")
+    parser.add_argument("--keep", type=Path, help="copy callgrind's output file here")
     parser.add_argument("proxy_options", nargs="*", help="options for proxy_only.py (after --)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="wunderproxy-instructions-") as work_dir:
@@ -151,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             proxy.stop(timeout=60)
             files = sorted(work.glob("callgrind.out*"))
             total = counted_instructions(files)
+            if args.keep is not None:
+                args.keep.write_bytes(b"".join(path.read_bytes() for path in files[:1]))
             print(
                 f"{args.scenario} {' '.join(args.proxy_options)}: "
                 f"{total / args.requests / 1000:.1f} thousand instructions per request "
