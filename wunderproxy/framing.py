@@ -27,7 +27,7 @@ from typing import NoReturn, TypeAlias
 from wunderproxy import cycle
 from wunderproxy.chunked import BodyTooLarge, ChunkedReader
 from wunderproxy.config import DEFAULT_MAX_HEADER_SIZE
-from wunderproxy.fields import BLANK_LINE, HeadError
+from wunderproxy.fields import HeadError, head_end
 from wunderproxy.requesthead import CHUNKED, RequestHead, check_request_line, read_request_head
 from wunderproxy.responsehead import MAX_HEAD, UNTIL_CLOSE, read_response_head
 
@@ -153,16 +153,16 @@ class _ResponseReader:
             received = data
         at = 0
         while True:
-            end = BLANK_LINE.search(received, at)
-            if end is None or end.end() - at > MAX_HEAD:
+            end = head_end(received, at)
+            if end < 0 or end - at > MAX_HEAD:
                 if len(received) - at > MAX_HEAD:
                     raise HeadError(f"the answer's head is over {MAX_HEAD} bytes")
                 if not data:
                     raise HeadError("the container closed the connection before answering")
                 buffer += received[at:]
                 return pieces
-            head = received[at : end.end()]
-            at = end.end()
+            head = received[at:end]
+            at = end
             request = self._request
             found = read_response_head(head, request.method, request.upgrade)
             if found.switched:
@@ -300,8 +300,8 @@ class Exchange:
 
     def _read_head(self) -> list[ClientPiece]:
         pending = self._pending
-        end = BLANK_LINE.search(pending)
-        if end is None or end.end() > self._max_head:
+        end = head_end(pending)
+        if end < 0 or end > self._max_head:
             if len(pending) > self._max_head:
                 self._refuse(f"the request head is over {self._max_head} bytes", 431)
             line_end = pending.find(b"\n")
@@ -313,7 +313,7 @@ class Exchange:
             if self._client_eof and pending:
                 self._refuse("the client closed the connection inside a request head", 400)
             return []  # the rest of the head is still on its way
-        head = bytes(pending[: end.end()])
+        head = bytes(pending[:end])
         try:
             found = read_request_head(head)
         except HeadError as exc:
@@ -324,7 +324,7 @@ class Exchange:
                 f"the request body ({length} bytes) is over the {self._max_body}-byte limit",
                 413,
             )
-        del pending[: end.end()]
+        del pending[:end]
         self._client = cycle.advance(cycle.CLIENT, self._client, "head")
         self._facts = found
         self._keep_alive = self._keep_alive and found.keep_alive
