@@ -2,10 +2,12 @@
 
 The client's bytes are fed to the framing observer; at each request head the connection
 opens a :class:`RequestCycle`, asks :class:`~wunderproxy.state.ProxyState` which container
-serves *now* and sends the request there, reusing the upstream connection while it is to the
-same container and kept alive. The container's answer is copied back as it arrives (with
-``--buffer-responses``, what its client cannot take yet is held for it: see
-:mod:`wunderproxy.answerbuffer`); the cycle is closed once, when the answer ends or fails.
+serves *now* and sends the request there, on one of that container's idle connections if
+one is open: between requests a client holds no upstream connection, it goes back to its
+container's spares for whichever request comes next (see :mod:`wunderproxy.upstream`).
+The container's answer is copied back as it arrives (with ``--buffer-responses``, what its
+client cannot take yet is held for it: see :mod:`wunderproxy.answerbuffer`); the cycle is
+closed once, when the answer ends or fails.
 Bytes are forwarded exactly as received but where a feature the operator turned on changes
 them: the forwarded fields of a request's head (``--forwarded``,
 :mod:`wunderproxy.forwarded`) and a compressed answer (``--compress``,
@@ -1353,9 +1355,6 @@ class ClientConnection(asyncio.Protocol):
             or self._client_eof
             or (self._closing and not exchange.request_in_progress)
         ):
-            # Parked now, not when the close completes: the next client may want it
-            # sooner (--keep-upstream keeps those of clients that said close).
-            self._give_back_upstream()
             self.close()
             return
         if self._paused_for:
