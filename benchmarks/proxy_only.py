@@ -10,8 +10,8 @@ production :class:`~wunderproxy.server.Server` (listeners, forwarder, framing, c
 upstream installed as the serving container; the manager answers too, on ``--api``.
 Every field of :class:`~wunderproxy.config.Edge` is an option named as ``wunderproxy run``
 names it (``--header-timeout``, ``--max-header-size``, ...), with the same default, and so
-are ``--forwarded``, the ``--buffer-*`` options and ``--compress`` (with the default types
-and minimum size).
+are ``--forwarded``, the ``--buffer-*`` options, ``--keep-upstream`` and ``--compress``
+(with the default types and minimum size).
 """
 
 from __future__ import annotations
@@ -137,6 +137,7 @@ def add_front_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--buffer-memory", type=int, default=defaults.DEFAULT_BUFFER_MEMORY)
     parser.add_argument("--buffer-dir", type=Path, default=defaults.DEFAULT_BUFFER_DIR)
     parser.add_argument("--compress", action="store_true")
+    parser.add_argument("--keep-upstream", action="store_true")
 
 
 def tls_from(args: argparse.Namespace) -> Tls | None:
@@ -155,6 +156,7 @@ def front_from(args: argparse.Namespace) -> Front:
         buffer_memory=args.buffer_memory,
         buffer_dir=args.buffer_dir,
         compress=available_encodings() if args.compress else (),
+        keep_upstream=args.keep_upstream,
     )
 
 

@@ -200,11 +200,19 @@ def _finite(value: float) -> float | None:
 
 
 @contextmanager
-def running_targets(work: Path, baseline: Path | None = None) -> Iterator[dict[str, Peer]]:
+def running_targets(
+    work: Path, baseline: Path | None = None, wunderproxy_options: Sequence[str] = ()
+) -> Iterator[dict[str, Peer]]:
     """The backend and every proxy, started, answering, and stopped at the end; with
-    ``baseline``, also the wunderproxy of that working tree (``wunderproxy@base``)."""
+    ``baseline``, also the wunderproxy of that working tree (``wunderproxy@base``), and
+    with ``wunderproxy_options``, this tree's wunderproxy targets get those options."""
     started: list[Peer] = []
-    starts = list(PROXIES.values())
+    starts = [
+        functools.partial(start, extra=wunderproxy_options)
+        if name.startswith("wunderproxy") and wunderproxy_options
+        else start
+        for name, start in PROXIES.items()
+    ]
     if baseline is not None:
         starts.append(functools.partial(start_wunderproxy, checkout=baseline))
     try:
@@ -531,6 +539,14 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "earlier commit) as wunderproxy@base, to compare before and after in one run",
     )
     parser.add_argument(
+        "--wunderproxy-option",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="pass OPTION to this tree's wunderproxy targets (not to --baseline's), e.g. "
+        "--wunderproxy-option=--keep-upstream; may be repeated",
+    )
+    parser.add_argument(
         "--idle-connections",
         type=int,
         help="connections held for idle-memory (default 10,000, fewer if the open-file "
@@ -549,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     figures: dict[str, Any] = {"scenarios": {}}
     with (
         tempfile.TemporaryDirectory(prefix="wunderproxy-suite-") as work_dir,
-        running_targets(Path(work_dir), args.baseline) as peers,
+        running_targets(Path(work_dir), args.baseline, args.wunderproxy_option) as peers,
     ):
         work = Path(work_dir)
         facts = machine_facts(peers) | {"open_files_limit": open_files}
@@ -558,6 +574,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "seconds": args.seconds,
             "warmup": args.warmup,
             "idle_connections": idle_count,
+            "wunderproxy_options": args.wunderproxy_option,
         }
         print(header(facts, args.seconds, args.warmup), flush=True)
         if IDLE_MEMORY in chosen:

@@ -24,14 +24,17 @@ FORGED = (
 
 
 async def received_by(backend: Backend, proxy: Proxy, request: bytes) -> bytes:
-    """Send ``request`` on a new client connection; the bytes the container read of it."""
+    """Send ``request`` on a new client connection; the bytes the container read of it
+    (on whichever of its connections: idle ones are shared by the proxy's clients)."""
     client = await proxy.connect()
     before = backend.requests
+    read_before = [len(received) for received in backend.received]
     client.send_raw(request)
     status, _, _ = await client.response()
     assert status == 200
     assert backend.requests == before + 1
-    return bytes(backend.received[-1])
+    read_before += [0] * (len(backend.received) - len(read_before))
+    return b"".join(bytes(r[n:]) for r, n in zip(backend.received, read_before, strict=True))
 
 
 async def test_off_passes_the_clients_fields_untouched(proxy: Proxy, blue: Backend) -> None:

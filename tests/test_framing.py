@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ from tests.support.framing_driver import (
     upstream,
 )
 from tests.support.hostile import HIDDEN, REFUSED
+from wunderproxy.fields import head_end
 from wunderproxy.framing import (
     Body,
     ClientPiece,
@@ -829,3 +831,18 @@ def test_an_answer_of_the_proxys_own_after_the_request_went_up_spends_the_upstre
     assert exchange.must_close
     assert not exchange.upstream_reusable
     assert not exchange.request_in_progress
+
+
+# -- where a head ends ---------------------------------------------------------------------
+
+_FIRST_EMPTY_LINE = re.compile(rb"\n\r?\n")  # the rule: the first empty line, CRLF or bare LF
+
+
+@settings(max_examples=2000)
+@given(st.binary(max_size=24).map(lambda b: bytes(b"\r\n:a "[x % 5] for x in b)), st.data())
+def test_a_head_ends_after_the_first_empty_line_crlf_or_bare_lf(
+    data: bytes, draw: st.DataObject
+) -> None:
+    start = draw.draw(st.integers(0, len(data)))
+    found = _FIRST_EMPTY_LINE.search(data, start)
+    assert head_end(data, start) == (found.end() if found is not None else -1)

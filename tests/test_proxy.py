@@ -487,3 +487,35 @@ async def test_the_proxys_own_answer_to_head_has_no_body_and_keeps_the_connectio
         {"x-backend": "blue", "content-length": "4"},
         b"blue",
     )
+
+
+async def test_an_idle_client_holds_no_container_connection(proxy: Proxy, blue: Backend) -> None:
+    """Between requests a client's connection to the container goes back to the
+    container's spares: clients served one after another share one connection there."""
+    container = make_container(blue, "rev1")
+    proxy.serve(container)
+    clients = [await proxy.connect() for _ in range(3)]
+    for client in clients * 2:
+        assert (await client.request("GET", "/"))[2] == b"blue"
+        assert (len(container.spare), len(container.links)) == (1, 1)
+    assert (blue.connections, blue.requests) == (1, 6)
+
+
+async def test_a_drained_containers_idle_connections_are_closed_and_not_reused(
+    proxy: Proxy, blue: Backend, green: Backend
+) -> None:
+    old = make_container(blue, "rev1")
+    proxy.serve(old)
+    idle, slow = await proxy.connect(), await proxy.connect()
+    in_flight = asyncio.create_task(slow.request("GET", "/slow/0.5"))
+    assert await eventually(lambda: old.in_flight == 1)
+    assert (await idle.request("GET", "/"))[2] == b"blue"  # on a second connection
+    proxy.serve(make_container(green, "rev2"))
+    assert old.state == "draining"
+    # The idle client's connection waits among the spares: the drain closes it at once.
+    assert old.close_links(idle_only=True) == 1
+    assert (await in_flight)[2] == b"blue"
+    # The request in flight finished there; its connection is closed, not kept.
+    assert await eventually(lambda: not old.links and not old.spare)
+    assert (await idle.request("GET", "/"))[2] == b"green"
+    assert blue.connections == 2

@@ -29,7 +29,10 @@ OWN_DESCRIPTORS = {
     "S3 connection pool (botocore's max_pool_connections)": 10,
     "access log and log files": 2,
     "manager API connections (monitors, deploy tools, health checks)": 32,
-    "idle container connections kept for reuse (upstream.MAX_SPARE)": 64,
+    # Idle container connections are never more than the client connections that
+    # opened them at once (a request takes a spare before it opens one), which the two
+    # per connection already count: these are a margin.
+    "idle container connections kept for reuse (beyond the two per connection)": 64,
 }
 RESERVED_DESCRIPTORS = sum(OWN_DESCRIPTORS.values())  # 128
 

@@ -22,25 +22,42 @@ from __future__ import annotations
 
 import re
 
-# Visible ASCII, or obs-text; a value is such words with single runs of SP/HTAB between.
-_VALUE = rb"(?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?"
+# What follows a field's colon up to its CRLF: optional whitespace, a value (words of
+# visible ASCII or obs-text with runs of SP/HTAB between), optional whitespace (RFC 9110
+# section 5.5). Those three together are exactly any run of visible ASCII, obs-text, SP and
+# HTAB, which the regular expression engine checks a byte at a time with no backtracking:
+# a response head of ten fields reads in half the instructions that the words cost.
+_AFTER_COLON = rb"[\t\x20-\x7e\x80-\xff]*"
 TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
 # Every field line of a head, then the blank line that ends it.
-FIELD_LINES = rb"(?:" + TOKEN + rb":[ \t]*" + _VALUE + rb"[ \t]*\r\n)*\r\n"
+FIELD_LINES = rb"(?:" + TOKEN + rb":" + _AFTER_COLON + rb"\r\n)*\r\n"
 _TOKEN = re.compile(TOKEN)
-FIELD_LINE = re.compile(TOKEN + rb":[ \t]*" + _VALUE + rb"[ \t]*\r\n")
+FIELD_LINE = re.compile(TOKEN + rb":" + _AFTER_COLON + rb"\r\n")
 DIGITS = re.compile(rb"[0-9]+")
 # A Content-Length of 19 digits or more may wrap around in a parser that reads it into a
 # 64-bit integer, and then frames a body of another length; no real body is that large.
 MAX_LENGTH_DIGITS = 18
-# Where a head ends: the first empty line, CRLF or bare LF (h11._receivebuffer does the
-# same), so that a head with bare LFs is refused as soon as it is whole instead of
-# waiting for a CRLF CRLF that never comes.
-BLANK_LINE = re.compile(rb"\n\r?\n")
 
 
 class HeadError(ValueError):
     """A head breaks the grammar or its framing is ambiguous; the message says how."""
+
+
+def head_end(data: bytes | bytearray, start: int = 0) -> int:
+    """Where the head that begins at ``start`` ends (just after its first empty line), or
+    -1 if it has not ended yet.
+
+    An empty line is CRLF or a bare LF (h11._receivebuffer reads the same), so that a head
+    with bare LFs is refused as soon as it is whole instead of waiting for a CRLF CRLF
+    that never comes. Two ``find`` calls, the second bounded by the first's hit: a
+    regular expression for both costs twice as many instructions, since it looks at
+    every byte in Python's engine where ``find`` skips through them.
+    """
+    crlf = data.find(b"\n\r\n", start)
+    bare = data.find(b"\n\n", start, len(data) if crlf < 0 else crlf + 2)
+    if bare >= 0:
+        return bare + 2
+    return crlf + 3 if crlf >= 0 else -1
 
 
 # The header a wunderproxy adds to a request it sends on to a peer (see fallback.py).

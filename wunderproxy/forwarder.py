@@ -2,10 +2,12 @@
 
 The client's bytes are fed to the framing observer; at each request head the connection
 opens a :class:`RequestCycle`, asks :class:`~wunderproxy.state.ProxyState` which container
-serves *now* and sends the request there, reusing the upstream connection while it is to the
-same container and kept alive. The container's answer is copied back as it arrives (with
-``--buffer-responses``, what its client cannot take yet is held for it: see
-:mod:`wunderproxy.answerbuffer`); the cycle is closed once, when the answer ends or fails.
+serves *now* and sends the request there, on one of that container's idle connections if
+one is open: between requests a client holds no upstream connection, it goes back to its
+container's spares for whichever request comes next (see :mod:`wunderproxy.upstream`).
+The container's answer is copied back as it arrives (with ``--buffer-responses``, what its
+client cannot take yet is held for it: see :mod:`wunderproxy.answerbuffer`); the cycle is
+closed once, when the answer ends or fails.
 Bytes are forwarded exactly as received but where a feature the operator turned on changes
 them: the forwarded fields of a request's head (``--forwarded``,
 :mod:`wunderproxy.forwarded`) and a compressed answer (``--compress``,
@@ -40,6 +42,7 @@ from wunderproxy.config import Edge, Front
 from wunderproxy.encoders import AnswerEncoder
 from wunderproxy.fallback import Fallback, PeerTarget, unmarked
 from wunderproxy.forwarded import Forwarding
+from wunderproxy.keepupstream import without_close
 from wunderproxy.redirect import Redirect
 from wunderproxy.requestbuffer import CONTINUE, BufferedRequest, without_continue
 from wunderproxy.spool import Spool
@@ -60,6 +63,10 @@ IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 
 # The access log's "buffered" once some of an answer was held for its client.
 _WITH_RESPONSE: dict[str | None, str] = {None: "response", "request": "both"}
+
+# Why a connection's reading is paused, when it is not: one shared empty set, since an
+# empty set of its own would cost each idle connection 216 bytes.
+_NOT_PAUSED: frozenset[str] = frozenset()
 
 # What the access log shows of a request that could not be read.
 _UNREADABLE_REQUEST = framing.RequestStarted(method=b"-", target=b"-", data=b"")
@@ -98,6 +105,7 @@ class RequestCycle:
         "buffered",
         "bytes_in",
         "bytes_out",
+        "close_dropped",
         "container",
         "encoding",
         "failure",
@@ -133,6 +141,9 @@ class RequestCycle:
         self.held: list[framing.ClientPiece] = []  # pieces waiting for a connection
         self.replay: bytearray | None = None  # its bytes, to send it again if need be
         self.reused = False  # sent on a connection that carried requests before
+        # Went up without the client's Connection: close (--keep-upstream): its answer
+        # says close to the client instead.
+        self.close_dropped = False
         # Peer fallback (see fallback.py).
         self.may_fall_back = False  # a peer may take it if no container here can
         self.sender: str | None = None  # the peer instance that sent it here
@@ -217,7 +228,7 @@ class ClientConnection(asyncio.Protocol):
         self._exchange = framing.Exchange(edge.max_header_size, edge.max_body_size)
         self._upstream: Upstream | None = None
         self._encoder: AnswerEncoder | None = None  # compressing the answer (--compress)
-        self._paused_for: set[str] = set()
+        self._paused_for = _NOT_PAUSED
         self._closed = False
         self._closing = False  # shutting down: this answer is the connection's last
         self._discarding = False  # a refused request: drop what the client still sends
@@ -336,11 +347,12 @@ class ClientConnection(asyncio.Protocol):
         """Stop reading from the client until every ``reason`` given is resumed."""
         if not self._paused_for and self._transport is not None and not self._closed:
             self._transport.pause_reading()
-        self._paused_for.add(reason)
+        self._paused_for |= {reason}
 
     def resume_reading(self, reason: str) -> None:
         """Read from the client again once no other reason to pause remains."""
-        self._paused_for.discard(reason)
+        if reason in self._paused_for:
+            self._paused_for = self._paused_for - {reason} or _NOT_PAUSED
         if not self._paused_for and self._transport is not None and not self._closed:
             self._transport.resume_reading()
 
@@ -398,16 +410,21 @@ class ClientConnection(asyncio.Protocol):
             if not cycle.answered:
                 cycle.status = CLIENT_CLOSED_REQUEST  # it left before the answer ended
             self._close_cycle()
+        self._give_back_upstream()
+        if self._transport is not None:
+            self._state.open_connections -= 1
+        if self._on_close is not None:
+            self._on_close(self)
+
+    def _give_back_upstream(self) -> None:
+        """The client leaves: its upstream connection goes to the container's spares if
+        it may carry another request, else it is closed."""
         upstream, self._upstream = self._upstream, None
         if upstream is not None:
             if self._exchange.upstream_reusable:
                 upstream.park()
             else:
                 upstream.close()
-        if self._transport is not None:
-            self._state.open_connections -= 1
-        if self._on_close is not None:
-            self._on_close(self)
 
     def pause_writing(self) -> None:  # the client reads an answer slower than it comes
         if self._transport is not None:
@@ -547,6 +564,10 @@ class ClientConnection(asyncio.Protocol):
             self._read_mark(cycle, self._fallback)
         if self._forwarding is not None and cycle.sender is None:  # a peer's sender did
             cycle.head = self._forwarding.rewrite(cycle.head)
+        if piece.closes and self._front.keep_upstream:
+            cycle.head = without_close(cycle.head)
+            cycle.close_dropped = True
+            self._exchange.close_dropped()
         if self._front.buffer_requests and not (
             rest and isinstance(rest[-1], framing.MessageEnded)
         ):
@@ -852,7 +873,7 @@ class ClientConnection(asyncio.Protocol):
         # instead of a reset.
         self._discarding = True
         self._close_cycle()
-        self._paused_for.clear()
+        self._paused_for = _NOT_PAUSED
         transport.resume_reading()
         if transport.can_write_eof():
             transport.write_eof()
@@ -939,9 +960,10 @@ class ClientConnection(asyncio.Protocol):
                     encoder = self._encoder = self._encoder_for(cycle, piece)
                     if encoder is not None:
                         raw = encoder.head
-                if self._closing:
+                if self._closing or cycle.close_dropped:
                     # Shutting down: tell the client, so that it does not send its next
-                    # request on a connection we are about to close.
+                    # request on a connection we are about to close. --keep-upstream: the
+                    # client asked to close, and the container was not told.
                     raw = framing.with_connection_close(raw)
                 if self._front.buffer_responses and self._request_gone_up(cycle):
                     # (Else it answers early, and its request still goes up: streamed.)
@@ -1312,7 +1334,14 @@ class ClientConnection(asyncio.Protocol):
         upstream = self._upstream
         if upstream is not None:
             upstream.release()
-            if container is not None and container.state == "draining" and upstream.idle:
+            if self._exchange.upstream_reusable:
+                # Between requests the connection is its container's, not this client's
+                # (as nginx's upstream keepalive has it): an idle client holds none, and
+                # its next request takes a spare of the container serving then. Parking
+                # closes it if that container is being drained.
+                self._upstream = None
+                upstream.park()
+            elif container is not None and container.state == "draining" and upstream.idle:
                 # The container is being drained: it gets no further request from here.
                 self._upstream = None
                 upstream.close()

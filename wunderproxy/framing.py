@@ -27,7 +27,7 @@ from typing import NoReturn, TypeAlias
 from wunderproxy import cycle
 from wunderproxy.chunked import BodyTooLarge, ChunkedReader
 from wunderproxy.config import DEFAULT_MAX_HEADER_SIZE
-from wunderproxy.fields import BLANK_LINE, HeadError
+from wunderproxy.fields import HeadError, head_end
 from wunderproxy.requesthead import CHUNKED, RequestHead, check_request_line, read_request_head
 from wunderproxy.responsehead import MAX_HEAD, UNTIL_CLOSE, read_response_head
 
@@ -56,6 +56,9 @@ class RequestStarted:
     target: bytes
     data: bytes
     fallback: bytes | None = None  # its X-Wunderproxy-Fallback value, if it has one
+    # An HTTP/1.1 request, not an upgrade, whose Connection field says close: the one
+    # whose head --keep-upstream rewrites (see keepupstream.py).
+    closes: bool = False
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs twice as much
@@ -150,16 +153,16 @@ class _ResponseReader:
             received = data
         at = 0
         while True:
-            end = BLANK_LINE.search(received, at)
-            if end is None or end.end() - at > MAX_HEAD:
+            end = head_end(received, at)
+            if end < 0 or end - at > MAX_HEAD:
                 if len(received) - at > MAX_HEAD:
                     raise HeadError(f"the answer's head is over {MAX_HEAD} bytes")
                 if not data:
                     raise HeadError("the container closed the connection before answering")
                 buffer += received[at:]
                 return pieces
-            head = received[at : end.end()]
-            at = end.end()
+            head = received[at:end]
+            at = end
             request = self._request
             found = read_response_head(head, request.method, request.upgrade)
             if found.switched:
@@ -245,6 +248,7 @@ class Exchange:
         "_chunks",
         "_client",
         "_client_eof",
+        "_close_dropped",
         "_facts",
         "_keep_alive",
         "_left",
@@ -266,6 +270,9 @@ class Exchange:
         self._answer: str = cycle.IDLE
         self._upstream: str = cycle.UNUSED
         self._keep_alive = True  # False once the client connection must close
+        # The request went up without the client's Connection: close (--keep-upstream):
+        # its answer may keep the upstream connection though the client's closes.
+        self._close_dropped = False
         self._facts: RequestHead | None = None  # the request in progress
         self._left = 0  # of its Content-Length body
         self._chunks: ChunkedReader | None = None  # or of its chunked body
@@ -293,8 +300,8 @@ class Exchange:
 
     def _read_head(self) -> list[ClientPiece]:
         pending = self._pending
-        end = BLANK_LINE.search(pending)
-        if end is None or end.end() > self._max_head:
+        end = head_end(pending)
+        if end < 0 or end > self._max_head:
             if len(pending) > self._max_head:
                 self._refuse(f"the request head is over {self._max_head} bytes", 431)
             line_end = pending.find(b"\n")
@@ -306,7 +313,7 @@ class Exchange:
             if self._client_eof and pending:
                 self._refuse("the client closed the connection inside a request head", 400)
             return []  # the rest of the head is still on its way
-        head = bytes(pending[: end.end()])
+        head = bytes(pending[:end])
         try:
             found = read_request_head(head)
         except HeadError as exc:
@@ -317,16 +324,18 @@ class Exchange:
                 f"the request body ({length} bytes) is over the {self._max_body}-byte limit",
                 413,
             )
-        del pending[: end.end()]
+        del pending[:end]
         self._client = cycle.advance(cycle.CLIENT, self._client, "head")
         self._facts = found
         self._keep_alive = self._keep_alive and found.keep_alive
+        self._close_dropped = False
         if length == CHUNKED:
             self._chunks = ChunkedReader(self._max_body, self._max_head)
         else:
             self._left = length
+        closes = not found.keep_alive and found.http_version == b"1.1" and not found.upgrade
         return [
-            RequestStarted(found.method, found.target, head, found.fallback),
+            RequestStarted(found.method, found.target, head, found.fallback, closes),
             *self._read_body(),
         ]
 
@@ -399,6 +408,12 @@ class Exchange:
         self._answer = cycle.advance(cycle.ANSWER, self._answer, "resend" if resend else "forward")
         self._response = _ResponseReader(facts)
 
+    def close_dropped(self) -> None:
+        """The current request goes up without its client's ``Connection: close``
+        (--keep-upstream): the upstream connection outlives the client's if its answer
+        keeps it alive."""
+        self._close_dropped = True
+
     def answered_locally(self, status: int, close: bool) -> None:
         """The proxy answered the current request itself (503, 502): sync the client side.
 
@@ -442,8 +457,9 @@ class Exchange:
             keep = reader.keep_alive and self._keep_alive
             self._keep_alive = keep
             # Once the request's body has gone up too, the connection is reusable.
+            kept = reader.keep_alive and (keep or self._close_dropped)
             self._upstream = cycle.advance(
-                cycle.UPSTREAM, self._upstream, "keep" if keep else "spend"
+                cycle.UPSTREAM, self._upstream, "keep" if kept else "spend"
             )
             self._end_cycle_if_done()
         return pieces
@@ -504,10 +520,12 @@ class Exchange:
 def with_connection_close(head: bytes) -> bytes:
     """A response head that says ``Connection: close``, whatever it said before.
 
-    The one change the proxy makes to bytes it forwards, and only while shutting down:
-    a keep-alive client must learn that this answer is the connection's last, or it may
-    send its next request into a connection that is being closed. Lines are split at LF
-    and written back with CRLF, so that a head with bare LFs keeps its shape.
+    For an answer that is its connection's last while the container did not say so
+    (shutting down; --keep-upstream; a compressed answer delimited by the close): a
+    keep-alive client must learn it, or it may send its next request into a connection
+    that is being closed. A ``Keep-Alive`` field goes too (RFC 9112 section 9.6: it
+    means nothing on a closing connection). Lines are split at LF and written back with
+    CRLF, so that a head with bare LFs keeps its shape.
     """
     lines = [line.removesuffix(b"\r") for line in head.split(b"\n")]
     while lines and not lines[-1]:
@@ -516,4 +534,4 @@ def with_connection_close(head: bytes) -> bytes:
     return b"\r\n".join([lines[0], *kept, b"Connection: close", b"", b""])
 
 
-_CONNECTION_FIELD = re.compile(rb"connection[ \t]*:", re.IGNORECASE)
+_CONNECTION_FIELD = re.compile(rb"(?:connection|keep-alive)[ \t]*:", re.IGNORECASE)
