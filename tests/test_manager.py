@@ -22,13 +22,18 @@ import pytest
 import uvloop
 
 from tests.support.backend import Backend, running_backend
-from tests.support.configs import encode_config, example_config, upload_launch_config
+from tests.support.configs import (
+    encode_config,
+    example_config,
+    manager_config,
+    upload_launch_config,
+)
 from tests.support.fakes import FakeEngine, MemoryStore, offered_ports
 from tests.support.waiting import eventually
 from tests.support.wire import Answer, read_answer, send_request
 from wunderproxy import dockerwatch
 from wunderproxy import manager as manager_module
-from wunderproxy.config import Address, Config, Fleet, Peer
+from wunderproxy.config import Fleet, Peer
 from wunderproxy.controller import Controller, Startup
 from wunderproxy.engine import (
     LABEL_APP,
@@ -66,21 +71,6 @@ SWITCHED = re.compile(r"switched proxy to port (?P<port>\d+) of container (?P<id
 # -- fixtures ---------------------------------------------------------------------------
 
 
-def make_config(**overrides: Any) -> Config:
-    settings: dict[str, Any] = {
-        "bucket": "memory",
-        "prefix": "apps/myapp",
-        "app": APP,
-        "proxy": Address.parse("127.0.0.1:0", "--proxy"),
-        "api": Address.parse("127.0.0.1:0", "--api"),
-        "health_timeout": 0.5,
-        "drain_timeout": 5.0,
-        "stop_timeout": 3,
-    }
-    settings.update(overrides)
-    return Config(**settings)
-
-
 @pytest.fixture
 async def backend() -> AsyncIterator[Backend]:
     async with running_backend("app") as started:
@@ -108,7 +98,7 @@ def state() -> ProxyState:
 async def controller(
     state: ProxyState, store: MemoryStore, engine: FakeEngine
 ) -> AsyncIterator[Controller]:
-    made = Controller(make_config(), state, store, engine)
+    made = Controller(manager_config(), state, store, engine)
     yield made
     engine.release()
     await made.shutdown(grace=1.0)
@@ -697,7 +687,9 @@ async def host_network_manager(
     state: ProxyState, store: MemoryStore, engine: FakeEngine, *ports: int
 ) -> AsyncIterator[Manager]:
     """A manager whose host-network launches are offered ``ports`` as the free ones."""
-    controller = Controller(make_config(), state, store, engine, HostPorts(offered_ports(*ports)))
+    controller = Controller(
+        manager_config(), state, store, engine, HostPorts(offered_ports(*ports))
+    )
     try:
         yield Manager(controller, state, token=None)
     finally:
@@ -748,6 +740,21 @@ async def test_a_host_network_launch_without_an_api_token_warns_that_the_app_cou
     ]
 
 
+async def test_a_200_from_the_port_of_a_host_network_container_that_exited_answers_502(
+    store: MemoryStore, engine: FakeEngine, state: ProxyState
+) -> None:
+    # Another process answers 200 on the port, while the app failed to bind it and exited.
+    async with host_network_manager(state, store, engine, 40001) as host:
+        engine.exit_while_starting("httpd: bind: Address already in use\n")
+        reply = await post(host, "/launch", upload(store, "rev1", HostConfig=HOST_NETWORK))
+    assert reply.status == 502
+    message = error_of(reply)
+    assert "stopped while starting (status exited)" in message
+    assert "bind: Address already in use" in message
+    assert engine.removed_ids == engine.started_ids
+    assert state.containers == []
+
+
 async def test_a_host_network_app_never_healthy_answers_504_naming_its_port(
     store: MemoryStore, engine: FakeEngine, state: ProxyState
 ) -> None:
@@ -758,7 +765,7 @@ async def test_a_host_network_app_never_healthy_answers_504_naming_its_port(
     message = error_of(reply)
     assert "not healthy after" in message
     assert "must listen on 127.0.0.1:$PORT, here PORT=40001" in message
-    assert "launch again for another port" in message
+    assert "with SO_REUSEADDR set" in message
 
 
 # -- /switch ----------------------------------------------------------------------------
@@ -1683,7 +1690,7 @@ async def test_start_launches_anew_when_the_container_left_running_is_unhealthy(
 async def test_start_removes_stale_containers_stopped_ones_at_once_running_ones_later(
     state: ProxyState, store: MemoryStore, engine: FakeEngine
 ) -> None:
-    controller = Controller(make_config(drain_timeout=0.3), state, store, engine)
+    controller = Controller(manager_config(drain_timeout=0.3), state, store, engine)
     config_hash, raw = encode_config(example_config(Revision="rev7"))
     store.objects[CURRENT_KEY] = raw
     current = left_running(engine, config_hash)
@@ -1701,7 +1708,7 @@ async def test_start_adopts_and_removes_only_containers_of_its_own_instance(
     state: ProxyState, store: MemoryStore, engine: FakeEngine
 ) -> None:
     fleet = Fleet(instance="web-1")
-    controller = Controller(make_config(drain_timeout=0.0, fleet=fleet), state, store, engine)
+    controller = Controller(manager_config(drain_timeout=0.0, fleet=fleet), state, store, engine)
     config_hash, raw = encode_config(example_config(Revision="rev7"))
     store.objects[CURRENT_KEY] = raw
     neighbours = left_running(engine, config_hash, instance="web-2")
@@ -1723,10 +1730,10 @@ async def test_a_container_without_the_instance_label_is_the_default_instances(
     config_hash, raw = encode_config(example_config(Revision="rev7"))
     store.objects[CURRENT_KEY] = raw
     unlabelled = left_running(engine, config_hash)
-    named = Controller(make_config(fleet=Fleet(instance="web-1")), state, store, engine)
+    named = Controller(manager_config(fleet=Fleet(instance="web-1")), state, store, engine)
     assert await named.adopt_current() == Startup(ready=False, to_launch=load_current(store))
     await named.shutdown(grace=1.0)
-    default = Controller(make_config(), ProxyState(APP, "test"), store, engine)
+    default = Controller(manager_config(), ProxyState(APP, "test"), store, engine)
     assert (await default.adopt_current()).ready is True
     assert unlabelled not in engine.removed_ids
     await default.shutdown(grace=1.0)
@@ -1735,7 +1742,7 @@ async def test_a_container_without_the_instance_label_is_the_default_instances(
 async def test_containers_started_carry_the_instance_label(
     state: ProxyState, store: MemoryStore, engine: FakeEngine
 ) -> None:
-    controller = Controller(make_config(fleet=Fleet(instance="blue")), state, store, engine)
+    controller = Controller(manager_config(fleet=Fleet(instance="blue")), state, store, engine)
     await controller.launch(upload(store, "rev1"))
     await controller.shutdown(grace=1.0)
     assert [spec.labels[LABEL_INSTANCE] for spec in engine.specs] == ["blue"]
@@ -1866,7 +1873,7 @@ async def test_shutdown_waits_for_a_drain_that_replaced_a_cancelled_drain_of_the
 async def test_drain_closes_idle_connections_at_once_and_cuts_upgraded_ones_at_the_deadline(
     state: ProxyState, store: MemoryStore, engine: FakeEngine
 ) -> None:
-    controller = Controller(make_config(drain_timeout=0.3), state, store, engine)
+    controller = Controller(manager_config(drain_timeout=0.3), state, store, engine)
     manager = Manager(controller, state, token=None)
     first, second = upload(store, "rev0"), upload(store, "rev1")
     for config_hash in (first, second):
