@@ -100,6 +100,46 @@ def test_host_network_revisions_get_their_own_ports_switch_without_a_failure_and
     assert {revision_of(o) for o in late} == {"rev2"}
 
 
+def docker_controller(
+    app_name: str,
+    docker_client: docker.DockerClient,
+    store: MemoryStore,
+    host_ports: HostPorts | None = None,
+) -> Controller:
+    """A Controller on the real Docker engine, run in the test's process."""
+    return Controller(
+        manager_config(app=app_name, health_timeout=30.0),
+        ProxyState(app_name, "0"),
+        store,
+        DockerEngine(docker_client),
+        host_ports,
+    )
+
+
+async def test_network_mode_host_in_container_config_host_config_runs_on_the_hosts_network(
+    app_name: str,
+    app_images: AppImages,
+    docker_client: docker.DockerClient,
+    test_labels: dict[str, str],
+) -> None:
+    store = MemoryStore()
+    config = host_network_app_config(app_images, "rev1")
+    # Where Docker's create body carries it; the engine merges it with the top-level one.
+    config["ContainerConfig"]["HostConfig"] = {
+        "NetworkMode": config["HostConfig"].pop("NetworkMode")
+    }
+    config["ContainerConfig"]["Labels"] = test_labels
+    controller = docker_controller(app_name, docker_client, store)
+    try:
+        launched = await controller.launch(upload_launch_config(store, config))
+        [started] = containers_of(docker_client, app_name)
+        assert started.attrs["HostConfig"]["NetworkMode"] == "host"
+        assert f"PORT={launched.container.port}" in started.attrs["Config"]["Env"]
+        assert listening_addresses(launched.container.port) == ["127.0.0.1"]
+    finally:
+        await controller.shutdown(1.0)
+
+
 class Intruder(http.server.ThreadingHTTPServer):
     """Another process's server on a held port (it sets SO_REUSEADDR, as http.server does):
     it answers 200 to anything, but only once ``ready()`` is true, so that its first answer
@@ -162,13 +202,7 @@ async def test_a_host_network_app_that_never_bound_its_port_fails_although_anoth
     config = host_network_app_config(app_images, "rev1")
     config["ContainerConfig"]["Labels"] = test_labels
     config_hash = upload_launch_config(store, config)
-    controller = Controller(
-        manager_config(app=app_name, health_timeout=30.0),
-        ProxyState(app_name, "0"),
-        store,
-        DockerEngine(docker_client),
-        host_ports,
-    )
+    controller = docker_controller(app_name, docker_client, store, host_ports)
 
     def answer_once_the_app_exited() -> None:
         # busybox httpd sets SO_REUSEADDR, but the port has a listener: EADDRINUSE, exit.
