@@ -33,7 +33,7 @@ from tests.support.waiting import eventually
 from tests.support.wire import Answer, read_answer, send_request
 from wunderproxy import dockerwatch
 from wunderproxy import manager as manager_module
-from wunderproxy.config import Fleet, Peer
+from wunderproxy.config import Address, Fleet, Peer
 from wunderproxy.controller import Controller, Startup
 from wunderproxy.engine import (
     LABEL_APP,
@@ -684,12 +684,12 @@ HOST_NETWORK = {"NetworkMode": "host"}
 
 @contextlib.asynccontextmanager
 async def host_network_manager(
-    state: ProxyState, store: MemoryStore, engine: FakeEngine, *ports: int
+    state: ProxyState, store: MemoryStore, engine: FakeEngine, *ports: int, api: str = "127.0.0.1:0"
 ) -> AsyncIterator[Manager]:
-    """A manager whose host-network launches are offered ``ports`` as the free ones."""
-    controller = Controller(
-        manager_config(), state, store, engine, HostPorts(offered_ports(*ports))
-    )
+    """A manager whose host-network launches are offered ``ports`` as the free ones, its
+    config saying that the API listens on ``api``."""
+    config = manager_config(api=Address.parse(api, "--api"))
+    controller = Controller(config, state, store, engine, HostPorts(offered_ports(*ports)))
     try:
         yield Manager(controller, state, token=None)
     finally:
@@ -725,10 +725,15 @@ async def test_two_host_network_launches_at_once_get_different_ports(
     assert ports == {"rev1": 40001, "rev2": 40002}
 
 
+@pytest.mark.parametrize("api", ["127.0.0.1:8001", "0.0.0.0:8001", "[::]:8001", "[::1]:8001"])
 async def test_a_host_network_launch_without_an_api_token_warns_that_the_app_could_use_the_api(
-    store: MemoryStore, engine: FakeEngine, state: ProxyState, caplog: pytest.LogCaptureFixture
+    store: MemoryStore,
+    engine: FakeEngine,
+    state: ProxyState,
+    caplog: pytest.LogCaptureFixture,
+    api: str,
 ) -> None:
-    async with host_network_manager(state, store, engine, 40001) as host:
+    async with host_network_manager(state, store, engine, 40001, api=api) as host:
         with caplog.at_level(logging.WARNING, logger="wunderproxy.manager"):
             config_hash = upload(store, "rev1", HostConfig=HOST_NETWORK)
             assert (await post(host, "/launch", config_hash)).status == 200
@@ -738,6 +743,23 @@ async def test_a_host_network_launch_without_an_api_token_warns_that_the_app_cou
         "revision rev1 runs on the host's network, where its app is a loopback peer of the "
         "manager API: without --api-token it could launch and switch; set one"
     ]
+
+
+@pytest.mark.parametrize("api", ["unix:/run/wunderproxy/api.sock", "192.0.2.7:8001"])
+async def test_no_api_token_warning_when_a_host_network_app_cannot_reach_the_api_from_loopback(
+    store: MemoryStore,
+    engine: FakeEngine,
+    state: ProxyState,
+    caplog: pytest.LogCaptureFixture,
+    api: str,
+) -> None:
+    # A Unix socket is not in the app's network; on another address it connects from that
+    # address, which the API refuses (403) like any remote peer.
+    async with host_network_manager(state, store, engine, 40001, api=api) as host:
+        with caplog.at_level(logging.WARNING, logger="wunderproxy.manager"):
+            config_hash = upload(store, "rev1", HostConfig=HOST_NETWORK)
+            assert (await post(host, "/launch", config_hash)).status == 200
+    assert [r.getMessage() for r in caplog.records if "--api-token" in r.getMessage()] == []
 
 
 async def test_a_200_from_the_port_of_a_host_network_container_that_exited_answers_502(

@@ -203,9 +203,10 @@ class Controller:
     async def _start_healthy(self, config: LaunchConfig) -> LaunchResult:
         if not config.host_network:
             return await self._start_healthy_on(config, None)
-        if self._config.api_token is None:
+        if self._config.api_token is None and self._config.api.takes_loopback_tcp:
             # A bridge container reaches the API from its own address (403 without a token);
-            # on the host's network it connects from 127.0.0.1, which the API trusts.
+            # on the host's network it connects from 127.0.0.1, which the API trusts, if the
+            # API listens there (a Unix socket or another address it cannot use so).
             log.warning(
                 "revision %s runs on the host's network, where its app is a loopback peer of "
                 "the manager API: without --api-token it could launch and switch; set one",
