@@ -224,4 +224,5 @@ async def test_a_host_network_app_that_never_bound_its_port_fails_although_anoth
     message = str(caught.value)
     assert "stopped while starting (status exited)" in message
     assert "Address already in use" in message
+    assert "with SO_REUSEADDR set" in message
     assert containers_of(docker_client, app_name) == []

@@ -773,6 +773,7 @@ async def test_a_200_from_the_port_of_a_host_network_container_that_exited_answe
     message = error_of(reply)
     assert "stopped while starting (status exited)" in message
     assert "bind: Address already in use" in message
+    assert "here PORT=40001, with SO_REUSEADDR set" in message
     assert engine.removed_ids == engine.started_ids
     assert state.containers == []
 

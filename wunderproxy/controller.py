@@ -36,7 +36,13 @@ from wunderproxy.engine import (
     ContainerSpec,
     StartedContainer,
 )
-from wunderproxy.errors import Conflict, HealthTimeout, NotFound, WunderproxyError
+from wunderproxy.errors import (
+    Conflict,
+    ContainerExited,
+    HealthTimeout,
+    NotFound,
+    WunderproxyError,
+)
 from wunderproxy.health import probe, wait_healthy
 from wunderproxy.hostports import HostPorts, host_port_hint
 from wunderproxy.launchconfig import LaunchConfig, parse_hash
@@ -216,8 +222,9 @@ class Controller:
         with self._host_ports.pick(c.port for c in self._state.containers) as port:
             try:
                 return await self._start_healthy_on(config, port)
-            except HealthTimeout as exc:
-                raise HealthTimeout(f"{exc}. {host_port_hint(port)}") from None
+            except (HealthTimeout, ContainerExited) as exc:
+                # An app that never bound its port (or lacks SO_REUSEADDR) ends up here.
+                raise type(exc)(f"{exc}. {host_port_hint(port)}") from None
 
     async def _start_healthy_on(self, config: LaunchConfig, host_port: int | None) -> LaunchResult:
         image = config.image or f"{self._config.repository}:{config.revision}"

@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from wunderproxy.errors import HealthTimeout, UpstreamFailed
+from wunderproxy.errors import ContainerExited, HealthTimeout
 
 FIRST_POLL_INTERVAL = 0.1  # most apps are up within a second: find out quickly
 MAX_POLL_INTERVAL = 1.0  # slow starters are not hammered
@@ -63,7 +63,7 @@ async def wait_healthy(
         # host's network that may be another process, while this container's app never bound.
         exited = await container_exited()
         if exited is not None:
-            raise UpstreamFailed(exited)
+            raise ContainerExited(exited)
         if healthy:
             return
         if time.monotonic() + interval > deadline:
