@@ -221,18 +221,16 @@ def _network_mode(host: dict[str, Any], nested_host: dict[str, Any]) -> str | No
 
 def _app_port(exposed: dict[str, Any], host_network: bool) -> str:
     """The one port the proxy forwards to on a bridge network. On the host's network the app
-    listens on the port it is given instead, so any number of ports may be exposed there
-    (each still checked, as Docker would refuse a malformed one)."""
-    ports = [_port_key(port) for port in exposed]
-    if len(ports) > 1 and not host_network:
+    listens on the port it is given instead: ExposedPorts are unused there, so any number of
+    ports, of any protocol, may be named (Docker checks their form)."""
+    if host_network or not exposed:
+        return DEFAULT_APP_PORT
+    if len(exposed) > 1:
         raise _FieldError(
             f"ContainerConfig.ExposedPorts must name at most one port, got {sorted(exposed)}; "
             "the proxy forwards to a single port"
         )
-    return ports[0] if ports and not host_network else DEFAULT_APP_PORT
-
-
-def _port_key(port: str) -> str:
+    (port,) = exposed
     match = _PORT_RE.fullmatch(port)
     if match is None or not 1 <= int(match[1]) <= 65535:
         raise _FieldError(
