@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -459,8 +460,16 @@ def start_backend(work: Path, cpu: int) -> Peer:
     )
 
 
+class Upstream(Protocol):
+    """What a proxy in front of a server needs of it: the port it listens on, on HOST
+    (a :class:`Peer`, or a container's published or host-network port)."""
+
+    @property
+    def port(self) -> int: ...
+
+
 def start_nginx_proxy(
-    work: Path, upstream: Peer, cpu: int, header_timeout: float | None = None
+    work: Path, upstream: Upstream, cpu: int, header_timeout: float | None = None
 ) -> Peer:
     """nginx as a reverse proxy in front of ``upstream`` (``client_header_timeout`` set to
     ``header_timeout`` seconds when given)."""

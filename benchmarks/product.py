@@ -189,44 +189,74 @@ class Bench:
 def bench_image(work: Path) -> Iterator[Bench]:
     """A registry on a free loopback port holding the app image; at the end, the registry
     is stopped and every container and image labelled for this run is removed."""
-    client = docker.from_env()
     labels = {BENCH_LABEL: uuid.uuid4().hex[:12]}
     label = f"{BENCH_LABEL}={labels[BENCH_LABEL]}"
-    registry_port = free_port()
-    registry = start_registry(work / "registry", registry_port)
-    try:
+    # Clean-up steps run last-in first-out, each even when one before it (or the run) failed:
+    # a Docker error removing containers must not leave the registry running.
+    with contextlib.ExitStack() as cleanup:
+        client = docker.from_env()
+        cleanup.callback(client.close)
+        registry_port = free_port()
+        registry = start_registry(work / "registry", registry_port)
+        cleanup.callback(stop_process, registry)
+        cleanup.callback(remove_images, client, label)
+        cleanup.callback(remove_containers, client, label)
         image = f"localhost:{registry_port}/wp-bench-nginx:{REVISION}"
         progress(f"building and pushing {image}")
         build_nginx_image(client, image, labels)
         push_image(client, image)
         yield Bench(client, work, image, registry_port, labels)
-    finally:
-        remove_containers(client, label)
-        remove_images(client, label)
-        stop_process(registry)
-        client.close()
 
 
-def start_product(bench: Bench, app: str, variant: Variant, directory: Path) -> Peer:
+def start_product(bench: Bench, app: str, variant: Variant, directory: Path) -> Product:
     """``python -m wunderproxy run file://STORE PREFIX APP`` on free loopback ports."""
     directory.mkdir(parents=True)
-    port = free_port()
+    port, api_port = free_port(), free_port()
     command = [sys.executable, "-m", "wunderproxy", "run", f"file://{bench.work / 'store'}"]
-    command += [
-        f"{PREFIX}/{app}",
-        app,
-        "--proxy",
-        f"{HOST}:{port}",
-        "--api",
-        f"{HOST}:{free_port()}",
-    ]
+    command += [f"{PREFIX}/{app}", app, "--proxy", f"{HOST}:{port}", "--api", f"{HOST}:{api_port}"]
     command += ["--registry-port", str(bench.registry_port), "--health-timeout", "30"]
     command += ["--stop-timeout", "1", "--log-level", "warning", *variant.options()]
     # A host-network app is a loopback peer of the API: wunderproxy warns unless a token is set.
     command += ["--api-token", bench.labels[BENCH_LABEL]]
     peer = start_peer(variant.name, port, command, directory / "wunderproxy.log", SERVER_CPU)
     peer.versions = f"Python {sys.version.split()[0]}"
-    return peer
+    return Product(peer, api_port)
+
+
+@dataclass(frozen=True)
+class Product:
+    """A started wunderproxy: the proxy as a wrk target, and where its manager API listens."""
+
+    peer: Peer
+    api_port: int
+
+    def serving_container(self) -> str | None:
+        """The id of the container its proxy forwards to (``/status`` current), or None."""
+        connection = http.client.HTTPConnection(HOST, self.api_port, timeout=5)
+        try:
+            connection.request("GET", "/status")
+            current = json.loads(connection.getresponse().read())["current"]
+        finally:
+            connection.close()
+        return None if current is None else str(current["container_id"])
+
+
+def adoption_problem(running: Sequence[str], serving: dict[str, str | None]) -> str | None:
+    """Why the wunderproxies of a mode do not all proxy to one container, or None if they do.
+
+    ``running`` are the ids of the app's running containers; ``serving`` maps each
+    wunderproxy to the container it forwards to. A second container, or one wunderproxy
+    forwarding elsewhere, would make the mode's figures compare different backends.
+    """
+    if len(running) != 1:
+        return f"{len(running)} containers of the app run, not 1: {sorted(running)}"
+    [container] = running
+    elsewhere = {name: found for name, found in serving.items() if found != container}
+    if elsewhere:
+        return f"not every wunderproxy adopted container {container[:12]}: " + ", ".join(
+            f"{name} serves {found}" for name, found in sorted(elsewhere.items())
+        )
+    return None
 
 
 def wait_until_serving(peer: Peer, timeout: float = SERVING_TIMEOUT) -> None:
@@ -260,6 +290,15 @@ def served_container(bench: Bench, app: str, mode: str) -> ContainerTarget:
     return ContainerTarget("direct", port, str(container.id), bench.client)
 
 
+def check_adopted(bench: Bench, app: str, products: Sequence[Product]) -> None:
+    """Fail the run unless every wunderproxy forwards to the one running container."""
+    running = bench.client.containers.list(filters={"label": f"{LABEL_APP}={app}"})
+    serving = {product.peer.name: product.serving_container() for product in products}
+    problem = adoption_problem([str(c.id) for c in running], serving)
+    if problem is not None:
+        raise RuntimeError(f"{app}: {problem}; the figures would not compare one backend")
+
+
 @contextlib.contextmanager
 def running_mode(
     bench: Bench, mode: str, variants: Sequence[Variant]
@@ -270,29 +309,34 @@ def running_mode(
     store = FileStore(bench.work / "store", f"{PREFIX}/{app}")
     upload_launch_config(store, launch_config(bench.image, mode, bench.labels), current=True)
     directory = bench.work / mode
-    started: list[Peer] = []
-    try:
+    # Stops run last-in first-out, each even when one before it failed; the container goes
+    # last, so that the next mode runs alone.
+    with contextlib.ExitStack() as stops:
+        stops.callback(remove_containers, bench.client, f"{LABEL_APP}={app}")
+
+        def started(product: Product) -> Product:
+            stops.callback(product.peer.stop)
+            return product
+
         first, *others = variants
-        started.append(start_product(bench, app, first, directory / first.name))
-        wait_until_serving(started[0])
+        products = [started(start_product(bench, app, first, directory / first.name))]
+        wait_until_serving(products[0].peer)
         container = served_container(bench, app, mode)
         # The others adopt the container the first launched: all proxy to the same one.
         for variant in others:
-            started.append(start_product(bench, app, variant, directory / variant.name))
-        # nginx needs only the upstream's port of what it is given.
+            products.append(started(start_product(bench, app, variant, directory / variant.name)))
+        for product in products:
+            wait_until_serving(product.peer)
+        check_adopted(bench, app, products)
         nginx = start_nginx_proxy(directory, container, SERVER_CPU)
-        started.insert(0, nginx)
-        for peer in started:
-            wait_until_answers(peer)
-        targets: dict[str, Target] = {"direct": container, **{p.name: p for p in started}}
+        stops.callback(nginx.stop)
+        wait_until_answers(nginx)
+        peers = [nginx, *(product.peer for product in products)]
+        targets: dict[str, Target] = {"direct": container, **{p.name: p for p in peers}}
         sides: Sides = {}
         if mode == "bridge":
             sides = {DOCKER_PROXY: lambda: docker_proxy_pids(container.port)}
         yield targets, sides
-    finally:
-        for peer in reversed(started):
-            peer.stop()
-        remove_containers(bench.client, f"{LABEL_APP}={app}")  # the next mode runs alone
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:

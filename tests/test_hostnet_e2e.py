@@ -3,16 +3,31 @@ real Docker engine, registry and S3 server, and wunderproxy started by its CLI."
 
 from __future__ import annotations
 
+import http.server
+import socket
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import docker
 import pytest
 
-from tests.support.configs import PREFIX, host_network_app_config, upload_launch_config
+from tests.support.configs import (
+    PREFIX,
+    host_network_app_config,
+    manager_config,
+    upload_launch_config,
+)
 from tests.support.docker import AppImages, containers_of, listening_addresses
+from tests.support.fakes import MemoryStore
 from tests.support.load import DEFAULT_MIX, LoadGenerator, assert_no_failures, revision_of
 from tests.support.process import WunderproxyProcess, revision_served, wunderproxy
+from wunderproxy.controller import Controller
+from wunderproxy.engine import DockerEngine
+from wunderproxy.errors import UpstreamFailed
+from wunderproxy.hostports import HostPorts, hold_free_port
+from wunderproxy.state import ProxyState
 from wunderproxy.store import S3Store
 
 pytestmark = pytest.mark.e2e
@@ -83,3 +98,131 @@ def test_host_network_revisions_get_their_own_ports_switch_without_a_failure_and
     late = [o for o in outcomes if o.started > after_switch + 0.5]
     assert late, "no request was sent after the switch"
     assert {revision_of(o) for o in late} == {"rev2"}
+
+
+def docker_controller(
+    app_name: str,
+    docker_client: docker.DockerClient,
+    store: MemoryStore,
+    host_ports: HostPorts | None = None,
+) -> Controller:
+    """A Controller on the real Docker engine, run in the test's process."""
+    return Controller(
+        manager_config(app=app_name, health_timeout=30.0),
+        ProxyState(app_name, "0"),
+        store,
+        DockerEngine(docker_client),
+        host_ports,
+    )
+
+
+async def test_network_mode_host_in_container_config_host_config_runs_on_the_hosts_network(
+    app_name: str,
+    app_images: AppImages,
+    docker_client: docker.DockerClient,
+    test_labels: dict[str, str],
+) -> None:
+    store = MemoryStore()
+    config = host_network_app_config(app_images, "rev1")
+    # Where Docker's create body carries it; the engine merges it with the top-level one.
+    config["ContainerConfig"]["HostConfig"] = {
+        "NetworkMode": config["HostConfig"].pop("NetworkMode")
+    }
+    config["ContainerConfig"]["Labels"] = test_labels
+    controller = docker_controller(app_name, docker_client, store)
+    try:
+        launched = await controller.launch(upload_launch_config(store, config))
+        [started] = containers_of(docker_client, app_name)
+        assert started.attrs["HostConfig"]["NetworkMode"] == "host"
+        assert f"PORT={launched.container.port}" in started.attrs["Config"]["Env"]
+        assert listening_addresses(launched.container.port) == ["127.0.0.1"]
+    finally:
+        await controller.shutdown(1.0)
+
+
+class Intruder(http.server.ThreadingHTTPServer):
+    """Another process's server on a held port (it sets SO_REUSEADDR, as http.server does):
+    it answers 200 to anything, but only once ``ready()`` is true, so that its first answer
+    comes after the container it stands in for has exited."""
+
+    daemon_threads = True
+
+    def __init__(self, port: int, ready: threading.Event) -> None:
+        self.ready = ready
+        super().__init__(("127.0.0.1", port), IntruderHandler)
+
+
+class IntruderHandler(http.server.BaseHTTPRequestHandler):
+    server: Intruder
+
+    def do_GET(self) -> None:
+        self.server.ready.wait(30)
+        body = b"not the app\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def intruder() -> Iterator[tuple[HostPorts, threading.Event]]:
+    """Host ports whose pick is raced: right after wunderproxy holds a port, an intruder
+    binds and listens on it. Set the event to let it answer."""
+    ready = threading.Event()
+    servers: list[Intruder] = []
+
+    def raced_pick() -> socket.socket:
+        hold = hold_free_port()
+        server = Intruder(hold.getsockname()[1], ready)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return hold
+
+    try:
+        yield HostPorts(raced_pick), ready
+    finally:
+        ready.set()
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+
+async def test_a_host_network_app_that_never_bound_its_port_fails_although_another_answers_200(
+    app_name: str,
+    app_images: AppImages,
+    docker_client: docker.DockerClient,
+    test_labels: dict[str, str],
+    intruder: tuple[HostPorts, threading.Event],
+) -> None:
+    host_ports, ready = intruder
+    store = MemoryStore()
+    config = host_network_app_config(app_images, "rev1")
+    config["ContainerConfig"]["Labels"] = test_labels
+    config_hash = upload_launch_config(store, config)
+    controller = docker_controller(app_name, docker_client, store, host_ports)
+
+    def answer_once_the_app_exited() -> None:
+        # busybox httpd sets SO_REUSEADDR, but the port has a listener: EADDRINUSE, exit.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not ready.is_set():
+            if [c for c in containers_of(docker_client, app_name) if c.status == "exited"]:
+                ready.set()
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=answer_once_the_app_exited, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(UpstreamFailed) as caught:
+            await controller.launch(config_hash)
+    finally:
+        ready.set()
+        watcher.join(35)
+        await controller.shutdown(1.0)
+    message = str(caught.value)
+    assert "stopped while starting (status exited)" in message
+    assert "Address already in use" in message
+    assert "with SO_REUSEADDR set" in message
+    assert containers_of(docker_client, app_name) == []

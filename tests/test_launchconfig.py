@@ -7,7 +7,13 @@ import pytest
 
 from tests.support.configs import encode_config, example_config
 from wunderproxy.errors import BadRequest, InvalidConfig
-from wunderproxy.launchconfig import LaunchConfig, md5_hex, parse_hash, parse_launch_config
+from wunderproxy.launchconfig import (
+    LaunchConfig,
+    md5_hex,
+    merged_host_config,
+    parse_hash,
+    parse_launch_config,
+)
 
 
 def parse(config: dict[str, Any]) -> LaunchConfig:
@@ -109,6 +115,39 @@ def test_only_network_mode_host_runs_on_the_hosts_network(
 
 
 @pytest.mark.parametrize(
+    ("nested", "top", "host_network"),
+    [
+        ({"NetworkMode": "host"}, {}, True),
+        ({"NetworkMode": "host"}, {"Memory": 1}, True),
+        ({"NetworkMode": "host"}, {"NetworkMode": "bridge"}, False),  # the top level wins
+        ({"NetworkMode": "bridge"}, {"NetworkMode": "host"}, True),
+        ({"NetworkMode": "bridge"}, {}, False),
+    ],
+)
+def test_network_mode_is_read_from_the_hostconfig_docker_gets_nested_one_included(
+    nested: dict[str, Any], top: dict[str, Any], host_network: bool
+) -> None:
+    config = container(HostConfig=nested)
+    config["HostConfig"] = top
+
+    parsed = parse(config)
+
+    assert parsed.host_network is host_network
+    assert merged_host_config(parsed.container_config, parsed.host_config)["NetworkMode"] == (
+        "host" if host_network else "bridge"
+    )
+
+
+def test_on_the_hosts_network_several_exposed_ports_are_accepted() -> None:
+    exposed = {"80/tcp": {}, "443/tcp": {}, "53/udp": {}}
+
+    parsed = parse(container(ExposedPorts=exposed, HostConfig={"NetworkMode": "host"}))
+
+    assert parsed.host_network
+    assert parsed.container_config["ExposedPorts"] == exposed  # passed to Docker as written
+
+
+@pytest.mark.parametrize(
     ("exposed", "port"),
     [({}, "9292/tcp"), ({"3000": {}}, "3000/tcp"), ({"8080/tcp": {}}, "8080/tcp")],
 )
@@ -202,6 +241,19 @@ def container(**fields: Any) -> dict[str, Any]:
         (
             example_config(HostConfig={"NetworkMode": "container:web"}),
             "HostConfig.NetworkMode 'container:web' leaves the proxy no way to reach the app",
+        ),
+        (container(HostConfig=[]), "ContainerConfig.HostConfig must be a JSON object, got array"),
+        (
+            container(HostConfig={"NetworkMode": 1}),
+            "ContainerConfig.HostConfig.NetworkMode must be a string, got number",
+        ),
+        (
+            container(HostConfig={"NetworkMode": "none"}),
+            "ContainerConfig.HostConfig.NetworkMode 'none' leaves the proxy no way to reach",
+        ),
+        (
+            container(HostConfig={"NetworkMode": "container:web"}),
+            "ContainerConfig.HostConfig.NetworkMode 'container:web' leaves the proxy no way",
         ),
     ],
 )

@@ -22,13 +22,18 @@ import pytest
 import uvloop
 
 from tests.support.backend import Backend, running_backend
-from tests.support.configs import encode_config, example_config, upload_launch_config
+from tests.support.configs import (
+    encode_config,
+    example_config,
+    manager_config,
+    upload_launch_config,
+)
 from tests.support.fakes import FakeEngine, MemoryStore, offered_ports
 from tests.support.waiting import eventually
 from tests.support.wire import Answer, read_answer, send_request
 from wunderproxy import dockerwatch
 from wunderproxy import manager as manager_module
-from wunderproxy.config import Address, Config, Fleet, Peer
+from wunderproxy.config import Address, Fleet, Peer
 from wunderproxy.controller import Controller, Startup
 from wunderproxy.engine import (
     LABEL_APP,
@@ -66,21 +71,6 @@ SWITCHED = re.compile(r"switched proxy to port (?P<port>\d+) of container (?P<id
 # -- fixtures ---------------------------------------------------------------------------
 
 
-def make_config(**overrides: Any) -> Config:
-    settings: dict[str, Any] = {
-        "bucket": "memory",
-        "prefix": "apps/myapp",
-        "app": APP,
-        "proxy": Address.parse("127.0.0.1:0", "--proxy"),
-        "api": Address.parse("127.0.0.1:0", "--api"),
-        "health_timeout": 0.5,
-        "drain_timeout": 5.0,
-        "stop_timeout": 3,
-    }
-    settings.update(overrides)
-    return Config(**settings)
-
-
 @pytest.fixture
 async def backend() -> AsyncIterator[Backend]:
     async with running_backend("app") as started:
@@ -108,7 +98,7 @@ def state() -> ProxyState:
 async def controller(
     state: ProxyState, store: MemoryStore, engine: FakeEngine
 ) -> AsyncIterator[Controller]:
-    made = Controller(make_config(), state, store, engine)
+    made = Controller(manager_config(), state, store, engine)
     yield made
     engine.release()
     await made.shutdown(grace=1.0)
@@ -694,10 +684,12 @@ HOST_NETWORK = {"NetworkMode": "host"}
 
 @contextlib.asynccontextmanager
 async def host_network_manager(
-    state: ProxyState, store: MemoryStore, engine: FakeEngine, *ports: int
+    state: ProxyState, store: MemoryStore, engine: FakeEngine, *ports: int, api: str = "127.0.0.1:0"
 ) -> AsyncIterator[Manager]:
-    """A manager whose host-network launches are offered ``ports`` as the free ones."""
-    controller = Controller(make_config(), state, store, engine, HostPorts(offered_ports(*ports)))
+    """A manager whose host-network launches are offered ``ports`` as the free ones, its
+    config saying that the API listens on ``api``."""
+    config = manager_config(api=Address.parse(api, "--api"))
+    controller = Controller(config, state, store, engine, HostPorts(offered_ports(*ports)))
     try:
         yield Manager(controller, state, token=None)
     finally:
@@ -733,10 +725,15 @@ async def test_two_host_network_launches_at_once_get_different_ports(
     assert ports == {"rev1": 40001, "rev2": 40002}
 
 
+@pytest.mark.parametrize("api", ["127.0.0.1:8001", "0.0.0.0:8001", "[::]:8001", "[::1]:8001"])
 async def test_a_host_network_launch_without_an_api_token_warns_that_the_app_could_use_the_api(
-    store: MemoryStore, engine: FakeEngine, state: ProxyState, caplog: pytest.LogCaptureFixture
+    store: MemoryStore,
+    engine: FakeEngine,
+    state: ProxyState,
+    caplog: pytest.LogCaptureFixture,
+    api: str,
 ) -> None:
-    async with host_network_manager(state, store, engine, 40001) as host:
+    async with host_network_manager(state, store, engine, 40001, api=api) as host:
         with caplog.at_level(logging.WARNING, logger="wunderproxy.manager"):
             config_hash = upload(store, "rev1", HostConfig=HOST_NETWORK)
             assert (await post(host, "/launch", config_hash)).status == 200
@@ -746,6 +743,39 @@ async def test_a_host_network_launch_without_an_api_token_warns_that_the_app_cou
         "revision rev1 runs on the host's network, where its app is a loopback peer of the "
         "manager API: without --api-token it could launch and switch; set one"
     ]
+
+
+@pytest.mark.parametrize("api", ["unix:/run/wunderproxy/api.sock", "192.0.2.7:8001"])
+async def test_no_api_token_warning_when_a_host_network_app_cannot_reach_the_api_from_loopback(
+    store: MemoryStore,
+    engine: FakeEngine,
+    state: ProxyState,
+    caplog: pytest.LogCaptureFixture,
+    api: str,
+) -> None:
+    # A Unix socket is not in the app's network; on another address it connects from that
+    # address, which the API refuses (403) like any remote peer.
+    async with host_network_manager(state, store, engine, 40001, api=api) as host:
+        with caplog.at_level(logging.WARNING, logger="wunderproxy.manager"):
+            config_hash = upload(store, "rev1", HostConfig=HOST_NETWORK)
+            assert (await post(host, "/launch", config_hash)).status == 200
+    assert [r.getMessage() for r in caplog.records if "--api-token" in r.getMessage()] == []
+
+
+async def test_a_200_from_the_port_of_a_host_network_container_that_exited_answers_502(
+    store: MemoryStore, engine: FakeEngine, state: ProxyState
+) -> None:
+    # Another process answers 200 on the port, while the app failed to bind it and exited.
+    async with host_network_manager(state, store, engine, 40001) as host:
+        engine.exit_while_starting("httpd: bind: Address already in use\n")
+        reply = await post(host, "/launch", upload(store, "rev1", HostConfig=HOST_NETWORK))
+    assert reply.status == 502
+    message = error_of(reply)
+    assert "stopped while starting (status exited)" in message
+    assert "bind: Address already in use" in message
+    assert "here PORT=40001, with SO_REUSEADDR set" in message
+    assert engine.removed_ids == engine.started_ids
+    assert state.containers == []
 
 
 async def test_a_host_network_app_never_healthy_answers_504_naming_its_port(
@@ -758,7 +788,7 @@ async def test_a_host_network_app_never_healthy_answers_504_naming_its_port(
     message = error_of(reply)
     assert "not healthy after" in message
     assert "must listen on 127.0.0.1:$PORT, here PORT=40001" in message
-    assert "launch again for another port" in message
+    assert "with SO_REUSEADDR set" in message
 
 
 # -- /switch ----------------------------------------------------------------------------
@@ -1683,7 +1713,7 @@ async def test_start_launches_anew_when_the_container_left_running_is_unhealthy(
 async def test_start_removes_stale_containers_stopped_ones_at_once_running_ones_later(
     state: ProxyState, store: MemoryStore, engine: FakeEngine
 ) -> None:
-    controller = Controller(make_config(drain_timeout=0.3), state, store, engine)
+    controller = Controller(manager_config(drain_timeout=0.3), state, store, engine)
     config_hash, raw = encode_config(example_config(Revision="rev7"))
     store.objects[CURRENT_KEY] = raw
     current = left_running(engine, config_hash)
@@ -1701,7 +1731,7 @@ async def test_start_adopts_and_removes_only_containers_of_its_own_instance(
     state: ProxyState, store: MemoryStore, engine: FakeEngine
 ) -> None:
     fleet = Fleet(instance="web-1")
-    controller = Controller(make_config(drain_timeout=0.0, fleet=fleet), state, store, engine)
+    controller = Controller(manager_config(drain_timeout=0.0, fleet=fleet), state, store, engine)
     config_hash, raw = encode_config(example_config(Revision="rev7"))
     store.objects[CURRENT_KEY] = raw
     neighbours = left_running(engine, config_hash, instance="web-2")
@@ -1723,10 +1753,10 @@ async def test_a_container_without_the_instance_label_is_the_default_instances(
     config_hash, raw = encode_config(example_config(Revision="rev7"))
     store.objects[CURRENT_KEY] = raw
     unlabelled = left_running(engine, config_hash)
-    named = Controller(make_config(fleet=Fleet(instance="web-1")), state, store, engine)
+    named = Controller(manager_config(fleet=Fleet(instance="web-1")), state, store, engine)
     assert await named.adopt_current() == Startup(ready=False, to_launch=load_current(store))
     await named.shutdown(grace=1.0)
-    default = Controller(make_config(), ProxyState(APP, "test"), store, engine)
+    default = Controller(manager_config(), ProxyState(APP, "test"), store, engine)
     assert (await default.adopt_current()).ready is True
     assert unlabelled not in engine.removed_ids
     await default.shutdown(grace=1.0)
@@ -1735,7 +1765,7 @@ async def test_a_container_without_the_instance_label_is_the_default_instances(
 async def test_containers_started_carry_the_instance_label(
     state: ProxyState, store: MemoryStore, engine: FakeEngine
 ) -> None:
-    controller = Controller(make_config(fleet=Fleet(instance="blue")), state, store, engine)
+    controller = Controller(manager_config(fleet=Fleet(instance="blue")), state, store, engine)
     await controller.launch(upload(store, "rev1"))
     await controller.shutdown(grace=1.0)
     assert [spec.labels[LABEL_INSTANCE] for spec in engine.specs] == ["blue"]
@@ -1866,7 +1896,7 @@ async def test_shutdown_waits_for_a_drain_that_replaced_a_cancelled_drain_of_the
 async def test_drain_closes_idle_connections_at_once_and_cuts_upgraded_ones_at_the_deadline(
     state: ProxyState, store: MemoryStore, engine: FakeEngine
 ) -> None:
-    controller = Controller(make_config(drain_timeout=0.3), state, store, engine)
+    controller = Controller(manager_config(drain_timeout=0.3), state, store, engine)
     manager = Manager(controller, state, token=None)
     first, second = upload(store, "rev0"), upload(store, "rev1")
     for config_hash in (first, second):

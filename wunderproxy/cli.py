@@ -446,7 +446,8 @@ def run(
 
     A launch config with HostConfig NetworkMode "host" runs its container on the host's
     network, on a port wunderproxy picks and passes as PORT: the app must listen on
-    127.0.0.1:$PORT, or it is open on the host's public addresses too.
+    127.0.0.1:$PORT, or it is open on the host's public addresses too, and set SO_REUSEADDR
+    (wunderproxy holds the port until the launch ends).
     """
     logging.basicConfig(
         level=log_level.upper(),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import re
 import socket
@@ -224,6 +226,17 @@ class Address:
     def is_loopback_only(self) -> bool:
         """True when only this host can connect (loopback address or Unix socket)."""
         return is_loopback(None if self.path is not None else self.host)
+
+    @property
+    def takes_loopback_tcp(self) -> bool:
+        """True when a process on this host can connect over TCP from 127.0.0.1 or ::1: a
+        loopback address, or every address (0.0.0.0, ::). A Unix socket is not reached so."""
+        if self.path is not None or self.host is None:
+            return False
+        with contextlib.suppress(ValueError):
+            if ipaddress.ip_address(self.host.partition("%")[0]).is_unspecified:
+                return True
+        return is_loopback(self.host)
 
     def __str__(self) -> str:
         if self.path is not None:

@@ -36,7 +36,13 @@ from wunderproxy.engine import (
     ContainerSpec,
     StartedContainer,
 )
-from wunderproxy.errors import Conflict, HealthTimeout, NotFound, WunderproxyError
+from wunderproxy.errors import (
+    Conflict,
+    ContainerExited,
+    HealthTimeout,
+    NotFound,
+    WunderproxyError,
+)
 from wunderproxy.health import probe, wait_healthy
 from wunderproxy.hostports import HostPorts, host_port_hint
 from wunderproxy.launchconfig import LaunchConfig, parse_hash
@@ -203,9 +209,10 @@ class Controller:
     async def _start_healthy(self, config: LaunchConfig) -> LaunchResult:
         if not config.host_network:
             return await self._start_healthy_on(config, None)
-        if self._config.api_token is None:
+        if self._config.api_token is None and self._config.api.takes_loopback_tcp:
             # A bridge container reaches the API from its own address (403 without a token);
-            # on the host's network it connects from 127.0.0.1, which the API trusts.
+            # on the host's network it connects from 127.0.0.1, which the API trusts, if the
+            # API listens there (a Unix socket or another address it cannot use so).
             log.warning(
                 "revision %s runs on the host's network, where its app is a loopback peer of "
                 "the manager API: without --api-token it could launch and switch; set one",
@@ -215,8 +222,9 @@ class Controller:
         with self._host_ports.pick(c.port for c in self._state.containers) as port:
             try:
                 return await self._start_healthy_on(config, port)
-            except HealthTimeout as exc:
-                raise HealthTimeout(f"{exc}. {host_port_hint(port)}") from None
+            except (HealthTimeout, ContainerExited) as exc:
+                # An app that never bound its port (or lacks SO_REUSEADDR) ends up here.
+                raise type(exc)(f"{exc}. {host_port_hint(port)}") from None
 
     async def _start_healthy_on(self, config: LaunchConfig, host_port: int | None) -> LaunchResult:
         image = config.image or f"{self._config.repository}:{config.revision}"

@@ -26,6 +26,7 @@ import docker.errors
 import requests.exceptions
 
 from wunderproxy.errors import DockerUnreachable, UpstreamFailed
+from wunderproxy.launchconfig import merged_host_config
 
 LABEL_APP = "wunderproxy.app"
 LABEL_REVISION = "wunderproxy.revision"
@@ -118,7 +119,7 @@ def container_create_body(spec: ContainerSpec) -> tuple[dict[str, Any], tuple[st
     own_env: list[str] = list(body.get("Env") or [])
     own_keys = {entry.split("=", 1)[0] for entry in own_env}
     body["Env"] = [e for e in spec.env if e.split("=", 1)[0] not in own_keys] + own_env
-    host_config = {**(body.get("HostConfig") or {}), **copy.deepcopy(spec.host_config)}
+    host_config = merged_host_config(body, copy.deepcopy(spec.host_config))
     if spec.host_port is None:
         warnings = _publish_app_port(body, host_config, spec.app_port)
         port_label = spec.app_port

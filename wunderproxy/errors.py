@@ -79,6 +79,11 @@ class DockerUnreachable(UpstreamFailed):
     engine answers again."""
 
 
+class ContainerExited(UpstreamFailed):
+    """The new container stopped while starting (502); the message quotes its last log
+    lines."""
+
+
 class HealthTimeout(WunderproxyError):
     """The new container did not answer its health check in time (504)."""
 

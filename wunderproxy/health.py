@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from wunderproxy.errors import HealthTimeout, UpstreamFailed
+from wunderproxy.errors import ContainerExited, HealthTimeout
 
 FIRST_POLL_INTERVAL = 0.1  # most apps are up within a second: find out quickly
 MAX_POLL_INTERVAL = 1.0  # slow starters are not hammered
@@ -39,27 +39,33 @@ async def wait_healthy(
     within: float,
     container_exited: Callable[[], Awaitable[str | None]],
 ) -> None:
-    """Poll ``GET path`` until it answers 200, fast at first, backing off to 1 s.
+    """Poll ``GET path`` until it answers 200 while the container runs, fast at first,
+    backing off to 1 s.
 
-    ``container_exited`` is asked after every failed probe and returns a description of
-    why the container stopped (or None while it runs): a container that dies while
-    starting fails the wait at once instead of at the deadline.
+    ``container_exited`` is asked after every probe and returns a description of why the
+    container stopped (or None while it runs): a container that dies while starting fails
+    the wait at once instead of at the deadline, and one that stopped is never healthy,
+    whatever answered its port.
     """
     deadline = time.monotonic() + within
     interval = FIRST_POLL_INTERVAL
     last = "no answer yet"
     while True:
+        healthy = False
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
                 status = await probe(host, port, path)
-            if status == 200:
-                return
+            healthy = status == 200
             last = f"GET {path} answered {status}"
         except (OSError, TimeoutError) as exc:
             last = f"GET {path} failed: {exc or type(exc).__name__}"
+        # Asked after a 200 too: a 200 proves only that something answers on the port. On the
+        # host's network that may be another process, while this container's app never bound.
         exited = await container_exited()
         if exited is not None:
-            raise UpstreamFailed(exited)
+            raise ContainerExited(exited)
+        if healthy:
+            return
         if time.monotonic() + interval > deadline:
             raise HealthTimeout(
                 f"not healthy after {within:g} s ({last}); the container was removed. "

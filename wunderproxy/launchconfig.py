@@ -153,7 +153,8 @@ def _build(hash_: str, raw: bytes, document: object) -> LaunchConfig:
 
     container = _optional_object(document, "ContainerConfig", "ContainerConfig")
     host = _optional_object(document, "HostConfig", "HostConfig")
-    network_mode = _network_mode(host)
+    nested_host = _optional_object(container, "HostConfig", "ContainerConfig.HostConfig")
+    host_network = _network_mode(host, nested_host) == HOST_NETWORK
     image = _optional_string(container, "Image", "ContainerConfig.Image")
     env = container.get("Env")
     if env is not None:
@@ -169,7 +170,8 @@ def _build(hash_: str, raw: bytes, document: object) -> LaunchConfig:
                 f"ContainerConfig.Labels.{label} must be a string, got {_json_type(text)}"
             )
     app_port = _app_port(
-        _optional_object(container, "ExposedPorts", "ContainerConfig.ExposedPorts")
+        _optional_object(container, "ExposedPorts", "ContainerConfig.ExposedPorts"),
+        host_network,
     )
     # Go tools write an unset string as "", so an empty bucket means none.
     artifacts_bucket = _optional_string(document, "ArtifactsBucket", "ArtifactsBucket", empty=True)
@@ -184,29 +186,44 @@ def _build(hash_: str, raw: bytes, document: object) -> LaunchConfig:
         host_config=host,
         artifacts_bucket=artifacts_bucket or None,
         app_port=app_port,
-        host_network=network_mode == HOST_NETWORK,
+        host_network=host_network,
     )
 
 
-def _network_mode(host: dict[str, Any]) -> str | None:
-    """HostConfig.NetworkMode, refused when the proxy could never reach the app.
+def merged_host_config(
+    container_config: dict[str, Any], host_config: dict[str, Any]
+) -> dict[str, Any]:
+    """The HostConfig the engine gets: ``ContainerConfig.HostConfig`` (the create body may
+    carry one, as Docker's API allows) with the launch config's ``HostConfig`` over it, key
+    by key. Shared by the checks here and engine.py, so that both read the same settings."""
+    nested = container_config.get("HostConfig")
+    return {**(nested if isinstance(nested, dict) else {}), **host_config}
+
+
+def _network_mode(host: dict[str, Any], nested_host: dict[str, Any]) -> str | None:
+    """NetworkMode of the merged HostConfig, refused when the proxy could never reach the app.
 
     "host" is wunderproxy's host-network mode; "bridge", "default" and named networks get
     the app port published on 127.0.0.1 as without it. "none" has no network at all and
     "container:ID" shares another container's, where nothing can be published or picked.
     """
-    mode = _optional_string(host, "NetworkMode", "HostConfig.NetworkMode", empty=True)
+    merged = merged_host_config({"HostConfig": nested_host}, host)
+    path = "HostConfig" if "NetworkMode" in host else "ContainerConfig.HostConfig"
+    mode = _optional_string(merged, "NetworkMode", f"{path}.NetworkMode", empty=True)
     if mode == "none" or (mode or "").startswith("container:"):
         raise _FieldError(
-            f"HostConfig.NetworkMode {_preview(mode or '')} leaves the proxy no way to reach "
+            f"{path}.NetworkMode {_preview(mode or '')} leaves the proxy no way to reach "
             "the app; leave NetworkMode out (a bridge network, the app port published on "
             '127.0.0.1) or use "host" (the app listens on 127.0.0.1:$PORT)'
         )
     return mode
 
 
-def _app_port(exposed: dict[str, Any]) -> str:
-    if not exposed:
+def _app_port(exposed: dict[str, Any], host_network: bool) -> str:
+    """The one port the proxy forwards to on a bridge network. On the host's network the app
+    listens on the port it is given instead: ExposedPorts are unused there, so any number of
+    ports, of any protocol, may be named (Docker checks their form)."""
+    if host_network or not exposed:
         return DEFAULT_APP_PORT
     if len(exposed) > 1:
         raise _FieldError(

@@ -7,6 +7,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from tests.support.apps import HOST_NETWORK_CMD
+from wunderproxy.config import Address, Config
 from wunderproxy.launchconfig import md5_hex
 from wunderproxy.store import Store, config_key
 
@@ -73,3 +74,20 @@ def host_network_app_config(images: AppImages, revision: str) -> dict[str, Any]:
     config["ContainerConfig"]["Cmd"] = HOST_NETWORK_CMD
     config["HostConfig"]["NetworkMode"] = "host"
     return config
+
+
+def manager_config(**overrides: Any) -> Config:
+    """A Config for a Controller or Manager run in the test's own process: app "myapp", a
+    0.5 s health timeout; ``overrides`` replace any field."""
+    settings: dict[str, Any] = {
+        "bucket": "memory",
+        "prefix": "apps/myapp",
+        "app": "myapp",
+        "proxy": Address.parse("127.0.0.1:0", "--proxy"),
+        "api": Address.parse("127.0.0.1:0", "--api"),
+        "health_timeout": 0.5,
+        "drain_timeout": 5.0,
+        "stop_timeout": 3,
+    }
+    settings.update(overrides)
+    return Config(**settings)

@@ -73,13 +73,31 @@ class MemoryStore:
             raise UpstreamFailed(f"put {key} in {self.description} failed: {self.fail_puts}")
 
 
-def offered_ports(*ports: int) -> Callable[[], int]:
-    """A stand-in for the kernel's choice of a free port (``hostports.kernel_free_port``)
-    that offers ``ports`` in turn, then the last one for ever."""
+@dataclass
+class FakeHold:
+    """A stand-in for a held port (``hostports.HeldPort``) that records whether it was let go."""
+
+    port: int
+    closed: bool = False
+
+    def getsockname(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def offered_ports(*ports: int, holds: list[FakeHold] | None = None) -> Callable[[], FakeHold]:
+    """A stand-in for the kernel's choice of a free port (``hostports.hold_free_port``)
+    that offers ``ports`` in turn, then the last one for ever; each hold it makes is
+    appended to ``holds`` when given."""
     offered = iter(ports)
 
-    def next_port() -> int:
-        return next(offered, ports[-1])
+    def next_port() -> FakeHold:
+        hold = FakeHold(next(offered, ports[-1]))
+        if holds is not None:
+            holds.append(hold)
+        return hold
 
     return next_port
 

@@ -141,6 +141,18 @@ class WunderproxyProcess:
             raise
 
 
+def end_by_sigterm(process: subprocess.Popen[str], grace: float) -> str:
+    """SIGTERM ``process`` (by PID) so that it cleans up, and return its remaining output;
+    SIGKILL it as a last resort if it has not exited after ``grace`` seconds."""
+    process.terminate()
+    try:
+        output, _ = process.communicate(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+    return output
+
+
 def revision_served(running: WunderproxyProcess) -> str:
     """What the test app's ``/cgi-bin/revision`` answers through the proxy
     (``revision=REV``); fails on any status but 200."""
