@@ -83,6 +83,7 @@ class AccessLog:
 
     def __init__(self, destination: str, line_format: AccessLogFormat = "common") -> None:
         self.destination = destination
+        self.line_format = line_format
         self._json = line_format == "json"
         self._requests: list[_Request] = []
         self._chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=MAX_QUEUED_CHUNKS)

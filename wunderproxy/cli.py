@@ -519,7 +519,14 @@ def run(
     try:
         run_event_loop(
             Server(
-                config, store, DockerEngine(), pid_file, take_over, requests_log, certificates
+                config,
+                store,
+                DockerEngine(),
+                pid_file,
+                take_over,
+                requests_log,
+                certificates,
+                loop_choice,
             ).run(),
             loop_choice,
         )
