@@ -28,6 +28,7 @@ from tests.support.load import (
 )
 from tests.support.process import WunderproxyProcess, http_call, wunderproxy
 from wunderproxy.store import S3Store
+from wunderproxy.supervisor import ROUTED_WITHIN
 
 pytestmark = pytest.mark.e2e
 
@@ -293,3 +294,68 @@ def test_a_second_supervisor_started_beside_adopts_the_container_and_its_workers
             assert second.get("/cgi-bin/revision").text == "revision=rev1\n"
         assert sum(w["requests"]["total"] for w in status["workers"]) == 0
         assert second.status()["requests"]["total"] == 8
+
+
+def test_a_worker_that_does_not_take_a_switch_is_killed_and_the_switch_still_holds(
+    s3_bucket: str, app_name: str, app_images: AppImages, tmp_path: Path
+) -> None:
+    with serving_rev1(s3_bucket, app_name, app_images, tmp_path) as (running, hashes):
+        assert running.launch(hashes["rev2"]).status == 200
+        stuck = workers_of(running)[1]
+        os.kill(stuck["pid"], signal.SIGSTOP)  # alive, but reading nothing
+        began = time.monotonic()
+        switched = running.switch(hashes["rev2"])
+        took = time.monotonic() - began
+        assert switched.status == 200, switched.text
+        assert ROUTED_WITHIN <= took < ROUTED_WITHIN + 10, took
+        assert (
+            f"worker 2 (PID {stuck['pid']}) did not take the new routes within "
+            f"{ROUTED_WITHIN:g} s: killing it"
+        ) in running.log()
+        for _ in range(20):  # whichever worker takes them, they reach rev2
+            assert http_call(running.proxy_port, "GET", "/cgi-bin/revision").text == (
+                "revision=rev2\n"
+            )
+
+
+def test_both_workers_append_whole_lines_to_one_access_log_and_follow_its_rotation(
+    s3_bucket: str, app_name: str, app_images: AppImages, tmp_path: Path
+) -> None:
+    access_log = tmp_path / "access.log"
+    with (
+        serving_rev1(
+            s3_bucket, app_name, app_images, tmp_path, "--access-log", str(access_log)
+        ) as (running, _),
+        held(running) as connections,
+    ):
+        for _ in range(10):
+            connections.open_one()
+        connections.one_on_each()
+        rotated = tmp_path / "access.log.1"
+        first = [*connections.on[1], *connections.on[2]]
+        for number, sock in enumerate(first):
+            request(sock, f"/cgi-bin/whoami?{number}")
+        wait_for_lines(access_log, len(first))
+        access_log.rename(rotated)  # as logrotate does: the workers open a new file
+        with held(running) as after:
+            after.one_on_each()
+            for number, sock in enumerate([*after.on[1], *after.on[2]]):
+                request(sock, f"/cgi-bin/whoami?after{number}")
+            count = len(after.on[1]) + len(after.on[2])
+        before_lines = rotated.read_text().splitlines()
+        after_lines = wait_for_lines(access_log, count)
+        line = re.compile(r'^127\.0\.0\.1 - - \[[^]]+\] "GET /cgi-bin/whoami\?\w+ HTTP/1\.1" 200 ')
+        assert all(line.match(text) for text in before_lines + after_lines)
+        assert len(before_lines) == len(first)
+        assert all("?after" in text for text in after_lines)
+
+
+def wait_for_lines(path: Path, count: int, within: float = 10.0) -> list[str]:
+    """The lines of ``path`` once it has ``count`` (the log is written every 50 ms)."""
+    deadline = time.monotonic() + within
+    while True:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= count:
+            return lines
+        assert time.monotonic() < deadline, lines
+        time.sleep(0.05)

@@ -504,6 +504,7 @@ def run(
     from wunderproxy.engine import DockerEngine
     from wunderproxy.server import Server, TakeOverFailed
     from wunderproxy.store import open_store
+    from wunderproxy.supervisor import WorkersDidNotStart
 
     try:
         store = open_store(config.bucket, config.prefix)
@@ -532,7 +533,7 @@ def run(
         )
     except OSError as exc:
         raise click.ClickException(f"cannot listen: {exc}") from exc
-    except TakeOverFailed as exc:
+    except (TakeOverFailed, WorkersDidNotStart) as exc:
         raise click.ClickException(str(exc)) from exc
     _exit_without_waiting_for_threads()
 

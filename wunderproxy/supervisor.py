@@ -70,6 +70,14 @@ FIRST_RESTART_PAUSE = 0.1
 LONGEST_RESTART_PAUSE = 5.0
 # Seconds past --shutdown-timeout a stopping worker gets to exit before it is killed.
 STOP_MARGIN = 5.0
+# Seconds a worker has to acknowledge a new routing table. One that does not (stuck in a
+# loop, or stopped with SIGSTOP) would go on routing by the old table after /switch said
+# 200: it is killed, and started again with the new table.
+ROUTED_WITHIN = 10.0
+
+
+class WorkersDidNotStart(Exception):
+    """Not every worker listened within READY_TIMEOUT; those that did were stopped."""
 
 
 @dataclass(eq=False)
@@ -145,10 +153,17 @@ class Supervisor:
         new connections to them. Returns how the log names the listeners."""
         for slot in self._slots:
             await self._spawn(slot)
-        async with asyncio.timeout(READY_TIMEOUT):
-            await self._wait_for(
-                lambda: all(s.worker is not None and s.worker.ready for s in self._slots)
-            )
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                await self._wait_for(
+                    lambda: all(s.worker is not None and s.worker.ready for s in self._slots)
+                )
+        except TimeoutError:
+            await self.stop()
+            raise WorkersDidNotStart(
+                f"not every worker process was listening after {READY_TIMEOUT:g} s; the log "
+                "above says what the workers ran into (their lines say 'worker N')"
+            ) from None
         if take_over:
             first = self._slots[0].worker
             assert first is not None
@@ -215,11 +230,28 @@ class Supervisor:
         self._broadcast(self._table)
 
     async def routed(self) -> None:
-        """Wait until every live worker routes by the newest table."""
+        """Wait until every live worker routes by the newest table; a worker that does not
+        say so within ROUTED_WITHIN is killed (its replacement starts with the table)."""
         sequence = self._sequence
-        await self._wait_for(
-            lambda: all(w.routed >= sequence for w in self._workers() if not w.exited)
-        )
+
+        def lagging() -> list[WorkerProcess]:
+            return [w for w in self._workers() if not w.exited and w.routed < sequence]
+
+        try:
+            async with asyncio.timeout(ROUTED_WITHIN):
+                await self._wait_for(lambda: not lagging())
+        except TimeoutError:
+            for worker in lagging():
+                log.error(
+                    "worker %d (PID %d) did not take the new routes within %g s: killing "
+                    "it, so that no request goes the old way; it is started again",
+                    worker.index,
+                    worker.pid,
+                    ROUTED_WITHIN,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.kill()
+            await self._wait_for(lambda: not lagging())
 
     async def drained(self, container: Container) -> None:
         """Wait until every worker alive now is done with ``container`` (or has died)."""
