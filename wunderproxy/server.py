@@ -105,10 +105,10 @@ class Server:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         certificates = self.certificates
-        if supervisor is not None:
-            loop.add_signal_handler(signal.SIGHUP, supervisor.reload_certificates)
-        elif certificates is not None:
-            loop.add_signal_handler(signal.SIGHUP, certificates.reload)
+        if certificates is not None:
+            # With workers, each serves TLS with its own copy, and this one's is what
+            # /status shows: all read the same files, on SIGHUP and when they change.
+            loop.add_signal_handler(signal.SIGHUP, self._reload_certificates, certificates)
         launching: asyncio.Task[bool] | None = None
         self.controller.watch_docker()
         # Adopt current.json's running container before listening, in every mode: a process
@@ -160,11 +160,7 @@ class Server:
         if self._pid_file is not None:
             self._pid_file.write()
         sweeper = asyncio.create_task(self.proxying.enforce_timeouts())
-        watcher = (
-            asyncio.create_task(certificates.watch())
-            if certificates is not None and supervisor is None  # workers watch their own
-            else None
-        )
+        watcher = asyncio.create_task(certificates.watch()) if certificates else None
         try:
             await stop.wait()
             log.info("shutting down: finishing requests in flight, then exiting")
@@ -183,6 +179,11 @@ class Server:
                 self._pid_file.remove()
             if self.access_log is not None:
                 await self.access_log.close()
+
+    def _reload_certificates(self, certificates: Certificates) -> None:
+        certificates.reload()
+        if self.supervisor is not None:
+            self.supervisor.reload_certificates()
 
     def _listen_proxy(self) -> tuple[list[Listener], list[str]]:
         """Listen where the proxy serves (one process): the plain address and the TLS one."""

@@ -174,6 +174,7 @@ class Supervisor:
             if slot.worker is not None:
                 slot.worker.close_sockets()
         where = [f"{len(self._slots)} workers"]
+        tls = self._config.tls
         for kind, name in (("tls", "TLS proxy"), ("plain", "proxy")):
             address = self._addresses.get(kind)
             shared = self._shared.get(kind)
@@ -181,6 +182,8 @@ class Supervisor:
                 where.append(f"{name} on {address}")
             elif shared is not None:
                 where.append(f"{name} on {describe_socket(shared)}")
+        if tls is not None and tls.redirect_http:  # the plain listener, named last
+            where[-1] += " (redirecting to https)"
         return where
 
     async def stop(self) -> None:
