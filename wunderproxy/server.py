@@ -159,7 +159,10 @@ class Server:
             launching = asyncio.create_task(self._start_serving(startup))
         if self._pid_file is not None:
             self._pid_file.write()
-        sweeper = asyncio.create_task(self.proxying.enforce_timeouts())
+        # With workers, they sweep their own connections: this process has none.
+        sweeper = (
+            asyncio.create_task(self.proxying.enforce_timeouts()) if supervisor is None else None
+        )
         watcher = asyncio.create_task(certificates.watch()) if certificates else None
         try:
             await stop.wait()
@@ -170,7 +173,8 @@ class Server:
             # shutdown waiting for --shutdown-timeout.
             await self._shutdown(listeners)
         finally:
-            sweeper.cancel()
+            if sweeper is not None:
+                sweeper.cancel()
             if watcher is not None:
                 watcher.cancel()
             if self.state.fallback is not None:
