@@ -180,7 +180,9 @@ def test_a_killed_worker_is_restarted_logged_and_counted_and_the_other_serves_on
         while True:
             # The other worker's connections, and new connections: none fails meanwhile.
             assert request(next(survivors), "/cgi-bin/whoami").startswith("revision=rev1 ")
-            assert http_call(running.proxy_port, "GET", "/cgi-bin/revision").status == 200
+            assert (
+                http_call(running.proxy_port, "GET", "/cgi-bin/revision", timeout=5).status == 200
+            )
             first = running.status()["workers"][0]
             if first["state"] == "serving" and first["pid"] != victim["pid"]:
                 break
