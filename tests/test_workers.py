@@ -7,18 +7,21 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
+from dataclasses import replace
 
 import pytest
 
 from tests.support.proxied import make_container
 from wunderproxy.accesslog import whole_lines
 from wunderproxy.channel import Channel, ChannelClosed, Routed, RouteTable, WorkerFigures
-from wunderproxy.config import Address, Config
+from wunderproxy.config import Address, Config, Fleet, Peer
+from wunderproxy.fallback import Fallback
 from wunderproxy.listeners import listening_sockets, steering_program
 from wunderproxy.routes import follow, table_of
 from wunderproxy.state import Container, ProxyState
-from wunderproxy.traffic import Traffic
-from wunderproxy.treefigures import add_up, collect, show
+from wunderproxy.traffic import MINUTES_KEPT, Minute, Traffic
+from wunderproxy.treefigures import add_up, collect, counters_of, show
 
 
 def config() -> Config:
@@ -260,3 +263,53 @@ async def test_nothing_hangs_when_the_other_side_dies_mid_message() -> None:
         with pytest.raises(ChannelClosed):
             await worker.receive()
     worker.close()
+
+
+def test_a_dead_workers_counters_stay_in_the_sums_and_what_was_open_goes() -> None:
+    dead = counted(5, "rev1", 200, make_container(9001, "rev1"))
+    alive = counted(2, "rev1", 200, make_container(9001, "rev1"))
+    left = counters_of(dead)
+    assert (left.requests, left.by_status, left.timeouts) == (5, {200: 5}, {"header": 5})
+    assert left.traffic_totals["rev1"].requests == 5
+    assert (left.open_connections, left.active_connections, left.containers) == (0, 0, {})
+    assert (left.since_switch, left.time_since_switch) == (0, 0.0)
+    total = add_up([alive, left])
+    assert (total.requests, total.open_connections, total.since_switch) == (7, 2, 2)
+    assert total.containers["rev1-container"].in_flight == 1
+
+
+def test_the_sums_keep_the_last_hour_of_minutes_only() -> None:
+    old = counted(1, "rev1", 200, make_container(9001, "rev1"))
+    minute = old.traffic_minutes[0]
+    hours = replace(
+        old,
+        traffic_minutes=tuple(
+            Minute(minute.start + 60.0 * n, minute.by_revision) for n in range(90)
+        ),
+    )
+    starts = [m.start for m in add_up([hours]).traffic_minutes]
+    assert len(starts) == MINUTES_KEPT and starts[-1] == minute.start + 60.0 * 89
+
+
+def test_fallback_figures_add_up_and_a_peer_is_skipped_while_any_worker_skips_it() -> None:
+    fleet = Fleet(
+        instance="web-1",
+        peers=(Peer.parse("http://127.0.0.1:8081"), Peer.parse("http://127.0.0.1:8082")),
+        secret=b"fleet",
+    )
+    parts = []
+    for sent, skip_until in ((2, 0.0), (3, time.monotonic() + 5.0)):
+        state = ProxyState("myapp", "1")
+        state.fallback = Fallback(fleet)
+        state.fallback.sent["http://127.0.0.1:8081"] += sent
+        state.fallback.unplaced += 1
+        state.fallback.peers[1].skip_until = skip_until
+        state.fallback.peers[0].upgraded = 1
+        parts.append(collect(state))
+    supervisor = ProxyState("myapp", "1")
+    supervisor.fallback = Fallback(fleet)
+    show(supervisor, add_up(parts))
+    described = supervisor.snapshot()["fallback"]
+    assert (described["sent"], described["unplaced"]) == (5, 2)
+    assert [p["skipped_for"] > 4 for p in described["peers"]] == [False, True]
+    assert supervisor.connection_counts()["upgraded"] == 2

@@ -171,13 +171,19 @@ def test_a_killed_worker_is_restarted_logged_and_counted_and_the_other_serves_on
         serving_rev1(s3_bucket, app_name, app_images, tmp_path) as (running, _),
         held(running) as connections,
     ):
-        while len(connections.on[2]) < SURVIVORS or not connections.on[1]:
+        while len(connections.on[2]) < SURVIVORS or len(connections.on[1]) < 2:
             connections.open_one()
-        victim = workers_of(running)[0]
+        for sock in connections.on[1][1:]:  # answered by the victim before it dies
+            request(sock, "/cgi-bin/whoami")
+        before = running.status()
+        victim = before["workers"][0]
+        assert victim["requests"]["total"] == len(connections.on[1]) - 1
         os.kill(victim["pid"], signal.SIGKILL)
         killed = time.monotonic()
         survivors = iter(connections.on[2])
+        sent = 0
         while True:
+            sent += 2
             # The other worker's connections, and new connections: none fails meanwhile.
             assert request(next(survivors), "/cgi-bin/whoami").startswith("revision=rev1 ")
             assert (
@@ -187,15 +193,21 @@ def test_a_killed_worker_is_restarted_logged_and_counted_and_the_other_serves_on
             if first["state"] == "serving" and first["pid"] != victim["pid"]:
                 break
             assert time.monotonic() - killed < RESTART_WITHIN, first
-        assert first["restarts"] == 1 and running.status()["workers"][1]["restarts"] == 0
+        after = running.status()
+        assert first["restarts"] == 1 and after["workers"][1]["restarts"] == 0
+        # What the dead worker counted is still counted.
+        assert after["requests"]["total"] == before["requests"]["total"] + sent
+        assert after["requests"]["by_status"] == {"200": after["requests"]["total"]}
         assert re.search(
             rf"worker 1 \(PID {victim['pid']}\) was killed by SIGKILL after [\d.]+ s; its "
             r"connections were lost\. Starting it again in [\d.]+ s",
             running.log(),
         ), running.log()
         assert f"worker 1 started again as PID {first['pid']}" in running.log()
-        with connections.on[1].pop() as lost:
-            assert lost.recv(1) == b"", "its connection died with it"
+        assert connections.on[1][0].recv(1) == b"", "its idle connection died with it"
+        for sock in connections.on[1]:
+            sock.close()
+        connections.on[1].clear()
         connections.one_on_each()  # the new worker 1 takes connections again
 
 

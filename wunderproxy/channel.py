@@ -143,6 +143,9 @@ class FallbackFigures:
     unplaced: int
     unverified: int
     peers_upgraded: tuple[int, ...]
+    # time.monotonic() until which each peer is skipped (it refused); CLOCK_MONOTONIC is
+    # one clock for every process of the host.
+    peers_skip_until: tuple[float, ...]
 
 
 @dataclass(frozen=True)

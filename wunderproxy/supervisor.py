@@ -52,7 +52,7 @@ from wunderproxy.routes import table_of
 from wunderproxy.runtime import LoopChoice
 from wunderproxy.state import Container, ProxyState
 from wunderproxy.timestamps import rfc3339
-from wunderproxy.treefigures import add_up, show
+from wunderproxy.treefigures import add_up, counters_of, show
 
 log = logging.getLogger("wunderproxy")
 
@@ -93,6 +93,7 @@ class WorkerProcess:
     ready: bool = False
     exited: bool = False
     routed: int = -1  # the newest routing table it acknowledged
+    figures: WorkerFigures | None = None  # as it last told them
     drained: set[str] = field(default_factory=set)  # container ids it is done with
     asks: dict[int, asyncio.Future[WorkerFigures]] = field(default_factory=dict)
 
@@ -144,6 +145,9 @@ class Supervisor:
         self._addresses: dict[str, Address] = {}
         self._shared: dict[str, socket.socket] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # The counters of dead workers as they last told them, so that totals never go
+        # down when a worker dies (Prometheus would take that for a restart).
+        self._retired: list[WorkerFigures] = []
         state.routes_changed = self.publish
 
     # -- start and stop ------------------------------------------------------------
@@ -285,10 +289,10 @@ class Supervisor:
         answers: dict[int, WorkerFigures] = {}
         for worker, future in asked:
             if future.done() and not future.cancelled() and future.exception() is None:
-                answers[worker.index] = future.result()
+                answers[worker.index] = worker.figures = future.result()
             else:
                 future.cancel()
-        show(self._state, add_up(answers.values()))
+        show(self._state, add_up([*answers.values(), *self._retired]))
         self._state.workers = [
             self._describe(slot, answers.get(slot.index)) for slot in self._slots
         ]
@@ -388,6 +392,8 @@ class Supervisor:
         worker.exited = True
         worker.channel.close()
         worker.close_sockets()
+        if worker.figures is not None:
+            self._retired = [add_up([*self._retired, counters_of(worker.figures)])]
         for future in worker.asks.values():
             future.cancel()
         self._notify()

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import replace
 
 from wunderproxy.channel import ContainerFigures, FallbackFigures, WorkerFigures
 from wunderproxy.state import ProxyState, RequestCounters
-from wunderproxy.traffic import Figures, Minute, SummedTraffic
+from wunderproxy.traffic import MINUTES_KEPT, Figures, Minute, SummedTraffic
 
 
 def collect(state: ProxyState) -> WorkerFigures:
@@ -45,6 +46,7 @@ def collect(state: ProxyState) -> WorkerFigures:
             unplaced=fallback.unplaced,
             unverified=fallback.unverified_marks,
             peers_upgraded=tuple(peer.upgraded for peer in fallback.peers),
+            peers_skip_until=tuple(peer.skip_until for peer in fallback.peers),
         ),
     )
 
@@ -77,9 +79,33 @@ def add_up(parts: Iterable[WorkerFigures]) -> WorkerFigures:
         timeouts=dict(timeouts),
         buffer_failures=sum(p.buffer_failures for p in parts),
         traffic_totals=dict(sorted(totals.items())),
-        traffic_minutes=tuple(Minute(start, minutes[start]) for start in sorted(minutes)),
+        # The last hour's: a dead worker's figures (see counters_of) may hold older minutes.
+        traffic_minutes=tuple(
+            Minute(start, minutes[start]) for start in sorted(minutes)[-MINUTES_KEPT:]
+        ),
         containers=containers,
         fallback=_add_fallback([p.fallback for p in parts if p.fallback is not None]),
+    )
+
+
+def counters_of(figures: WorkerFigures) -> WorkerFigures:
+    """Only what keeps counting up of ``figures`` (requests, statuses, traffic, timeouts,
+    refusals): what a dead worker leaves behind. What is open now (connections, requests in
+    flight) went with it, and so did its count since the last switch."""
+    return replace(
+        figures,
+        since_switch=0,
+        time_since_switch=0.0,
+        open_connections=0,
+        active_connections=0,
+        containers={},
+        fallback=None
+        if figures.fallback is None
+        else replace(
+            figures.fallback,
+            peers_upgraded=tuple(0 for _ in figures.fallback.peers_upgraded),
+            peers_skip_until=tuple(0.0 for _ in figures.fallback.peers_skip_until),
+        ),
     )
 
 
@@ -113,8 +139,14 @@ def show(state: ProxyState, total: WorkerFigures) -> None:
         fallback.received = Counter(figures_of_peers.received)
         fallback.unplaced = figures_of_peers.unplaced
         fallback.unverified_marks = figures_of_peers.unverified
-        for peer, upgraded in zip(fallback.peers, figures_of_peers.peers_upgraded, strict=False):
+        for peer, upgraded, skip_until in zip(
+            fallback.peers,
+            figures_of_peers.peers_upgraded,
+            figures_of_peers.peers_skip_until,
+            strict=False,
+        ):
             peer.upgraded = upgraded
+            peer.skip_until = skip_until
 
 
 def _add_figures(into: dict[str, Figures], more: dict[str, Figures]) -> None:
@@ -144,6 +176,11 @@ def _add_fallback(parts: list[FallbackFigures]) -> FallbackFigures | None:
         unverified=sum(p.unverified for p in parts),
         peers_upgraded=tuple(
             sum(p.peers_upgraded[i] for p in parts if i < len(p.peers_upgraded))
+            for i in range(width)
+        ),
+        # Skipped as long as the worker that skips it longest: a peer refused there.
+        peers_skip_until=tuple(
+            max(p.peers_skip_until[i] for p in parts if i < len(p.peers_skip_until))
             for i in range(width)
         ),
     )
