@@ -147,7 +147,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task[None]] = set()
         # The counters of dead workers as they last told them, so that totals never go
         # down when a worker dies (Prometheus would take that for a restart).
-        self._retired: list[WorkerFigures] = []
+        self._retired = add_up([])
         state.routes_changed = self.publish
 
     # -- start and stop ------------------------------------------------------------
@@ -292,7 +292,7 @@ class Supervisor:
                 answers[worker.index] = worker.figures = future.result()
             else:
                 future.cancel()
-        show(self._state, add_up([*answers.values(), *self._retired]))
+        show(self._state, add_up([*answers.values(), self._retired]))
         self._state.workers = [
             self._describe(slot, answers.get(slot.index)) for slot in self._slots
         ]
@@ -393,7 +393,7 @@ class Supervisor:
         worker.channel.close()
         worker.close_sockets()
         if worker.figures is not None:
-            self._retired = [add_up([*self._retired, counters_of(worker.figures)])]
+            self._retired = add_up([self._retired, counters_of(worker.figures)])
         for future in worker.asks.values():
             future.cancel()
         self._notify()
