@@ -373,3 +373,45 @@ def wait_for_lines(path: Path, count: int, within: float = 10.0) -> list[str]:
             return lines
         assert time.monotonic() < deadline, lines
         time.sleep(0.05)
+
+
+def unix_get(path: Path) -> bytes:
+    """GET / over the Unix socket at ``path``; the whole answer (read to the close)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+def test_a_unix_socket_listener_is_shared_by_the_workers_and_outlives_a_killed_one(
+    app_name: str, app_images: AppImages, tmp_path: Path
+) -> None:
+    path = tmp_path / "proxy.sock"
+    store = f"file://{tmp_path / 'store'}"  # nothing deployed: the proxy answers 503 itself
+    with wunderproxy(
+        tmp_path,
+        store,
+        PREFIX,
+        app_name,
+        app_images.registry_port,
+        "--proxy",
+        f"unix:{path}",
+        workers=WORKERS,
+    ) as running:
+        for _ in range(10):
+            assert unix_get(path).startswith(b"HTTP/1.1 503 ")
+        victim = workers_of(running)[0]
+        os.kill(victim["pid"], signal.SIGKILL)
+        for _ in range(10):  # the other worker accepts from the same socket meanwhile
+            assert unix_get(path).startswith(b"HTTP/1.1 503 ")
+        deadline = time.monotonic() + RESTART_WITHIN
+        while (first := running.status()["workers"][0])["pid"] in (victim["pid"], None):
+            assert time.monotonic() < deadline, first
+            time.sleep(0.05)
+        status = running.status()
+        assert status["requests"]["by_status"] == {"503": 20}
+        assert f"proxy on unix:{path}" in running.log()
