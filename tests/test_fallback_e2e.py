@@ -25,6 +25,14 @@ GETS = (
 )
 
 
+# Every host with one process, then with two proxy workers each (peers are per worker then,
+# their figures summed by each host's supervisor).
+WORKERS = pytest.mark.parametrize(
+    "workers",
+    [1, pytest.param(2, marks=pytest.mark.fleet(extra=("--workers", "2")))],
+)
+
+
 def mark(fleet: Fleet, instance: str, request_line: str) -> str:
     """The mark ``instance`` puts on a request, computed here from the fleet's secret."""
     key = fleet.secret.encode()
@@ -48,9 +56,13 @@ def fallback_figures(host: FleetHost) -> dict[str, int]:
     }
 
 
-def test_a_killed_container_costs_no_request_while_its_peers_serve(fleet: Fleet) -> None:
+@WORKERS
+def test_a_killed_container_costs_no_request_while_its_peers_serve(
+    workers: int, fleet: Fleet
+) -> None:
     fleet.serve("rev1")
     web1, *peers = fleet.hosts
+    assert len(web1.process.status()["workers"]) == (0 if workers == 1 else workers)
     (doomed,) = fleet.containers(web1)
     peer_containers = {str(c.id)[:12] for peer in peers for c in fleet.containers(peer)}
 
@@ -88,11 +100,13 @@ def test_a_killed_container_costs_no_request_while_its_peers_serve(fleet: Fleet)
         assert f"{line} {float(sent_there)}" in metrics
 
 
+@WORKERS
 def test_with_every_container_down_a_request_makes_one_hop_and_forged_marks_stay_out(
-    fleet: Fleet,
+    workers: int, fleet: Fleet
 ) -> None:
     fleet.serve("rev1")
     web1, web2, web3 = fleet.hosts
+    assert len(web1.process.status()["workers"]) == (0 if workers == 1 else workers)
     # A client's forged mark is removed before the app sees it.
     forged = mark(fleet, "web-9", f"GET {FALLBACK_PATH} HTTP/1.1").replace("a", "b")
     (serving,) = fleet.containers(web2)

@@ -7,6 +7,7 @@ must show it."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -65,8 +66,9 @@ def metric_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], fl
     }
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_status_metrics_and_access_log_count_exactly_the_traffic_sent(
-    s3_bucket: str, app_name: str, app_images: AppImages, tmp_path: Path
+    workers: int, s3_bucket: str, app_name: str, app_images: AppImages, tmp_path: Path
 ) -> None:
     store = S3Store(s3_bucket, PREFIX)
     upload_launch_config(store, app_config(app_images, "rev1"), current=True)
@@ -82,6 +84,7 @@ def test_status_metrics_and_access_log_count_exactly_the_traffic_sent(
         str(access_log),
         "--access-log-format",
         "json",
+        workers=workers,
     ) as running:
         running.wait_until_serving("rev1")
         send_known_traffic(running, rev2_hash)
@@ -201,12 +204,15 @@ def browse(url: str, *flags: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_the_status_page_shows_the_revision_and_counts_in_a_real_browser(
-    s3_bucket: str, app_name: str, app_images: AppImages, tmp_path: Path
+    workers: int, s3_bucket: str, app_name: str, app_images: AppImages, tmp_path: Path
 ) -> None:
     store = S3Store(s3_bucket, PREFIX)
     upload_launch_config(store, app_config(app_images, "rev1"), current=True)
-    with wunderproxy(tmp_path, s3_bucket, PREFIX, app_name, app_images.registry_port) as running:
+    with wunderproxy(
+        tmp_path, s3_bucket, PREFIX, app_name, app_images.registry_port, workers=workers
+    ) as running:
         running.wait_until_serving("rev1")
         for _ in range(7):
             assert running.get("/cgi-bin/revision").status == 200
@@ -235,6 +241,12 @@ def test_the_status_page_shows_the_revision_and_counts_in_a_real_browser(
     assert '<span id="updated" class="muted">updated ' in dom  # no refresh error
     assert '<rect x="' in dom  # the requests chart has bars
     assert '<section id="fallback-section" hidden="">' in dom  # no peers, no fallback figures
+    if workers == 1:
+        assert '<section class="wide" id="workers-section" hidden="">' in dom
+    else:
+        assert '<section class="wide" id="workers-section">' in dom
+        rows = re.findall(r'<tr><td class="num">(\d+)</td><td class="num">\d+</td>', dom)
+        assert rows == ["1", "2"], "one row per worker, with its PID"
     for path, size in screenshots.values():
         png = path.read_bytes()
         assert png.startswith(b"\x89PNG\r\n\x1a\n")

@@ -42,8 +42,8 @@ async def test_one_connections_error_neither_stops_the_sweep_nor_the_others_time
     )
     server = Server(config, MemoryStore(), FakeEngine("127.0.0.1", 1))
     broken, healthy = Checked(fails=True), Checked(fails=False)
-    server._connections.update([broken, healthy])  # type: ignore[list-item]
-    sweeper = asyncio.create_task(server._enforce_timeouts())
+    server.proxying._connections.update([broken, healthy])  # type: ignore[list-item]
+    sweeper = asyncio.create_task(server.proxying.enforce_timeouts())
     try:
         await asyncio.sleep(0.5)
     finally:
@@ -84,7 +84,7 @@ async def test_connections_of_the_tls_listener_have_the_https_scheme_and_no_redi
     pki = Pki(tmp_path)
     pki.install(pki.issue())
     server = Server(tls_config(pki, redirect_http=True), MemoryStore(), FakeEngine("127.0.0.1", 1))
-    server._redirect = Redirect(8443)  # as listening on the TLS port sets it
-    secure, plain = server._new_tls_client(), server._new_client()
+    server.proxying._redirect = Redirect(8443)  # as listening on the TLS port sets it
+    secure, plain = server.proxying._new_tls_client(), server.proxying._new_client()
     assert (secure._scheme, secure._redirect) == ("https", None)
-    assert (plain._scheme, plain._redirect) == ("http", server._redirect)
+    assert (plain._scheme, plain._redirect) == ("http", server.proxying._redirect)

@@ -84,10 +84,15 @@ def tls_options(pki: Pki, tls_port: int) -> tuple[str, ...]:
 
 @contextmanager
 def served_over_tls(
-    tmp_path: Path, app_name: str, images: AppImages, *extra: str, app: bool = True
+    tmp_path: Path,
+    app_name: str,
+    images: AppImages,
+    *extra: str,
+    app: bool = True,
+    workers: int = 1,
 ) -> Iterator[Served]:
     """A wunderproxy with TLS serving revision rev1 of the test app (none with ``app``
-    False: the proxy answers 503 itself)."""
+    False: the proxy answers 503 itself), with ``workers`` proxy processes."""
     directory = tmp_path / "store"
     store = FileStore(str(directory), PREFIX)
     if app:
@@ -103,6 +108,7 @@ def served_over_tls(
         images.registry_port,
         *tls_options(pki, tls_port),
         *extra,
+        workers=workers,
     ) as running:
         if app:
             running.wait_until_serving("rev1")
@@ -133,10 +139,13 @@ def kept_request(connection: http.client.HTTPSConnection) -> int:
     return response.status
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_over_tls_the_app_answers_a_client_trusting_the_root_and_the_plain_port_redirects(
-    tmp_path: Path, app_name: str, app_images: AppImages
+    workers: int, tmp_path: Path, app_name: str, app_images: AppImages
 ) -> None:
-    with served_over_tls(tmp_path, app_name, app_images, "--redirect-http") as served:
+    with served_over_tls(
+        tmp_path, app_name, app_images, "--redirect-http", workers=workers
+    ) as served:
         running = served.running
         serial = served.serial_now()
         # Plain: 308 to the same target on the TLS port, at the host the request named.
@@ -250,11 +259,14 @@ def test_ten_reloads_under_https_load_fail_no_request(
         assert served.tls_status()["reloads"] >= RELOADS
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_a_hitless_restart_takes_the_tls_port_over_under_https_load_losing_no_request(
-    tmp_path: Path, app_name: str, app_images: AppImages
+    workers: int, tmp_path: Path, app_name: str, app_images: AppImages
 ) -> None:
     pid_file = str(tmp_path / "wunderproxy.pid")
-    with served_over_tls(tmp_path, app_name, app_images, "--pid-file", pid_file) as served:
+    with served_over_tls(
+        tmp_path, app_name, app_images, "--pid-file", pid_file, workers=workers
+    ) as served:
         old = served.running
         with LoadGenerator(
             served.tls_port, DEFAULT_MIX, max_seconds=120, tls=served.pki.client_context()
@@ -272,6 +284,7 @@ def test_a_hitless_restart_takes_the_tls_port_over_under_https_load_losing_no_re
                 pid_file,
                 "--take-over",
                 ports=(old.proxy_port, old.api_port),
+                workers=workers,
             ) as new:
                 assert old.process.wait(30) == 0, old.log()
                 time.sleep(1.5)

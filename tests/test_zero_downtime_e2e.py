@@ -58,7 +58,9 @@ def wait_until_only(
         time.sleep(0.2)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_twenty_switches_under_load_fail_no_request_and_route_each_to_the_right_revision(
+    workers: int,
     s3_bucket: str,
     app_name: str,
     app_images: AppImages,
@@ -71,7 +73,14 @@ def test_twenty_switches_under_load_fail_no_request_and_route_each_to_the_right_
         "rev2": upload_launch_config(store, app_config(app_images, "rev2")),
     }
     with wunderproxy(
-        tmp_path, s3_bucket, PREFIX, app_name, app_images.registry_port, "--drain-timeout", "10"
+        tmp_path,
+        s3_bucket,
+        PREFIX,
+        app_name,
+        app_images.registry_port,
+        "--drain-timeout",
+        "10",
+        workers=workers,
     ) as running:
         running.wait_until_serving("rev1")
         switches: list[Switch] = []
@@ -111,7 +120,11 @@ def test_twenty_switches_under_load_fail_no_request_and_route_each_to_the_right_
         wait_until_only(docker_client, app_name, 1)
 
 
+# Worker processes of the running tree, then of its successor: the same, more, and fewer.
+@pytest.mark.parametrize(("old_workers", "new_workers"), [(1, 1), (2, 2), (1, 2), (2, 1)])
 def test_hitless_restart_of_wunderproxy_under_load_fails_no_request(
+    old_workers: int,
+    new_workers: int,
     s3_bucket: str,
     app_name: str,
     app_images: AppImages,
@@ -123,7 +136,14 @@ def test_hitless_restart_of_wunderproxy_under_load_fails_no_request(
     pid_file = tmp_path / "wunderproxy.pid"
     port = app_images.registry_port
     with wunderproxy(
-        tmp_path, s3_bucket, PREFIX, app_name, port, "--pid-file", str(pid_file)
+        tmp_path,
+        s3_bucket,
+        PREFIX,
+        app_name,
+        port,
+        "--pid-file",
+        str(pid_file),
+        workers=old_workers,
     ) as old:
         old.wait_until_serving("rev1")
         [container] = containers_of(docker_client, app_name)
@@ -140,6 +160,7 @@ def test_hitless_restart_of_wunderproxy_under_load_fails_no_request(
                 str(pid_file),
                 "--take-over",
                 ports=(old.proxy_port, old.api_port),
+                workers=new_workers,
             ) as new:
                 assert old.process.wait(30) == 0, old.log()
                 time.sleep(1.5)

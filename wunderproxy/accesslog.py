@@ -11,6 +11,13 @@ serving at full speed whatever the log does.
 Before each write the thread checks whether the file was moved or deleted (logrotate's
 default) and then opens a new one, so no signal is needed after a rotation.
 
+With ``--workers N`` every worker process writes its own lines to the same destination, with
+no writer in between: a file is opened with ``O_APPEND``, and on Linux one ``write(2)`` to a
+regular file opened so is never interleaved with another process's. To a pipe (standard
+output read by systemd or Docker) only a write of at most ``PIPE_BUF`` (4096) bytes is, so
+lines go to standard output in pieces of whole lines of at most that size (a single longer
+line alone).
+
 Formats (the fields the issue asks for; ``-`` where a value is missing):
 
 - ``common``: the Common Log Format, then the ``X-Forwarded-For`` header in quotes, the
@@ -35,6 +42,7 @@ import logging
 import os
 import queue
 import re
+import select
 import threading
 import time
 from typing import Literal, TypeAlias
@@ -50,6 +58,10 @@ MAX_QUEUED_CHUNKS = 600  # about 30 s of lines waiting for a stalled disk
 CLOSE_TIMEOUT = 5.0  # seconds shutdown waits for the writer to finish
 # A status for a request whose client left before any answer (nginx's convention).
 CLIENT_CLOSED_REQUEST = 499
+
+# Bytes one write(2) to a pipe puts in it whole, never interleaved with another writer's
+# (pipe(7); 4096 on Linux).
+PIPE_BUF = select.PIPE_BUF
 
 _FORWARDED_FOR = re.compile(rb"\nx-forwarded-for:[ \t]*([^\r\n]*?)[ \t]*(?=\r?\n)", re.IGNORECASE)
 
@@ -74,6 +86,22 @@ _Request: TypeAlias = tuple[
 ]
 
 
+def whole_lines(chunk: bytes, limit: int) -> list[bytes]:
+    """``chunk`` (lines, each ending with a newline) cut into pieces of whole lines of at
+    most ``limit`` bytes; a line longer than ``limit`` is a piece of its own."""
+    pieces: list[bytes] = []
+    start = 0
+    while len(chunk) - start > limit:
+        end = chunk.rfind(b"\n", start, start + limit) + 1
+        if end <= start:  # one line longer than the limit
+            end = chunk.find(b"\n", start + limit) + 1 or len(chunk)
+        pieces.append(chunk[start:end])
+        start = end
+    if start < len(chunk):
+        pieces.append(chunk[start:])
+    return pieces
+
+
 def _quoted(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
@@ -83,6 +111,7 @@ class AccessLog:
 
     def __init__(self, destination: str, line_format: AccessLogFormat = "common") -> None:
         self.destination = destination
+        self.line_format = line_format
         self._json = line_format == "json"
         self._requests: list[_Request] = []
         self._chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=MAX_QUEUED_CHUNKS)
@@ -250,9 +279,11 @@ class AccessLog:
         while (chunk := self._chunks.get()) is not None:
             try:
                 self._reopen_if_rotated()
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(self._fd, view) :]
+                pieces = whole_lines(chunk, PIPE_BUF) if self.destination == STDOUT else [chunk]
+                for piece in pieces:
+                    view = memoryview(piece)
+                    while view:
+                        view = view[os.write(self._fd, view) :]
             except OSError as exc:
                 log.error("could not write the access log %s: %s", self.destination, exc)
 

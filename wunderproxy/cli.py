@@ -509,6 +509,7 @@ def run(
     from wunderproxy.engine import DockerEngine
     from wunderproxy.server import Server, TakeOverFailed
     from wunderproxy.store import open_store
+    from wunderproxy.supervisor import WorkersDidNotStart
 
     try:
         store = open_store(config.bucket, config.prefix)
@@ -524,13 +525,20 @@ def run(
     try:
         run_event_loop(
             Server(
-                config, store, DockerEngine(), pid_file, take_over, requests_log, certificates
+                config,
+                store,
+                DockerEngine(),
+                pid_file,
+                take_over,
+                requests_log,
+                certificates,
+                loop_choice,
             ).run(),
             loop_choice,
         )
     except OSError as exc:
         raise click.ClickException(f"cannot listen: {exc}") from exc
-    except TakeOverFailed as exc:
+    except (TakeOverFailed, WorkersDidNotStart) as exc:
         raise click.ClickException(str(exc)) from exc
     _exit_without_waiting_for_threads()
 

@@ -26,6 +26,7 @@ from wunderproxy import store as stores
 from wunderproxy.config import Config, default_instance
 from wunderproxy.deaths import Deaths, DeathWatch
 from wunderproxy.dockerwatch import DockerWatch
+from wunderproxy.drain import drain_links
 from wunderproxy.engine import (
     LABEL_APP,
     LABEL_HASH,
@@ -46,6 +47,7 @@ from wunderproxy.errors import (
 from wunderproxy.health import probe, wait_healthy
 from wunderproxy.hostports import HostPorts, host_port_hint
 from wunderproxy.launchconfig import LaunchConfig, parse_hash
+from wunderproxy.routes import died
 from wunderproxy.state import Container, ProxyState, health_path_of
 
 log = logging.getLogger("wunderproxy.manager")
@@ -106,6 +108,27 @@ class SwitchResult:
     warning: str | None = None
 
 
+class Workers(Protocol):
+    """The other processes that proxy (see supervisor.py), as a switch and a drain wait on
+    them; with one process, nothing to wait for (:class:`NoWorkers`)."""
+
+    async def routed(self) -> None:
+        """Wait until every worker routes by the state as it is now."""
+
+    async def drained(self, container: Container) -> None:
+        """Wait until every worker is done with ``container``."""
+
+
+class NoWorkers:
+    """One process proxies and manages: nothing else to wait for."""
+
+    async def routed(self) -> None:
+        pass
+
+    async def drained(self, container: Container) -> None:
+        pass
+
+
 class Controller:
     """Changes what runs: the only writer of :attr:`ProxyState.current`."""
 
@@ -116,8 +139,10 @@ class Controller:
         store: stores.Store,
         engine: Engine,
         host_ports: HostPorts | None = None,
+        workers: Workers | None = None,
     ):
         self._config = config
+        self._workers: Workers = workers or NoWorkers()
         self._state = state
         self._store = store
         self._engine = engine
@@ -391,6 +416,8 @@ class Controller:
         if container is None:
             raise NotFound(f"{config_hash} is not launched here; POST /launch it first")
         self._switch_to(container)
+        # Atomic from outside: the answer waits until every worker routes to it.
+        await self._workers.routed()
         warning = await self._record(container, deployed_by)
         return SwitchResult(container, changed=True, warning=warning)
 
@@ -455,36 +482,11 @@ class Controller:
         return None
 
     async def _drain(self, container: Container) -> None:
-        """Stop a replaced container once nothing needs it any more.
-
-        It gets no new request (it is no longer current). Its keep-alive connections are
-        closed now if idle, else after their answer; requests in flight finish; upgraded
-        connections run on until the drain deadline, then are cut. Only then is the
-        container stopped (with Docker's grace period) and removed.
-        """
+        """Stop a replaced container once nothing needs it any more (see drain.py), in
+        this process and in every worker; only then is it stopped (with Docker's grace
+        period) and removed."""
         began = time.monotonic()
-        closed = container.close_links(idle_only=True)
-        log.info(
-            "draining container %s: %d requests in flight, %d upgraded, %d idle connections closed",
-            container.container_id[:12],
-            container.in_flight,
-            container.upgraded,
-            closed,
-        )
-        try:
-            async with asyncio.timeout(self._config.drain_timeout):
-                await container.wait_idle()
-        except TimeoutError:
-            log.warning(
-                "container %s still had %d requests and %d upgraded connections after %g s; "
-                "cutting them",
-                container.container_id[:12],
-                container.in_flight,
-                container.upgraded,
-                self._config.drain_timeout,
-            )
-        container.stopping = True
-        container.close_links(idle_only=False)
+        await drain_links(container, self._config.drain_timeout, self._workers.drained)
         await self._remove_quietly(container.container_id)
         self._state.forget(container)
         self._state.events.add(
@@ -544,6 +546,7 @@ class Controller:
             config = await self._blocking(stores.load_current, self._store)
             if config is not None:  # kept from peers while it starts (see fallback.py)
                 self._state.health_check_path = health_path_of(config)
+                self._state.routes_changed()
             records = await self._own_containers()
             adopted = None
             if config is not None:
@@ -623,12 +626,8 @@ class Controller:
             container_id,
             detail=f"exit code {exit_code}" if exit_code is not None else "",
         )
-        container.died = True
-        if fallback is not None and fallback.peers:
-            fallback.mark_down(container, container.config.health_check_path)
-        else:
-            container.down = True
-        container.close_links(idle_only=False)
+        died(container, fallback)
+        self._state.routes_changed()
 
     async def _read_history(self) -> None:
         """Load history.json for the status page; without it the page shows no deploys."""

@@ -38,7 +38,14 @@ ACCEPT_LINGER = 1.0
 
 # linux/socket.h (asm-generic): attach a classic BPF program to a reuseport group.
 SO_ATTACH_REUSEPORT_CBPF = 51
-_BPF_RET_K = 0x06  # BPF_RET | BPF_K: return the constant k
+# linux/filter.h and linux/bpf_common.h: the instructions of the steering program.
+_BPF_LD_W_ABS = 0x20  # BPF_LD | BPF_W | BPF_ABS: A = the word at k (or ancillary data)
+_BPF_ALU_MOD_K = 0x94  # BPF_ALU | BPF_MOD | BPF_K: A %= k
+_BPF_ALU_ADD_K = 0x04  # BPF_ALU | BPF_ADD | BPF_K: A += k
+_BPF_RET_A = 0x16  # BPF_RET | BPF_A: return A
+_SKF_AD_OFF = -0x1000  # ancillary data starts here
+_SKF_AD_RANDOM = 56  # a random 32-bit number
+_TCP_LISTEN = "0A"  # the state column of /proc/net/tcp for a listening socket
 
 ConnectionHandler = Callable[
     [asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]
@@ -183,7 +190,7 @@ class GreedyListener:
         # Accepted connections whose protocol the factory has not built yet: they count
         # toward the limit as much as open ones.
         self._starting = 0
-        self._name = _describe(sock)
+        self._name = describe_socket(sock)
         self._pause = FIRST_PAUSE
         self._retry: asyncio.TimerHandle | None = None
         self._last_error: OSError | None = None
@@ -349,15 +356,25 @@ async def listen(
     tls: TlsAccept | None = None,
 ) -> Listener:
     """Listen on a TCP address (shareable with a successor) or a Unix socket path."""
+    return GreedyListener(bind(address), factory, limit, tls)
+
+
+def bind(address: Address) -> socket.socket:
+    """A listening socket on a TCP address (``SO_REUSEPORT``: shareable with a successor
+    and with sibling workers) or a Unix socket path."""
     if address.path is not None:
-        return GreedyListener(_unix_socket(address.path), factory, limit, tls)
+        return _unix_socket(address.path)
     family = socket.AF_INET6 if ":" in (address.host or "") else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((address.host or "0.0.0.0", address.port or 0))
-    sock.listen(BACKLOG)
-    return GreedyListener(sock, factory, limit, tls)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((address.host or "0.0.0.0", address.port or 0))
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _unix_socket(path: str) -> socket.socket:
@@ -376,7 +393,7 @@ def _unix_socket(path: str) -> socket.socket:
     return sock
 
 
-def _describe(sock: socket.socket) -> str:
+def describe_socket(sock: socket.socket) -> str:
     """How the log names a listening socket: its address, or unix:PATH."""
     name = sock.getsockname()
     if isinstance(name, tuple):
@@ -401,20 +418,61 @@ def streams(handler: ConnectionHandler) -> ProtocolFactory:
 
 
 def take_new_connections(server: Listener) -> None:
-    """Steer every new connection on this port to this process's listener.
-
-    Sockets join a reuseport group in the order they start listening, and a closing one
-    is replaced by the last: the newest of two overlapping processes is index 1. With a
-    single listener left, index 1 does not exist and the kernel falls back to it anyway.
-    """
-    program = ctypes.create_string_buffer(struct.pack("HBBI", _BPF_RET_K, 0, 0, 1))
-    fprog = struct.pack("@HP", 1, ctypes.addressof(program))  # struct sock_fprog
+    """Steer every new connection on this port to this process's listener (see
+    :func:`steer_to_newest`)."""
     for sock in server.sockets:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
-            except OSError as exc:
-                log.warning("cannot steer new connections to this process: %s", exc)
+            steer_to_newest(sock, 1)
+
+
+def steer_to_newest(sock: socket.socket, count: int) -> None:
+    """Steer every new connection on ``sock``'s port to the ``count`` sockets that joined
+    its reuseport group last (this process tree's), spread at random over them.
+
+    Sockets join a reuseport group in the order they start listening, and a closing one is
+    replaced by the last: with ``old`` sockets of a predecessor listening, ours are indices
+    ``old`` to ``old + count - 1``. Once the predecessor's sockets are gone, those indices do
+    not exist any more and the kernel falls back to its own spreading over ours.
+    """
+    old = max(0, listening_sockets(sock.getsockname()) - count)
+    program = ctypes.create_string_buffer(steering_program(old, count))
+    fprog = struct.pack("@HP", 4, ctypes.addressof(program))  # struct sock_fprog
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+    except OSError as exc:
+        log.warning("cannot steer new connections to this process: %s", exc)
+
+
+def steering_program(old: int, count: int) -> bytes:
+    """The classic BPF program ``A = random; A %= count; A += old; return A``: the index in
+    the reuseport group of one of the ``count`` sockets after the first ``old``."""
+    instructions = (
+        (_BPF_LD_W_ABS, _SKF_AD_OFF + _SKF_AD_RANDOM),
+        (_BPF_ALU_MOD_K, count),
+        (_BPF_ALU_ADD_K, old),
+        (_BPF_RET_A, 0),
+    )
+    return b"".join(struct.pack("HBBI", code, 0, 0, k & 0xFFFFFFFF) for code, k in instructions)
+
+
+def listening_sockets(address: Any) -> int:
+    """How many TCP sockets listen on ``address`` (``(host, port, ...)``), as the kernel
+    lists them in /proc/net/tcp or tcp6 (this network namespace's, every process's)."""
+    host, port = address[0], address[1]
+    if ":" in host:
+        words = struct.unpack("=4I", socket.inet_pton(socket.AF_INET6, host))
+        table, local = "/proc/net/tcp6", "".join(f"{w:08X}" for w in words)
+    else:
+        (word,) = struct.unpack("=I", socket.inet_aton(host))
+        table, local = "/proc/net/tcp", f"{word:08X}"
+    wanted = f"{local}:{port:04X}"
+    try:
+        lines = Path(table).read_text().splitlines()[1:]
+    except OSError:
+        return 0
+    return sum(
+        1 for line in lines if (fields := line.split())[1] == wanted and fields[3] == _TCP_LISTEN
+    )
 
 
 class PidFile:

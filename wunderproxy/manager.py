@@ -110,9 +110,18 @@ class ApiRequest:
 class Manager:
     """Answers API requests; one instance serves every API connection."""
 
-    def __init__(self, controller: Controller, state: ProxyState, token: str | None) -> None:
+    def __init__(
+        self,
+        controller: Controller,
+        state: ProxyState,
+        token: str | None,
+        gather: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """``gather`` brings the figures into ``state`` before a document shows them
+        (a supervisor asks its workers for theirs); without it, they are there already."""
         self._controller = controller
         self._state = state
+        self._gather = gather
         self._token = token
         self._metrics = Metrics(state)
 
@@ -154,8 +163,12 @@ class Manager:
             vary = _VARY_ACCEPT if request.path == "/status" else ()
             if request.path == "/" or request.wants_html:
                 return Reply(200, STATUS_PAGE, "text/html; charset=utf-8", vary)
+            if self._gather is not None:
+                await self._gather()
             return json_reply(200, self._state.snapshot(), vary)
         if request.path == "/metrics":
+            if self._gather is not None:
+                await self._gather()
             return Reply(200, self._metrics.render(), METRICS_CONTENT_TYPE)
         self._authorize(request)
         config_hash = _body_text(request.body)

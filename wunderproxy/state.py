@@ -155,6 +155,10 @@ class RequestCounters:
     by_status: Counter[int] = field(default_factory=Counter)
 
 
+def _nothing() -> None:
+    pass
+
+
 def health_path_of(config: LaunchConfig) -> bytes:
     """The path (without query) of a config's health check, as request targets carry it."""
     return config.health_check_path.encode("latin-1").partition(b"?")[0]
@@ -191,6 +195,13 @@ class ProxyState:
         # Which front-door features are on (TLS, forwarded headers, buffering, compression):
         # called for each /status, since a certificate reload changes what TLS shows.
         self.features: Callable[[], dict[str, Any]] = dict
+        # Called whenever what routes changes (a container added, switched to, forgotten or
+        # dead, the health check path): the supervisor of workers sends them the table.
+        self.routes_changed: Callable[[], None] = _nothing
+        # With workers: their connections to draining containers (this process has none),
+        # and /status's ``workers`` list; both set when the workers' figures are gathered.
+        self.links_elsewhere = 0
+        self.workers: list[dict[str, Any]] = []
         self._started = time.monotonic()
 
     # -- containers ----------------------------------------------------------------
@@ -205,6 +216,7 @@ class ProxyState:
     def add(self, container: Container) -> None:
         """Record a container that was launched and answered its health check."""
         self.containers.append(container)
+        self.routes_changed()
 
     def switch_to(self, container: Container) -> Container | None:
         """Route new requests to ``container``; return the one replaced (now draining).
@@ -219,6 +231,7 @@ class ProxyState:
             previous.state = "draining"
         self.requests.since_switch = 0
         self.requests.time_since_switch = 0.0
+        self.routes_changed()
         return previous if previous is not container else None
 
     def forget(self, container: Container) -> None:
@@ -227,6 +240,7 @@ class ProxyState:
             self.containers.remove(container)
         if self.current is container:
             self.current = None
+        self.routes_changed()
 
     # -- counters (called by the forwarder on every request) -------------------------
 
@@ -259,7 +273,8 @@ class ProxyState:
             "active": active,
             "idle": self.open_connections - active,
             "upgraded": upgraded,
-            "draining": sum(len(c.links) for c in self.containers if c.state == "draining"),
+            "draining": self.links_elsewhere
+            + sum(len(c.links) for c in self.containers if c.state == "draining"),
         }
 
     # -- /status ---------------------------------------------------------------------
@@ -301,4 +316,5 @@ class ProxyState:
             },
             "events": [event.describe() for event in self.events.newest_first()],
             "deploys": list(reversed(self.deploy_history)),
+            "workers": self.workers,
         } | ({"fallback": self.fallback.describe()} if self.fallback is not None else {})

@@ -163,6 +163,22 @@ class Traffic:
         return moment - moment % 60.0
 
 
+class SummedTraffic(Traffic):
+    """Figures added up elsewhere (a process tree's workers: see treefigures.py), shown
+    as :class:`Traffic` shows its own; nothing is recorded into it."""
+
+    def __init__(self, totals: dict[str, Figures], minutes: list[Minute]) -> None:
+        super().__init__()
+        self._totals = totals
+        self._minutes = minutes
+
+    def totals(self) -> dict[str, Figures]:
+        return self._totals
+
+    def minutes(self) -> list[Minute]:
+        return self._minutes
+
+
 def describe_figures(figures: Figures) -> dict[str, Any]:
     """Figures as ``/status`` shows them; response times in milliseconds."""
     return {

@@ -173,8 +173,12 @@ def wunderproxy(
     ports: tuple[int, int] | None = None,
     open_files: int | None = None,
     wait_for_api: bool = True,
+    workers: int = 1,
 ) -> Iterator[WunderproxyProcess]:
     """Start ``python -m wunderproxy run``; stop it at the end.
+
+    It runs ``--workers 1`` (one process, whatever the CPU count of the machine, so that a
+    test means the same everywhere) unless ``workers`` asks for more.
 
     It listens on ``ports`` (proxy, API) if given, e.g. to take over from another
     process, else on free loopback ports. ``open_files`` sets its open-file limit (soft
@@ -201,6 +205,8 @@ def wunderproxy(
         "20",
         "--stop-timeout",
         "1",
+        "--workers",
+        str(workers),
         *extra,
     ]
     with log_path.open("wb") as log:

@@ -1,0 +1,49 @@
+"""Draining a replaced container: what one process does with its own connections to it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from wunderproxy.state import Container
+
+log = logging.getLogger("wunderproxy.manager")
+
+
+async def drain_links(
+    container: Container,
+    seconds: float,
+    elsewhere: Callable[[Container], Awaitable[None]] | None = None,
+) -> None:
+    """Let ``container``'s requests finish, then cut what is left.
+
+    It gets no new request (it is no longer current). Its keep-alive connections are closed
+    now if idle, else after their answer; requests in flight finish; upgraded connections run
+    on until ``seconds`` have passed, then are cut. ``elsewhere`` waits, within the same time, for
+    the other processes that proxy to it (a supervisor's workers) to be done with it too.
+    """
+    closed = container.close_links(idle_only=True)
+    log.info(
+        "draining container %s: %d requests in flight, %d upgraded, %d idle connections closed",
+        container.container_id[:12],
+        container.in_flight,
+        container.upgraded,
+        closed,
+    )
+    try:
+        async with asyncio.timeout(seconds):
+            await container.wait_idle()
+            if elsewhere is not None:
+                await elsewhere(container)
+    except TimeoutError:
+        log.warning(
+            "container %s still had %d requests and %d upgraded connections after %g s; "
+            "cutting them",
+            container.container_id[:12],
+            container.in_flight,
+            container.upgraded,
+            seconds,
+        )
+    container.stopping = True
+    container.close_links(idle_only=False)
