@@ -1322,8 +1322,7 @@ class ClientConnection(asyncio.Protocol):
         if upload is not None:
             if not upload.sent and cycle.target is not None and cycle.target is self._upstream:
                 # Answered before its held body all went up: that connection is out of step.
-                self._drop_upstream()
-                self.resume_reading("upstream")  # its flow control may have held the client
+                self._drop_upstream()  # (which lets the client read again if it held it)
             upload.close()
         container = cycle.container
         buffer = cycle.buffer

@@ -121,6 +121,7 @@ class Upstream(asyncio.Protocol):
         transport = self.transport
         if (
             self._busy
+            or self._writing_paused  # bytes of its request still unsent: mid-request
             or self._upgraded
             or self._ended
             or transport is None
@@ -184,12 +185,21 @@ class Upstream(asyncio.Protocol):
         return not self._busy and not self._upgraded
 
     def close(self) -> None:
-        """Close it now (and the client too if upgraded: it has no other way to go on)."""
+        """Close it now (and the client too if upgraded: it has no other way to go on).
+
+        What is still unsent goes out first (the transport flushes before it closes), and
+        a client paused while it waited (:meth:`pause_writing`) reads again: nothing else
+        would resume it once this connection is gone.
+        """
         self._forget()
         if self.transport is not None:
             self.transport.close()
-        if self._upgraded and self._client is not None:
-            self._client.close()
+        client = self._client
+        if client is not None:
+            if self._upgraded:
+                client.close()
+            elif self._writing_paused:
+                client.resume_reading("upstream")
 
     def _forget(self) -> None:
         self.target.links.discard(self)
