@@ -1189,6 +1189,12 @@ class ClientConnection(asyncio.Protocol):
         self._emit(cycle, data, ended)
         # In order: one that finds the encoder busy again waits again, behind the others.
         waiting, encoder.waiting = encoder.waiting, []
+        if waiting and self._upstream is not upstream:
+            # The answer ended with the read just passed on, and its connection went back
+            # to the spares: these bytes came after its end, out of turn. Kept, it would
+            # give them to the next request as its answer.
+            upstream.fail()
+            return
         for data in waiting:
             self.upstream_data(upstream, data)
         if upstream.ended and self._upstream is upstream and not encoder.busy:
