@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.support.proxied import Proxy, make_container
+from tests.support.scripted import Script, answer, scripted_backend
+from tests.support.waiting import eventually
 from wunderproxy.upstream import Upstream
 
 
@@ -66,6 +68,61 @@ async def test_a_client_whose_upload_the_container_reads_late_is_served_its_next
         # and must be read again, here or on a fresh connection to the container.
         client.send_raw(b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n")
         assert (await client.read_until(b"\r\n\r\nok")).startswith(b"HTTP/1.1 200 ")
+
+
+LATE = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL"
+
+
+@pytest.mark.parametrize(
+    ("method", "status"),
+    [("HEAD", "200 OK"), ("GET", "204 No Content"), ("GET", "304 Not Modified")],
+)
+async def test_a_body_sent_late_after_an_answer_without_one_never_reaches_another_client(
+    proxy: Proxy, method: str, status: str
+) -> None:
+    """An answer to HEAD, a 204 and a 304 end at their head, whatever their fields say; an
+    app that sends a body all the same sends it after the end. Its connection stays with
+    its client instead of going to the spares, where the next client would read it."""
+    late = asyncio.Event()
+    bodiless = Script([b"HTTP/1.1 %s\r\nContent-Length: 38\r\n\r\n" % status.encode(), late, LATE])
+    async with scripted_backend(
+        {"/bodiless": bodiless, "/pay": Script([answer("200 OK", body=b"good")])}
+    ) as backend:
+        container = make_container(backend.port, "rev1")
+        proxy.serve(container)
+        first = await proxy.connect()
+        first.send_raw(f"{method} /bodiless HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        assert (await first.read_until(b"\r\n\r\n")).startswith(b"HTTP/1.1 " + status.encode())
+        assert container.spare == []
+        other = await proxy.connect()
+        other.send_raw(b"POST /pay HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+        await asyncio.sleep(0.05)
+        late.set()  # the app's late body
+        assert (await other.read_until(b"good")).startswith(b"HTTP/1.1 200 OK")
+        # The late bytes reached the first client's connection between its requests:
+        # that one is closed (the other's is the one left), and its next request goes on
+        # a new one.
+        assert await eventually(lambda: len(container.links) == 1)
+        first.send_raw(b"GET /pay HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert b"EVIL" not in await first.read_until(b"good")
+
+
+async def test_bytes_on_a_spare_connection_close_it(proxy: Proxy) -> None:
+    """A spare that the container talks to is out of step: closed, never given to the
+    next request."""
+    late = asyncio.Event()
+    scripts = {"/": Script([answer("200 OK", body=b"one"), late, LATE])}
+    async with scripted_backend(scripts) as backend:
+        container = make_container(backend.port, "rev1")
+        proxy.serve(container)
+        client = await proxy.connect()
+        assert (await client.request("GET", "/"))[2] == b"one"
+        assert len(container.spare) == 1
+        late.set()
+        assert await eventually(lambda: not container.spare and not container.links)
+        late.clear()
+        assert (await client.request("GET", "/"))[2] == b"one"
+        assert len(backend.requests) == 2
 
 
 class _Transport:
