@@ -187,6 +187,36 @@ async def test_a_container_that_closes_while_its_last_read_is_compressed_off_the
         assert '"GET / HTTP/1.1" 200 ' in line
 
 
+async def test_bytes_after_an_answer_whose_end_was_compressed_off_the_loop_close_its_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The container's whole answer comes in one read that goes off the loop; bytes it
+    sends after the answer's end, while that read is compressed, are out of turn: its
+    connection is closed, not kept for the next request to read them as its answer."""
+    monkeypatch.setitem(OFF_LOOP_BYTES, "gzip", 1024)
+    more = asyncio.Event()
+    script = Script([answer("200 OK", JSON, body=BODY), more, b"HTTP/1.1 200 OK\r\n"])
+    jobs = CountingExecutor(gate=threading.Event())
+    asyncio.get_running_loop().set_default_executor(jobs)
+    async with compressing(tmp_path, {"/": script}) as (proxy, _):
+        container = proxy.state.current
+        assert container is not None
+        client = await proxy.connect()
+        send_request(client.conn, client.writer, "GET", "/", headers=[("Accept-Encoding", "gzip")])
+        await eventually(lambda: jobs.submitted == 1)  # held at the gate
+        (connection,) = proxy.connections
+        connection.pause_writing()
+        connection.resume_writing()  # the container's connection is read again
+        more.set()  # the stray bytes come while the answer is compressed
+        await asyncio.sleep(0.2)
+        jobs.gate.set()
+        status, headers, body = await client.response()
+        assert (status, headers["content-encoding"]) == (200, "gzip")
+        assert decoded("gzip", body) == BODY
+        assert await eventually(lambda: not container.links)
+        assert container.spare == []
+
+
 @pytest.mark.parametrize("encoding", ENCODINGS)
 async def test_a_request_sent_while_the_end_of_an_answer_is_compressed_waits_for_it(
     tmp_path: Path, encoding: str, monkeypatch: pytest.MonkeyPatch

@@ -59,7 +59,7 @@ def started(data: bytes) -> RequestStarted:
     return pieces[0]
 
 
-def test_only_an_http_1_1_request_that_says_close_and_asks_no_upgrade_closes() -> None:
+def test_only_an_http_1_1_request_that_says_close_and_asks_no_upgrade_or_tunnel_closes() -> None:
     assert started(HOST + b"Connection: close\r\n\r\n").closes
     assert not started(HOST + b"\r\n").closes
     # HTTP/1.0 is left as it came (see keepupstream.py).
@@ -68,6 +68,9 @@ def test_only_an_http_1_1_request_that_says_close_and_asks_no_upgrade_closes() -
     # The connection of an upgrade request is the app's to keep or close.
     upgrade = HOST + b"Connection: close, Upgrade\r\nUpgrade: websocket\r\n\r\n"
     assert not started(upgrade).closes
+    # So is a CONNECT's: after its 2xx the connection is a tunnel, not HTTP.
+    connect = b"CONNECT app:443 HTTP/1.1\r\nHost: app:443\r\nConnection: close\r\n\r\n"
+    assert not started(connect).closes
 
 
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

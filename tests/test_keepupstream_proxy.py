@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import h11
+import pytest
 
 from tests.support.backend import Backend
 from tests.support.proxied import Client, Proxy, make_container
@@ -64,24 +65,29 @@ async def test_off_a_closing_head_passes_byte_for_byte_and_closes_the_container_
     assert blue.connections == 3
 
 
-async def test_other_connection_tokens_go_up_without_close(proxy: Proxy, blue: Backend) -> None:
+@pytest.mark.parametrize(
+    ("sent", "going_up"),
+    [
+        pytest.param(
+            b"GET / HTTP/1.1\r\nHost: app\r\nConnection: close, X-Trace\r\nX-Trace: 7\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: app\r\nConnection: X-Trace\r\nX-Trace: 7\r\n\r\n",
+            id="other tokens go up without close",
+        ),
+        pytest.param(
+            b"GET / HTTP/1.0\r\nConnection: close\r\n\r\n",
+            b"GET / HTTP/1.0\r\nConnection: close\r\n\r\n",
+            id="HTTP/1.0 goes up as it came",
+        ),
+    ],
+)
+async def test_what_goes_up_of_a_closing_head(
+    proxy: Proxy, blue: Backend, sent: bytes, going_up: bytes
+) -> None:
     proxy.front = Front(keep_upstream=True)
     proxy.serve(make_container(blue, "rev1"))
-    request = b"GET / HTTP/1.1\r\nHost: app\r\nConnection: close, X-Trace\r\nX-Trace: 7\r\n\r\n"
-    _, body = await closing_client(proxy, request)
+    _, body = await closing_client(proxy, sent)
     assert body == b"blue"
-    assert bytes(blue.received[0]) == (
-        b"GET / HTTP/1.1\r\nHost: app\r\nConnection: X-Trace\r\nX-Trace: 7\r\n\r\n"
-    )
-
-
-async def test_an_http_1_0_request_goes_up_as_it_came(proxy: Proxy, blue: Backend) -> None:
-    proxy.front = Front(keep_upstream=True)
-    proxy.serve(make_container(blue, "rev1"))
-    request = b"GET / HTTP/1.0\r\nConnection: close\r\n\r\n"
-    _, body = await closing_client(proxy, request)
-    assert body == b"blue"
-    assert bytes(blue.received[0]) == request
+    assert bytes(blue.received[0]) == going_up
 
 
 async def test_an_upgrade_request_that_says_close_goes_up_as_it_came(proxy: Proxy) -> None:

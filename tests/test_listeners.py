@@ -20,7 +20,7 @@ import pytest
 from tests.support.backend import Backend
 from tests.support.waiting import eventually
 from tests.test_proxy import Client, make_container
-from wunderproxy import fdlimit
+from wunderproxy import fdlimit, upstream
 from wunderproxy.config import Address, Edge
 from wunderproxy.forwarder import ClientConnection
 from wunderproxy.listeners import (
@@ -46,6 +46,24 @@ def test_connections_allowed_keeps_descriptors_for_the_process_and_two_per_conne
 ) -> None:
     assert fdlimit.RESERVED_DESCRIPTORS == 128
     assert fdlimit.connections_allowed(open_files) == connections
+
+
+def test_each_fallback_peers_idle_connections_are_kept_back_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A peer keeps up to MAX_SPARE idle connections of its own, beyond the two per
+    client connection: 20,000 - 128 - 2 x 1024, halved."""
+    assert upstream.MAX_SPARE == 1024
+    assert fdlimit.connections_allowed(20_000, peers=2) == 8_912
+    assert fdlimit.connections_allowed(20_000, peers=0) == 9_936
+    open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    with caplog.at_level(logging.INFO, "wunderproxy"):
+        allowed = fdlimit.max_connections(None, peers=1)
+    assert allowed == (open_files - 128 - 1024) // 2
+    assert (
+        "- 128 kept for the process - 1024 for idle connections to 1 fallback peer(s))"
+        in "".join(caplog.messages)
+    )
 
 
 def test_start_up_raises_the_soft_limit_to_the_hard_one_and_derives_from_it() -> None:

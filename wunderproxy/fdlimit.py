@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import resource
 
+from wunderproxy.upstream import MAX_SPARE
+
 log = logging.getLogger("wunderproxy")
 
 # A proxied client connection holds its own socket and, while a request is forwarded
@@ -29,12 +31,26 @@ OWN_DESCRIPTORS = {
     "S3 connection pool (botocore's max_pool_connections)": 10,
     "access log and log files": 2,
     "manager API connections (monitors, deploy tools, health checks)": 32,
-    # Idle container connections are never more than the client connections that
-    # opened them at once (a request takes a spare before it opens one), which the two
-    # per connection already count: these are a margin.
+    # Connections to the serving container, idle ones kept for reuse included, are never
+    # more than the requests in flight there at their peak (a request takes an idle one
+    # before it opens one), which the two per connection already count: these are a
+    # margin. A fallback peer's idle ones come on top: see reserved_descriptors().
     "idle container connections kept for reuse (beyond the two per connection)": 64,
 }
 RESERVED_DESCRIPTORS = sum(OWN_DESCRIPTORS.values())  # 128
+
+
+def reserved_descriptors(peers: int = 0) -> int:
+    """Descriptors kept back from client connections: the process's own, and for each of
+    ``peers`` fallback peers the idle connections kept open to it.
+
+    Each target keeps up to :data:`~wunderproxy.upstream.MAX_SPARE` idle connections of
+    its own. The serving container's are bounded by the clients (see OWN_DESCRIPTORS), but
+    a client that went to a peer while no container here could serve it leaves its
+    connection there, and later holds one to the container as well: a peer's idle
+    connections are not among the two per client connection.
+    """
+    return RESERVED_DESCRIPTORS + peers * MAX_SPARE
 
 
 def raise_open_file_limit() -> int:
@@ -52,30 +68,38 @@ def raise_open_file_limit() -> int:
     return hard
 
 
-def connections_allowed(open_files: int) -> int:
+def connections_allowed(open_files: int, peers: int = 0) -> int:
     """Client connections that fit in ``open_files`` descriptors (at least one).
 
     Each may hold :data:`DESCRIPTORS_PER_CONNECTION`, after the process kept
-    :data:`RESERVED_DESCRIPTORS` for itself.
+    :func:`reserved_descriptors` for itself and the idle connections to ``peers``
+    fallback peers.
     """
-    return max(1, (open_files - RESERVED_DESCRIPTORS) // DESCRIPTORS_PER_CONNECTION)
+    return max(1, (open_files - reserved_descriptors(peers)) // DESCRIPTORS_PER_CONNECTION)
 
 
-def max_connections(requested: int | None) -> int:
-    """Raise the open-file limit, then settle ``--max-connections`` (None: derive it).
+def max_connections(requested: int | None, peers: int = 0) -> int:
+    """Raise the open-file limit, then settle ``--max-connections`` (None: derive it),
+    with ``peers`` fallback peers.
 
     Logs the limit and the figure; a requested figure above what the limit allows is kept,
     with a warning that says what will happen and how to raise the limit.
     """
     open_files = raise_open_file_limit()
-    allowed = connections_allowed(open_files)
+    allowed = connections_allowed(open_files, peers)
     if requested is None:
+        for_peers = (
+            f" - {peers * MAX_SPARE} for idle connections to {peers} fallback peer(s)"
+            if peers
+            else ""
+        )
         log.info(
-            "max connections: %d = (open-file limit %d - %d kept for the process) / %d "
+            "max connections: %d = (open-file limit %d - %d kept for the process%s) / %d "
             "descriptors per connection (client and container side)",
             allowed,
             open_files,
             RESERVED_DESCRIPTORS,
+            for_peers,
             DESCRIPTORS_PER_CONNECTION,
         )
         return allowed

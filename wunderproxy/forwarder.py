@@ -68,6 +68,10 @@ _WITH_RESPONSE: dict[str | None, str] = {None: "response", "request": "both"}
 # empty set of its own would cost each idle connection 216 bytes.
 _NOT_PAUSED: frozenset[str] = frozenset()
 
+# Answers that have no body whatever their fields say (RFC 9110 sections 15.3.5, 15.4.5;
+# an answer to HEAD too): an app that sends one anyway sends it after the answer's end.
+_BODILESS = (204, 304)
+
 # What the access log shows of a request that could not be read.
 _UNREADABLE_REQUEST = framing.RequestStarted(method=b"-", target=b"-", data=b"")
 
@@ -410,21 +414,13 @@ class ClientConnection(asyncio.Protocol):
             if not cycle.answered:
                 cycle.status = CLIENT_CLOSED_REQUEST  # it left before the answer ended
             self._close_cycle()
-        self._give_back_upstream()
+        # What it still holds is no spare (see _end_cycle): mid-request, out of step, or
+        # kept after an answer without a body.
+        self._drop_upstream()
         if self._transport is not None:
             self._state.open_connections -= 1
         if self._on_close is not None:
             self._on_close(self)
-
-    def _give_back_upstream(self) -> None:
-        """The client leaves: its upstream connection goes to the container's spares if
-        it may carry another request, else it is closed."""
-        upstream, self._upstream = self._upstream, None
-        if upstream is not None:
-            if self._exchange.upstream_reusable:
-                upstream.park()
-            else:
-                upstream.close()
 
     def pause_writing(self) -> None:  # the client reads an answer slower than it comes
         if self._transport is not None:
@@ -651,11 +647,9 @@ class ClientConnection(asyncio.Protocol):
                 self._forward_to(upstream, fresh=False, reused=True)
                 self._write_request(cycle, upstream, replay)
                 return True
+            # Held between requests, it is no spare (see _end_cycle).
             self._upstream = None
-            if self._exchange.upstream_reusable:
-                upstream.park()  # kept for another client going there
-            else:
-                upstream.close()
+            upstream.close()
         spare = take_spare(target)
         if spare is not None:
             self._forward_to(spare, fresh=True, reused=True)
@@ -1189,6 +1183,12 @@ class ClientConnection(asyncio.Protocol):
         self._emit(cycle, data, ended)
         # In order: one that finds the encoder busy again waits again, behind the others.
         waiting, encoder.waiting = encoder.waiting, []
+        if waiting and self._upstream is not upstream:
+            # The answer ended with the read just passed on, and its connection went back
+            # to the spares: these bytes came after its end, out of turn. Kept, it would
+            # give them to the next request as its answer.
+            upstream.fail()
+            return
         for data in waiting:
             self.upstream_data(upstream, data)
         if upstream.ended and self._upstream is upstream and not encoder.busy:
@@ -1322,8 +1322,7 @@ class ClientConnection(asyncio.Protocol):
         if upload is not None:
             if not upload.sent and cycle.target is not None and cycle.target is self._upstream:
                 # Answered before its held body all went up: that connection is out of step.
-                self._drop_upstream()
-                self.resume_reading("upstream")  # its flow control may have held the client
+                self._drop_upstream()  # (which lets the client read again if it held it)
             upload.close()
         container = cycle.container
         buffer = cycle.buffer
@@ -1334,11 +1333,16 @@ class ClientConnection(asyncio.Protocol):
         upstream = self._upstream
         if upstream is not None:
             upstream.release()
-            if self._exchange.upstream_reusable:
+            if self._exchange.upstream_reusable and not (
+                cycle.status in _BODILESS or cycle.request.method == b"HEAD"
+            ):
                 # Between requests the connection is its container's, not this client's
                 # (as nginx's upstream keepalive has it): an idle client holds none, and
                 # its next request takes a spare of the container serving then. Parking
-                # closes it if that container is being drained.
+                # closes it if that container is being drained. Not after an answer that
+                # has no body by rule: a body its app sends all the same comes after the
+                # answer's end, and would be read as another client's answer. That one
+                # stays with its client, and is closed when the client leaves.
                 self._upstream = None
                 upstream.park()
             elif container is not None and container.state == "draining" and upstream.idle:

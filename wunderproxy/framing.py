@@ -56,8 +56,8 @@ class RequestStarted:
     target: bytes
     data: bytes
     fallback: bytes | None = None  # its X-Wunderproxy-Fallback value, if it has one
-    # An HTTP/1.1 request, not an upgrade, whose Connection field says close: the one
-    # whose head --keep-upstream rewrites (see keepupstream.py).
+    # An HTTP/1.1 request, not an upgrade or a CONNECT, whose Connection field says
+    # close: the one whose head --keep-upstream rewrites (see keepupstream.py).
     closes: bool = False
 
 
@@ -333,7 +333,14 @@ class Exchange:
             self._chunks = ChunkedReader(self._max_body, self._max_head)
         else:
             self._left = length
-        closes = not found.keep_alive and found.http_version == b"1.1" and not found.upgrade
+        # An upgrade's or a CONNECT's connection becomes the app's (a tunnel after a 2xx):
+        # its Connection field goes up as it came (see keepupstream.py).
+        closes = (
+            not found.keep_alive
+            and found.http_version == b"1.1"
+            and not found.upgrade
+            and found.method != b"CONNECT"
+        )
         return [
             RequestStarted(found.method, found.target, head, found.fallback, closes),
             *self._read_body(),

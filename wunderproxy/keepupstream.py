@@ -9,13 +9,14 @@ container keeps the connection, and the proxy parks it for the next client; the 
 answer gets ``Connection: close`` (:func:`wunderproxy.framing.with_connection_close`,
 which also drops a ``Keep-Alive`` field) and its connection is closed after it.
 
-Left as they come: an upgrade request (one with an ``Upgrade`` field: its connection
-becomes the app's, to keep or close), and HTTP/1.0 requests. An HTTP/1.0 client that did
-not ask for keep-alive closes after each answer; its request could only keep the
-container's connection if it went up as HTTP/1.1, whose answer may be chunked, which an
-HTTP/1.0 client cannot read. nginx sends every request upstream as HTTP/1.0 unless
-configured for keep-alive, then as HTTP/1.1 with the Connection field cleared; this
-keeps each request's own version and changes only the one token.
+Left as they come: an upgrade request (one with an ``Upgrade`` field) and a ``CONNECT``
+(its connection becomes the app's, to keep or close, or a tunnel), and HTTP/1.0
+requests. An HTTP/1.0 client that did not ask for keep-alive closes after each answer;
+its request could only keep the container's connection if it went up as HTTP/1.1, whose
+answer may be chunked, which an HTTP/1.0 client cannot read. nginx sends every request
+upstream as HTTP/1.0 unless configured for keep-alive, then as HTTP/1.1 with the
+Connection field cleared; this keeps each request's own version and changes only the one
+token.
 """
 
 from __future__ import annotations

@@ -156,7 +156,9 @@ class Proxying:
     def _connection_limit(self) -> ConnectionLimit:
         """Raise the open-file limit and settle ``--max-connections`` (both logged)."""
         return ConnectionLimit(
-            maximum=fdlimit.max_connections(self._config.edge.max_connections),
+            maximum=fdlimit.max_connections(
+                self._config.edge.max_connections, len(self._config.fleet.peers)
+            ),
             # The set holds a connection from its protocol's creation to its close: the
             # listener adds those it accepted whose protocol is not built yet.
             count_open=lambda: len(self._connections),

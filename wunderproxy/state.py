@@ -58,7 +58,7 @@ class Container:
     down: bool = False  # refused a connection; requests that may go to a peer skip it
     died: bool = False  # Docker said so: nothing is sent to it any more
     links: set[Link] = field(default_factory=set, repr=False)
-    spare: list[Link] = field(default_factory=list, repr=False)  # idle, for the next client
+    spare: list[Link] = field(default_factory=list, repr=False)  # idle, for the next request
     _idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def __post_init__(self) -> None:
@@ -262,8 +262,12 @@ class ProxyState:
         self.traffic.record(revision, status, seconds, bytes_in, bytes_out)
 
     def connection_counts(self) -> dict[str, int]:
-        """Client connections by state: open = active + idle; upgraded ones are active;
-        draining ones are connections to a container being drained."""
+        """Client connections by state: open = active + idle; upgraded ones are active.
+
+        ``draining`` is not one of them: it counts the proxy's connections to containers
+        being drained (requests still in flight there, upgraded connections, and ones a
+        client keeps between requests), which a drain waits for or closes.
+        """
         upgraded = sum(c.upgraded for c in self.containers)
         if self.fallback is not None:
             upgraded += sum(peer.upgraded for peer in self.fallback.peers)

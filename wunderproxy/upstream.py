@@ -1,12 +1,13 @@
 """One connection from the proxy to a container, and the idle ones kept for reuse.
 
-An :class:`Upstream` serves one client connection at a time. The client connection takes it
-with :meth:`Upstream.attach` for a request, marks it idle with :meth:`Upstream.release` when
-the answer is complete, and gives it up with :meth:`Upstream.park` then (or when the client
-leaves): a kept-alive connection waits in its container's ``spare`` list for the next
-request, whichever client sends it, since opening one per request costs the container an
-accept and a close, and us a connect, and one held by each idle client costs memory.
-Nothing outside this class sets its fields.
+An :class:`Upstream` carries one request at a time. A client connection takes it with
+:meth:`Upstream.attach` for a request, marks it idle with :meth:`Upstream.release` when the
+answer is complete, and gives it up with :meth:`Upstream.park` then: a kept-alive connection
+waits in its container's ``spare`` list for the next request, whichever client sends it,
+since opening one per request costs the container an accept and a close, and us a connect,
+and one held by each idle client costs memory. The few a client keeps between requests
+instead (after an answer that has no body by rule, or one that spent the connection) it
+closes when it leaves. Nothing outside this class sets its fields.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class Target(Protocol):
     host: str
     port: int
     links: set[Link]  # its open connections
-    spare: list[Link]  # its idle ones kept for the next client
+    spare: list[Link]  # its idle ones kept for the next request, whichever client sends it
 
     @property
     def state(self) -> str:
@@ -70,13 +71,14 @@ class UpstreamClient(Protocol):
 
 
 class Upstream(asyncio.Protocol):
-    """One connection to a container (or a peer), serving one client connection at a time.
+    """One connection to a container (or a peer), carrying one client's request at a time.
 
     It is a :class:`~wunderproxy.state.Link` of its target, so that a container's drain can
     close it between requests, or cut it (with its upgraded client) at the drain deadline.
     """
 
-    # Slots: one of these per client connection, so its size counts in memory per connection.
+    # Slots: one of these per request in flight and per spare (up to MAX_SPARE a target),
+    # so its size counts in memory per connection.
     __slots__ = (
         "_busy",
         "_client",
@@ -107,7 +109,8 @@ class Upstream(asyncio.Protocol):
         self._busy = True
 
     def release(self) -> None:
-        """The answer is complete: idle, still kept by its client for the next request."""
+        """The answer is complete: idle, and its client no longer waits on it. The client
+        then parks it, or keeps it for its own next request, or closes it."""
         self._busy = False
 
     def upgrade(self) -> None:
@@ -116,11 +119,15 @@ class Upstream(asyncio.Protocol):
         self.target.upgrade_started()
 
     def park(self) -> None:
-        """The client left: keep this idle connection for another one, or close it."""
+        """Its answer is complete: keep this idle connection among its target's spares
+        for the next request, whichever client sends it; close it instead when it may not
+        carry one (busy, request bytes unsent, upgraded, ended, its target no longer
+        serving, or MAX_SPARE spares there already)."""
         target = self.target
         transport = self.transport
         if (
             self._busy
+            or self._writing_paused  # bytes of its request still unsent: mid-request
             or self._upgraded
             or self._ended
             or transport is None
@@ -184,12 +191,21 @@ class Upstream(asyncio.Protocol):
         return not self._busy and not self._upgraded
 
     def close(self) -> None:
-        """Close it now (and the client too if upgraded: it has no other way to go on)."""
+        """Close it now (and the client too if upgraded: it has no other way to go on).
+
+        What is still unsent goes out first (the transport flushes before it closes), and
+        a client paused while it waited (:meth:`pause_writing`) reads again: nothing else
+        would resume it once this connection is gone.
+        """
         self._forget()
         if self.transport is not None:
             self.transport.close()
-        if self._upgraded and self._client is not None:
-            self._client.close()
+        client = self._client
+        if client is not None:
+            if self._upgraded:
+                client.close()
+            elif self._writing_paused:
+                client.resume_reading("upstream")
 
     def _forget(self) -> None:
         self.target.links.discard(self)
@@ -235,7 +251,7 @@ class Upstream(asyncio.Protocol):
 
 
 def take_spare(target: Target) -> Upstream | None:
-    """An idle connection to ``target`` left by an earlier client, if one is open."""
+    """An idle connection to ``target`` left by an earlier request, if one is open."""
     while target.spare:
         upstream = cast(Upstream, target.spare.pop())
         transport = upstream.transport
