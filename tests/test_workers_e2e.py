@@ -415,3 +415,53 @@ def test_a_unix_socket_listener_is_shared_by_the_workers_and_outlives_a_killed_o
         status = running.status()
         assert status["requests"]["by_status"] == {"503": 20}
         assert f"proxy on unix:{path}" in running.log()
+
+
+# New connections opened after a take-over, to see how they spread over the workers.
+SPREAD_SAMPLE = 400
+# Seconds the successor may take to notice that its predecessor's sockets are gone.
+PREDECESSOR_GONE_WITHIN = 10.0
+
+
+def test_after_a_take_over_from_one_process_new_connections_spread_evenly_over_two_workers(
+    s3_bucket: str, app_name: str, app_images: AppImages, tmp_path: Path
+) -> None:
+    store = S3Store(s3_bucket, PREFIX)
+    upload_launch_config(store, app_config(app_images, "rev1"), current=True)
+    pid_file = tmp_path / "wunderproxy.pid"
+    port = app_images.registry_port
+    with wunderproxy(
+        tmp_path, s3_bucket, PREFIX, app_name, port, "--pid-file", str(pid_file)
+    ) as old:
+        old.wait_until_serving("rev1")
+        with (
+            wunderproxy(
+                tmp_path,
+                s3_bucket,
+                PREFIX,
+                app_name,
+                port,
+                "--pid-file",
+                str(pid_file),
+                "--take-over",
+                ports=(old.proxy_port, old.api_port),
+                workers=WORKERS,
+            ) as new,
+            ExitStack() as connections,
+        ):
+            assert old.process.wait(30) == 0, old.log()
+            deadline = time.monotonic() + PREDECESSOR_GONE_WITHIN
+            while "no predecessor listens on" not in new.log():
+                if time.monotonic() > deadline:
+                    break  # the spread below says what that costs
+                time.sleep(0.1)
+            for _ in range(SPREAD_SAMPLE):
+                connections.enter_context(
+                    socket.create_connection(("127.0.0.1", new.proxy_port), timeout=30)
+                )
+            deadline = time.monotonic() + 30
+            while (spread := open_per_worker(new)) and sum(spread) < SPREAD_SAMPLE:
+                assert time.monotonic() < deadline, spread
+                time.sleep(0.1)
+            # A fair coin gives each worker 200 +- 10 (one standard deviation).
+            assert all(n >= 0.3 * SPREAD_SAMPLE for n in spread), spread

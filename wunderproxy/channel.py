@@ -94,6 +94,14 @@ class ReloadCertificates:
 
 
 @dataclass(frozen=True)
+class SpreadEvenly:
+    """The predecessor of a take-over no longer listens: steer new connections evenly over
+    the ``count`` workers' TCP listeners (see listeners.spread_evenly)."""
+
+    count: int
+
+
+@dataclass(frozen=True)
 class Stop:
     """Shut down gracefully: finish what is in flight, within ``--shutdown-timeout``."""
 

@@ -431,10 +431,24 @@ def steer_to_newest(sock: socket.socket, count: int) -> None:
 
     Sockets join a reuseport group in the order they start listening, and a closing one is
     replaced by the last: with ``old`` sockets of a predecessor listening, ours are indices
-    ``old`` to ``old + count - 1``. Once the predecessor's sockets are gone, those indices do
-    not exist any more and the kernel falls back to its own spreading over ours.
+    ``old`` to ``old + count - 1``. Once the predecessor's sockets are gone, ours move into
+    the slots below: with ``count`` 1 the index left does not exist and the kernel falls back
+    to our one socket, but with more, some of the indices stay valid and take more than their
+    share (1 to 2: 75/25). So once the predecessor is gone, :func:`spread_evenly`.
     """
-    old = max(0, listening_sockets(sock.getsockname()) - count)
+    _steer(sock, max(0, listening_sockets(sock.getsockname()) - count), count)
+
+
+def spread_evenly(sock: socket.socket, count: int) -> None:
+    """Spread new connections on ``sock``'s port evenly over the ``count`` sockets of its
+    reuseport group, once no predecessor's socket is left before them (the kernel refuses
+    to detach the steering program here: EINVAL, so it is replaced). With fewer sockets
+    for a while (a worker being restarted), an index that does not exist falls back to the
+    kernel's own spreading over those that do."""
+    _steer(sock, 0, count)
+
+
+def _steer(sock: socket.socket, old: int, count: int) -> None:
     program = ctypes.create_string_buffer(steering_program(old, count))
     fprog = struct.pack("@HP", 4, ctypes.addressof(program))  # struct sock_fprog
     try:

@@ -42,12 +42,13 @@ from wunderproxy.channel import (
     Ready,
     ReloadCertificates,
     Routed,
+    SpreadEvenly,
     Stop,
     TellFigures,
     WorkerFigures,
 )
 from wunderproxy.config import Address, Config
-from wunderproxy.listeners import bind, describe_socket, steer_to_newest
+from wunderproxy.listeners import bind, describe_socket, listening_sockets, steer_to_newest
 from wunderproxy.routes import table_of
 from wunderproxy.runtime import LoopChoice
 from wunderproxy.state import Container, ProxyState
@@ -74,6 +75,10 @@ STOP_MARGIN = 5.0
 # loop, or stopped with SIGSTOP) would go on routing by the old table after /switch said
 # 200: it is killed, and started again with the new table.
 ROUTED_WITHIN = 10.0
+# Seconds between looks, after a take-over, at whether the predecessor still listens: the
+# first soon (it closes its listeners ACCEPT_LINGER after our SIGTERM), then less often.
+FIRST_LOOK_FOR_PREDECESSOR = 0.25
+LONGEST_LOOK_FOR_PREDECESSOR = 10.0
 
 
 class WorkersDidNotStart(Exception):
@@ -145,6 +150,7 @@ class Supervisor:
         self._addresses: dict[str, Address] = {}
         self._shared: dict[str, socket.socket] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._steering: asyncio.Task[None] | None = None
         # The counters of dead workers as they last told them, so that totals never go
         # down when a worker dies (Prometheus would take that for a restart).
         self._retired = add_up([])
@@ -173,6 +179,7 @@ class Supervisor:
             assert first is not None
             for sock in first.sockets.values():
                 steer_to_newest(sock, len(self._slots))
+            self._steering = asyncio.create_task(self._spread_evenly_once_alone())
         self._started = True
         for slot in self._slots:
             if slot.worker is not None:
@@ -194,6 +201,8 @@ class Supervisor:
         """Tell every worker to shut down gracefully and wait for them (killing those
         still running ``--shutdown-timeout`` plus a margin later)."""
         self._stopping = True
+        if self._steering is not None:
+            self._steering.cancel()
         workers = []
         for slot in self._slots:
             if slot.restarting is not None:
@@ -296,6 +305,28 @@ class Supervisor:
         self._state.workers = [
             self._describe(slot, answers.get(slot.index)) for slot in self._slots
         ]
+
+    async def _spread_evenly_once_alone(self) -> None:
+        """Once no socket but the workers' listens on our TCP ports (the predecessor of a
+        take-over closed its own), have the workers steer evenly over themselves: the
+        take-over's program would send more than their share to some (see steer_to_newest)."""
+        loop = asyncio.get_running_loop()
+        pause = FIRST_LOOK_FOR_PREDECESSOR
+        addresses = [(a.host or "0.0.0.0", a.port) for a in self._addresses.values()]
+
+        def alone() -> bool:
+            # /proc/net/tcp lists every socket of the host: read off the loop.
+            return all(listening_sockets(a) <= len(self._slots) for a in addresses)
+
+        while not await loop.run_in_executor(None, alone):
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, LONGEST_LOOK_FOR_PREDECESSOR)
+        self._broadcast(SpreadEvenly(len(self._slots)))
+        log.info(
+            "no predecessor listens on %s any more: new connections are spread evenly over "
+            "the workers",
+            ", ".join(str(a) for a in self._addresses.values()),
+        )
 
     # -- the workers' lives --------------------------------------------------------
 

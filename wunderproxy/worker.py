@@ -32,11 +32,13 @@ from wunderproxy.channel import (
     ReloadCertificates,
     Routed,
     RouteTable,
+    SpreadEvenly,
     Stop,
     TellFigures,
 )
 from wunderproxy.drain import drain_links
 from wunderproxy.fallback import Fallback
+from wunderproxy.listeners import Listener, spread_evenly
 from wunderproxy.proxying import Proxying
 from wunderproxy.routes import follow
 from wunderproxy.runtime import LoopChoice, run_event_loop
@@ -74,6 +76,7 @@ class Worker:
         )
         self.proxying = Proxying(config, self.state, self._access_log, self._certificates)
         self._drains: dict[Container, asyncio.Task[None]] = {}
+        self._listeners: list[Listener] = []
 
     async def run(self) -> None:
         """Serve until told to stop (or the supervisor is gone), then shut down gracefully."""
@@ -84,6 +87,7 @@ class Worker:
         self._follow(self._hello.routes)
         sockets = {kind: socket.socket(fileno=fd) for kind, fd in self._hello.sockets.items()}
         listeners, _ = self.proxying.listen(sockets.get("plain"), sockets.get("tls"))
+        self._listeners = listeners
         self._channel.send(Ready(os.getpid(), self._hello.routes.sequence))
         sweeper = asyncio.create_task(self.proxying.enforce_timeouts())
         watcher = asyncio.create_task(self._certificates.watch()) if self._certificates else None
@@ -117,6 +121,12 @@ class Worker:
                 elif isinstance(message, ReloadCertificates):
                     if self._certificates is not None:
                         self._certificates.reload()
+                elif isinstance(message, SpreadEvenly):
+                    # One program serves a whole reuseport group: one socket of each will do.
+                    for listener in self._listeners:
+                        for sock in listener.sockets:
+                            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                                spread_evenly(sock, message.count)
                 elif isinstance(message, Stop):
                     break
         except ChannelClosed:
