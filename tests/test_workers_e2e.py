@@ -465,3 +465,33 @@ def test_after_a_take_over_from_one_process_new_connections_spread_evenly_over_t
                 time.sleep(0.1)
             # A fair coin gives each worker 200 +- 10 (one standard deviation).
             assert all(n >= 0.3 * SPREAD_SAMPLE for n in spread), spread
+
+
+def test_a_worker_too_slow_to_answer_is_counted_with_its_last_figures_so_no_total_goes_down(
+    s3_bucket: str, app_name: str, app_images: AppImages, tmp_path: Path
+) -> None:
+    with (
+        serving_rev1(s3_bucket, app_name, app_images, tmp_path) as (running, _),
+        held(running) as connections,
+    ):
+        connections.one_on_each()
+        for sock in (connections.on[1][0], connections.on[2][0]):
+            request(sock, "/cgi-bin/whoami")
+        before = running.status()
+        total = before["requests"]["total"]
+        assert total == 2
+        metric = rf'^wunderproxy_requests_total\{{code="200",revision="rev1"\}} {total}(\.0)?$'
+        assert re.search(metric, running.api("GET", "/metrics").text, re.M)
+        slow = before["workers"][0]
+        os.kill(slow["pid"], signal.SIGSTOP)  # alive, but answering nothing
+        try:
+            during = running.status()
+            assert during["requests"]["total"] == total, during["requests"]
+            assert during["workers"][0]["answered"] is False
+            assert during["workers"][0]["requests"] == slow["requests"]
+            assert during["workers"][1]["answered"] is True
+            assert re.search(metric, running.api("GET", "/metrics").text, re.M)
+        finally:
+            os.kill(slow["pid"], signal.SIGCONT)
+        assert running.status()["requests"]["total"] == total
+        assert all(w["answered"] for w in running.status()["workers"])

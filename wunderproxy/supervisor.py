@@ -277,9 +277,13 @@ class Supervisor:
         )
 
     async def gather(self) -> None:
-        """Ask every listening worker for its figures and show their sums in the state;
-        a worker that does not answer within FIGURES_TIMEOUT is named, not waited for."""
-        asked: list[tuple[WorkerProcess, asyncio.Future[WorkerFigures]]] = []
+        """Ask every listening worker for its figures and show their sums in the state.
+
+        A worker that does not answer within FIGURES_TIMEOUT is named (``answered: false``),
+        not waited for, and counted with the figures it last told: leaving it out would make
+        the totals go down, which Prometheus takes for a restart of the counters.
+        """
+        asked: list[tuple[WorkerProcess, int, asyncio.Future[WorkerFigures]]] = []
         loop = asyncio.get_running_loop()
         for worker in self._workers():
             if worker.exited or not worker.ready:
@@ -292,19 +296,22 @@ class Supervisor:
             except ChannelClosed:
                 worker.asks.pop(ask, None)
                 continue
-            asked.append((worker, future))
+            asked.append((worker, ask, future))
         if asked:
-            await asyncio.wait([f for _, f in asked], timeout=FIGURES_TIMEOUT)
-        answers: dict[int, WorkerFigures] = {}
-        for worker, future in asked:
+            await asyncio.wait([f for _, _, f in asked], timeout=FIGURES_TIMEOUT)
+        answered: set[int] = set()
+        for worker, ask, future in asked:
             if future.done() and not future.cancelled() and future.exception() is None:
-                answers[worker.index] = worker.figures = future.result()
+                worker.figures = future.result()
+                answered.add(worker.index)
             else:
+                worker.asks.pop(ask, None)  # its late answer, if any, is dropped
                 future.cancel()
-        show(self._state, add_up([*answers.values(), self._retired]))
-        self._state.workers = [
-            self._describe(slot, answers.get(slot.index)) for slot in self._slots
-        ]
+        # Every live worker's figures as last told (just now, for those that answered);
+        # the dead ones' counters are in _retired.
+        told = [w.figures for w in self._workers() if not w.exited and w.figures is not None]
+        show(self._state, add_up([*told, self._retired]))
+        self._state.workers = [self._describe(slot, slot.index in answered) for slot in self._slots]
 
     async def _spread_evenly_once_alone(self) -> None:
         """Once no socket but the workers' listens on our TCP ports (the predecessor of a
@@ -489,10 +496,12 @@ class Supervisor:
         while not condition():
             await self._changed.wait()
 
-    def _describe(self, slot: Slot, figures: WorkerFigures | None) -> dict[str, Any]:
-        """One worker in /status ``workers``."""
+    def _describe(self, slot: Slot, answered: bool) -> dict[str, Any]:
+        """One worker in /status ``workers``: its figures as it last told them (just now
+        if ``answered``)."""
         worker = slot.worker
         alive = worker is not None and not worker.exited
+        figures = worker.figures if worker is not None and alive else None
         described: dict[str, Any] = {
             "index": slot.index,
             "pid": worker.pid if worker is not None and alive else None,
@@ -501,7 +510,7 @@ class Supervisor:
             "state": ("serving" if worker.ready else "starting")
             if worker is not None and alive
             else "restarting",
-            "answered": figures is not None,
+            "answered": answered,
         }
         if figures is not None:
             described["connections"] = {

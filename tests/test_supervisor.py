@@ -1,0 +1,135 @@
+"""The supervisor's handling of its workers' messages, with a stand-in at the process seam.
+
+Each stand-in worker is the other end of a real channel (a socketpair) that the test speaks
+for; its process is a stand-in that exits when the test says so. The real worker processes
+are tested in test_workers_e2e.py."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from tests.support.proxied import make_container
+from tests.test_workers import config, counted
+from wunderproxy.channel import AskFigures, Channel, TellFigures
+from wunderproxy.state import ProxyState
+from wunderproxy.supervisor import Slot, Supervisor, WorkerProcess
+
+# Seconds a test waits for the supervisor to act on a message (it takes microseconds).
+ACTS_WITHIN = 5.0
+
+
+class StandInProcess:
+    """What the supervisor uses of a worker's asyncio process: its PID, wait() and kill()."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._exited = asyncio.Event()
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self) -> None:
+        self.exit(-9)
+
+    def exit(self, code: int) -> None:
+        self.returncode = code
+        self._exited.set()
+
+
+@dataclass
+class StandIn:
+    """One stand-in worker: the supervisor's record of it, its side of the channel, and
+    the supervisor's task reading that channel."""
+
+    worker: WorkerProcess
+    channel: Channel
+    process: StandInProcess
+    listening: asyncio.Task[None]
+
+    async def dies(self) -> None:
+        self.channel.close()
+        self.process.exit(-9)
+        async with asyncio.timeout(ACTS_WITHIN):
+            await self.listening
+
+
+@dataclass
+class Tree:
+    """A supervisor, the state it shows, and its stand-in workers."""
+
+    supervisor: Supervisor
+    state: ProxyState
+    workers: list[StandIn]
+
+
+@asynccontextmanager
+async def supervising(count: int) -> AsyncIterator[Tree]:
+    """A supervisor of ``count`` stand-in workers, all ready; it restarts no dead one."""
+    state = ProxyState("myapp", "1")
+    serving = make_container(9001, "rev1")
+    state.add(serving)
+    state.switch_to(serving)
+    supervisor = Supervisor(config(), state)
+    supervisor._stopping = True
+    workers = []
+    for index in range(1, count + 1):
+        ours, theirs = socket.socketpair()
+        process = StandInProcess(40000 + index)
+        worker = WorkerProcess(
+            index=index,
+            process=process,  # type: ignore[arg-type]
+            channel=await Channel.open(ours),
+            sockets={},
+            started=datetime.now(UTC),
+            began=0.0,
+            ready=True,
+        )
+        slot: Slot = supervisor._slots[index - 1]
+        slot.worker = worker
+        listening = asyncio.create_task(supervisor._listen_to(slot, worker))
+        workers.append(StandIn(worker, await Channel.open(theirs), process, listening))
+    try:
+        yield Tree(supervisor, state, workers)
+    finally:
+        for stand_in in workers:
+            if not stand_in.listening.done():
+                await stand_in.dies()
+
+
+async def answer_asks(stand_in: StandIn, requests: int) -> None:
+    """Answer every AskFigures with ``requests`` counted."""
+    while True:
+        message: Any = await stand_in.channel.receive()
+        if isinstance(message, AskFigures):
+            figures = counted(requests, "rev1", 200, make_container(9001, "rev1"))
+            stand_in.channel.send(TellFigures(message.ask, figures))
+
+
+async def test_a_worker_silent_past_the_timeout_is_counted_with_its_last_figures_and_forgotten(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("wunderproxy.supervisor.FIGURES_TIMEOUT", 0.2)
+    async with supervising(2) as tree:
+        supervisor, state, (one, two) = tree.supervisor, tree.state, tree.workers
+        answering = [asyncio.create_task(answer_asks(w, n)) for w, n in ((one, 3), (two, 4))]
+        await supervisor.gather()
+        assert state.requests.total == 7
+        answering[0].cancel()  # worker 1 stops answering (as under SIGSTOP)
+        for _ in range(3):
+            await supervisor.gather()
+            assert state.requests.total == 7
+            assert [w["answered"] for w in state.workers] == [False, True]
+            assert state.workers[0]["requests"]["total"] == 3
+        assert one.worker.asks == {}, "an unanswered ask is not kept"
+        answering[1].cancel()
