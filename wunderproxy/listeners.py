@@ -359,9 +359,14 @@ async def listen(
     return GreedyListener(bind(address), factory, limit, tls)
 
 
-def bind(address: Address) -> socket.socket:
+def bind(address: Address, listening: bool = True) -> socket.socket:
     """A listening socket on a TCP address (``SO_REUSEPORT``: shareable with a successor
-    and with sibling workers) or a Unix socket path."""
+    and with sibling workers) or a Unix socket path.
+
+    A TCP one only bound without ``listening``: it joins the port's reuseport group, and the
+    kernel queues connections for it, only once :func:`start_listening` is called on it (by
+    the worker it was made for, once that worker can serve them). A Unix one always listens.
+    """
     if address.path is not None:
         return _unix_socket(address.path)
     family = socket.AF_INET6 if ":" in (address.host or "") else socket.AF_INET
@@ -370,11 +375,18 @@ def bind(address: Address) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((address.host or "0.0.0.0", address.port or 0))
-        sock.listen(BACKLOG)
+        if listening:
+            start_listening(sock)
     except OSError:
         sock.close()
         raise
     return sock
+
+
+def start_listening(sock: socket.socket) -> None:
+    """Listen on a socket :func:`bind` made without ``listening`` (a listening one is left
+    as it is)."""
+    sock.listen(BACKLOG)
 
 
 def _unix_socket(path: str) -> socket.socket:

@@ -6,9 +6,11 @@ file and the signals; it proxies nothing. Each worker is a fresh interpreter (ne
 channel to this one (see channel.py) and listening sockets made here:
 
 - TCP: one socket per worker per address, all with ``SO_REUSEPORT`` on the same port (the
-  kernel spreads new connections over them). Once a worker listens, this process closes its
-  copies, so that a dead worker's accept queue dies with it rather than fill up unseen; its
-  replacement gets fresh sockets.
+  kernel spreads new connections over them). This process only binds them: the worker
+  listens once it is ready to serve, so that no connection is queued for a worker that dies
+  starting (a crash-looping one). Once a worker listens, this process closes its copies, so
+  that a dead worker's accept queue dies with it rather than fill up unseen; its replacement
+  gets fresh sockets.
 - A Unix socket cannot be shared that way: one socket, kept here, serves every worker.
 
 What routes is sent to every worker on each change (:meth:`Supervisor.publish`); a switch
@@ -398,7 +400,9 @@ class Supervisor:
                     self._shared[kind] = bind(address)
                 sockets[kind] = self._shared[kind]
                 continue
-            sock = bind(self._addresses.get(kind, address))
+            # Only bound: the worker listens once it can serve (a socket that listened
+            # here would queue connections for a worker that may die starting: reset).
+            sock = bind(self._addresses.get(kind, address), listening=False)
             if kind not in self._addresses:  # the port a 0 resolved to, for the others
                 port = sock.getsockname()[1]
                 self._addresses[kind] = Address(host=address.host, port=port)

@@ -38,7 +38,7 @@ from wunderproxy.channel import (
 )
 from wunderproxy.drain import drain_links
 from wunderproxy.fallback import Fallback
-from wunderproxy.listeners import Listener, spread_evenly
+from wunderproxy.listeners import Listener, spread_evenly, start_listening
 from wunderproxy.proxying import Proxying
 from wunderproxy.routes import follow
 from wunderproxy.runtime import LoopChoice, run_event_loop
@@ -69,11 +69,7 @@ class Worker:
             from wunderproxy.certificates import Certificates  # cryptography: only for TLS
 
             self._certificates = Certificates(config.tls)
-        self._access_log = (
-            AccessLog(hello.access_log, _log_format(hello.access_log_format))
-            if hello.access_log
-            else None
-        )
+        self._access_log = _open_access_log(hello)
         self.proxying = Proxying(config, self.state, self._access_log, self._certificates)
         self._drains: dict[Container, asyncio.Task[None]] = {}
         self._listeners: list[Listener] = []
@@ -86,6 +82,9 @@ class Worker:
             self._access_log.start()
         self._follow(self._hello.routes)
         sockets = {kind: socket.socket(fileno=fd) for kind, fd in self._hello.sockets.items()}
+        for sock in sockets.values():
+            # The supervisor only bound them: from now on the kernel hands us connections.
+            start_listening(sock)
         listeners, _ = self.proxying.listen(sockets.get("plain"), sockets.get("tls"))
         self._listeners = listeners
         self._channel.send(Ready(os.getpid(), self._hello.routes.sequence))
@@ -158,6 +157,22 @@ class Worker:
             self._channel.send(Drained(container.container_id))
 
 
+class CannotStart(Exception):
+    """The worker cannot serve as configured; the message says what to fix."""
+
+
+def _open_access_log(hello: Hello) -> AccessLog | None:
+    if not hello.access_log:
+        return None
+    try:
+        return AccessLog(hello.access_log, _log_format(hello.access_log_format))
+    except OSError as exc:
+        raise CannotStart(
+            f"cannot open the access log {hello.access_log} for appending: {exc.strerror}; "
+            "make it a writable file again (the worker is started again until it can)"
+        ) from exc
+
+
 def _log_format(name: str) -> AccessLogFormat:
     return "json" if name == "json" else "common"
 
@@ -188,12 +203,17 @@ def main(argv: list[str]) -> None:
     sock = socket.socket(fileno=int(argv[0]))
     loop: Any = argv[1]
     choice: LoopChoice = loop if loop in ("asyncio", "uvloop") else "auto"
-    run_event_loop(_serve(sock), choice)
+    code = 0
+    try:
+        run_event_loop(_serve(sock), choice)
+    except CannotStart as exc:
+        log.error("%s", exc)
+        code = 1
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     # Like the supervisor: do not wait for threads (the access log writer was closed).
-    os._exit(0)
+    os._exit(code)
 
 
 if __name__ == "__main__":
