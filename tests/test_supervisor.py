@@ -18,7 +18,7 @@ import pytest
 
 from tests.support.proxied import make_container
 from tests.test_workers import config, counted
-from wunderproxy.channel import AskFigures, Channel, TellFigures
+from wunderproxy.channel import AskFigures, Channel, Drained, TellFigures
 from wunderproxy.state import ProxyState
 from wunderproxy.supervisor import Slot, Supervisor, WorkerProcess
 
@@ -133,3 +133,22 @@ async def test_a_worker_silent_past_the_timeout_is_counted_with_its_last_figures
             assert state.workers[0]["requests"]["total"] == 3
         assert one.worker.asks == {}, "an unanswered ask is not kept"
         answering[1].cancel()
+
+
+async def test_a_stale_drained_from_before_a_switch_back_does_not_end_a_later_drain_early() -> None:
+    async with supervising(1) as tree:
+        supervisor, state, (worker,) = tree.supervisor, tree.state, tree.workers
+        [rev1] = state.containers
+        rev2 = make_container(9002, "rev2")
+        state.add(rev2)
+        state.switch_to(rev2)  # rev1 drains: table 2
+        drained_then = Drained(rev1.container_id, supervisor.sequence)
+        state.switch_to(rev1)  # and is switched back to (table 3) ...
+        worker.channel.send(drained_then)  # ... before that worker's Drained arrives
+        state.switch_to(rev2)  # rev1 drains again (table 4): its requests are in flight
+        drain = asyncio.create_task(supervisor.drained(rev1))
+        await asyncio.sleep(0.2)  # the supervisor has read the stale Drained by now
+        assert not drain.done(), "a Drained from an older drain ended this one"
+        worker.channel.send(Drained(rev1.container_id, supervisor.sequence))
+        async with asyncio.timeout(ACTS_WITHIN):
+            await drain

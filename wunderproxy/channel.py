@@ -127,9 +127,12 @@ class Routed:
 
 @dataclass(frozen=True)
 class Drained:
-    """The worker has nothing in flight to the container any more (or cut what was)."""
+    """The worker has nothing in flight to the container any more (or cut what was), since
+    the container became draining in the table numbered ``sequence``: a Drained sent before
+    a switch back to the container must not end a later drain of it."""
 
     container_id: str
+    sequence: int
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,10 @@ class Supervisor:
         self._slots = [Slot(index) for index in range(1, config.workers + 1)]
         self._sequence = 0
         self._table = table_of(state, 0)
+        # Each draining container's id, with the sequence of the table it began draining in.
+        self._draining_since = {
+            c.container_id: 0 for c in state.containers if c.state == "draining"
+        }
         self._asks = itertools.count()
         self._changed = asyncio.Event()  # set (and replaced) whenever a worker reports
         self._stopping = False
@@ -238,13 +242,26 @@ class Supervisor:
 
     # -- routes, drains, figures ---------------------------------------------------
 
+    @property
+    def sequence(self) -> int:
+        """The number of the newest routing table."""
+        return self._sequence
+
     def publish(self) -> None:
         """Send every worker the routing table as it is now (ProxyState.routes_changed)."""
         self._sequence += 1
         self._table = table_of(self._state, self._sequence)
         draining = {c.container_id for c in self._state.containers if c.state == "draining"}
+        # A container that starts draining now drains anew: what a worker said of an
+        # earlier drain of it counts no more, and a Drained of that drain still on its way
+        # is told apart by its older sequence (see _listen_to).
+        self._draining_since = {
+            id_: self._draining_since.get(id_, self._sequence) for id_ in draining
+        }
         for worker in self._workers():
-            worker.drained &= draining  # a container switched back to drains anew later
+            worker.drained &= {
+                id_ for id_ in draining if self._draining_since[id_] < self._sequence
+            }
         self._broadcast(self._table)
 
     async def routed(self) -> None:
@@ -417,7 +434,9 @@ class Supervisor:
                 if isinstance(message, Routed):
                     worker.routed = message.sequence
                 elif isinstance(message, Drained):
-                    worker.drained.add(message.container_id)
+                    since = self._draining_since.get(message.container_id)
+                    if since is not None and message.sequence >= since:
+                        worker.drained.add(message.container_id)
                 elif isinstance(message, TellFigures):
                     future = worker.asks.pop(message.ask, None)
                     if future is not None and not future.done():

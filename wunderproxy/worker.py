@@ -73,6 +73,7 @@ class Worker:
         self.proxying = Proxying(config, self.state, self._access_log, self._certificates)
         self._drains: dict[Container, asyncio.Task[None]] = {}
         self._listeners: list[Listener] = []
+        self._sequence = hello.routes.sequence  # the routing table followed now
 
     async def run(self) -> None:
         """Serve until told to stop (or the supervisor is gone), then shut down gracefully."""
@@ -133,6 +134,7 @@ class Worker:
         self._stop.set()
 
     def _follow(self, table: RouteTable) -> None:
+        self._sequence = table.sequence  # for the drains it starts
         follow(self.state, table, self._state_changed, self._forgotten)
 
     def _state_changed(self, container: Container) -> None:
@@ -140,7 +142,7 @@ class Worker:
         if drain is not None:
             drain.cancel()  # switched back to it
         if container.state == "draining":
-            task = asyncio.create_task(self._drain(container))
+            task = asyncio.create_task(self._drain(container, self._sequence))
             self._drains[container] = task
 
     def _forgotten(self, container: Container) -> None:
@@ -150,11 +152,11 @@ class Worker:
         container.stopping = True
         container.close_links(idle_only=False)
 
-    async def _drain(self, container: Container) -> None:
+    async def _drain(self, container: Container, sequence: int) -> None:
         await drain_links(container, self._hello.config.drain_timeout)
         self._drains.pop(container, None)
         with contextlib.suppress(ChannelClosed):
-            self._channel.send(Drained(container.container_id))
+            self._channel.send(Drained(container.container_id, sequence))
 
 
 class CannotStart(Exception):
