@@ -152,3 +152,32 @@ async def test_a_stale_drained_from_before_a_switch_back_does_not_end_a_later_dr
         worker.channel.send(Drained(rev1.container_id, supervisor.sequence))
         async with asyncio.timeout(ACTS_WITHIN):
             await drain
+
+
+async def answer_once_then_die(stand_in: StandIn, requests: int) -> None:
+    """Answer the next AskFigures with ``requests`` counted, then die."""
+    while not isinstance(message := await stand_in.channel.receive(), AskFigures):
+        pass
+    figures = counted(requests, "rev1", 200, make_container(9001, "rev1"))
+    stand_in.channel.send(TellFigures(message.ask, figures))
+    await stand_in.dies()
+
+
+async def test_a_worker_that_answers_then_dies_during_a_gather_is_counted_once_with_its_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("wunderproxy.supervisor.FIGURES_TIMEOUT", 0.3)
+    async with supervising(2) as tree:
+        supervisor, state, (one, two) = tree.supervisor, tree.state, tree.workers
+        answering = [asyncio.create_task(answer_asks(w, n)) for w, n in ((one, 3), (two, 4))]
+        await supervisor.gather()
+        assert state.requests.total == 7
+        for task in answering:
+            task.cancel()
+        # Worker 2 is slow, so the gather waits; meanwhile worker 1 answers 5, then dies.
+        dying = asyncio.create_task(answer_once_then_die(one, 5))
+        await supervisor.gather()
+        await dying
+        assert state.requests.total == 5 + 4
+        await supervisor.gather()
+        assert state.requests.total == 5 + 4, "a dead worker's last figures stay counted"

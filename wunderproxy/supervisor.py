@@ -102,7 +102,7 @@ class WorkerProcess:
     routed: int = -1  # the newest routing table it acknowledged
     figures: WorkerFigures | None = None  # as it last told them
     drained: set[str] = field(default_factory=set)  # container ids it is done with
-    asks: dict[int, asyncio.Future[WorkerFigures]] = field(default_factory=dict)
+    asks: dict[int, asyncio.Future[None]] = field(default_factory=dict)  # set when answered
 
     @property
     def pid(self) -> int:
@@ -302,13 +302,13 @@ class Supervisor:
         not waited for, and counted with the figures it last told: leaving it out would make
         the totals go down, which Prometheus takes for a restart of the counters.
         """
-        asked: list[tuple[WorkerProcess, int, asyncio.Future[WorkerFigures]]] = []
+        asked: list[tuple[WorkerProcess, int, asyncio.Future[None]]] = []
         loop = asyncio.get_running_loop()
         for worker in self._workers():
             if worker.exited or not worker.ready:
                 continue
             ask = next(self._asks)
-            future: asyncio.Future[WorkerFigures] = loop.create_future()
+            future: asyncio.Future[None] = loop.create_future()
             worker.asks[ask] = future
             try:
                 worker.channel.send(AskFigures(ask))
@@ -321,8 +321,7 @@ class Supervisor:
         answered: set[int] = set()
         for worker, ask, future in asked:
             if future.done() and not future.cancelled() and future.exception() is None:
-                worker.figures = future.result()
-                answered.add(worker.index)
+                answered.add(worker.index)  # its figures were kept as they came
             else:
                 worker.asks.pop(ask, None)  # its late answer, if any, is dropped
                 future.cancel()
@@ -438,9 +437,12 @@ class Supervisor:
                     if since is not None and message.sequence >= since:
                         worker.drained.add(message.container_id)
                 elif isinstance(message, TellFigures):
+                    # Kept here, not where the ask is awaited: a worker that dies before
+                    # that is retired with these (see below), its newest.
+                    worker.figures = message.figures
                     future = worker.asks.pop(message.ask, None)
                     if future is not None and not future.done():
-                        future.set_result(message.figures)
+                        future.set_result(None)
                 elif isinstance(message, Ready):
                     worker.ready = True
                     worker.routed = message.sequence
