@@ -7,7 +7,9 @@ are tested in test_workers_e2e.py."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ import pytest
 from tests.support.proxied import make_container
 from tests.test_workers import config, counted
 from wunderproxy.channel import AskFigures, Channel, Drained, TellFigures
+from wunderproxy.drain import drain_links
 from wunderproxy.state import ProxyState
 from wunderproxy.supervisor import Slot, Supervisor, WorkerProcess
 
@@ -92,7 +95,7 @@ async def supervising(count: int) -> AsyncIterator[Tree]:
             channel=await Channel.open(ours),
             sockets={},
             started=datetime.now(UTC),
-            began=0.0,
+            began=time.monotonic(),
             ready=True,
         )
         slot: Slot = supervisor._slots[index - 1]
@@ -181,3 +184,37 @@ async def test_a_worker_that_answers_then_dies_during_a_gather_is_counted_once_w
         assert state.requests.total == 5 + 4
         await supervisor.gather()
         assert state.requests.total == 5 + 4, "a dead worker's last figures stay counted"
+
+
+async def test_a_worker_that_exits_0_is_logged_as_having_finished_not_lost_its_requests(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with supervising(2) as tree:
+        supervisor, (one, two) = tree.supervisor, tree.workers
+        slots = supervisor._slots
+        supervisor._restart_later(slots[0], one.worker, 0)
+        supervisor._restart_later(slots[1], two.worker, -9)
+        for slot in slots:
+            assert slot.restarting is not None
+            slot.restarting.cancel()
+    [stopped, killed] = [r.getMessage() for r in caplog.records if "Starting it" in r.getMessage()]
+    assert "worker 1 (PID 40001) exited after" in stopped
+    assert "it had finished its requests" in stopped
+    assert "lost" not in stopped
+    assert "worker 2 (PID 40002) was killed by SIGKILL after" in killed
+    assert "its connections were lost" in killed
+
+
+async def test_a_supervisors_drain_log_gives_no_figures_it_does_not_have(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="wunderproxy.manager")
+    container = make_container(9001, "rev1")
+    container.in_flight = 3  # as the last /status showed: the workers' figures of then
+
+    async def workers_done(_: object) -> None:
+        pass
+
+    await drain_links(container, 5.0, workers_done)
+    [line] = [r.getMessage() for r in caplog.records if "draining" in r.getMessage()]
+    assert line == f"draining container {container.container_id[:12]} in every worker"

@@ -483,7 +483,10 @@ def steering_program(old: int, count: int) -> bytes:
 
 def listening_sockets(address: Any) -> int:
     """How many TCP sockets listen on ``address`` (``(host, port, ...)``), as the kernel
-    lists them in /proc/net/tcp or tcp6 (this network namespace's, every process's)."""
+    lists them in /proc/net/tcp or tcp6 (this network namespace's, every process's).
+
+    It reads the whole table, a line per socket of the host: fine once at a take-over, but
+    a caller that asks again and again does so off the event loop (see supervisor.py)."""
     host, port = address[0], address[1]
     if ":" in host:
         words = struct.unpack("=4I", socket.inet_pton(socket.AF_INET6, host))

@@ -467,9 +467,13 @@ class Supervisor:
         lived = time.monotonic() - worker.began
         if lived >= STABLE_AFTER:
             slot.pause = FIRST_RESTART_PAUSE
-        how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
+        if code == 0:  # it shut down gracefully: a SIGTERM sent to it alone
+            how, lost = "exited", "; it had finished its requests (a SIGTERM sent to it alone?)"
+        else:
+            how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
+            lost = "; its connections were lost"
         log.error(
-            "worker %d (PID %d) %s after %.1f s; its connections were lost. Starting it "
+            "worker %d (PID %d) %s after %.1f s%s. Starting it "
             "again in %g s%s. If this keeps happening, look above for its own lines "
             "(they say 'worker %d'), and at the host's memory (a killed worker is often "
             "the kernel's OOM killer: dmesg)",
@@ -477,6 +481,7 @@ class Supervisor:
             worker.pid,
             how,
             lived,
+            lost,
             slot.pause,
             f" (it keeps dying young: waiting longer each time, up to {LONGEST_RESTART_PAUSE:g} s)"
             if slot.pause > FIRST_RESTART_PAUSE
