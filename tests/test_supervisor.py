@@ -12,7 +12,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -218,3 +218,38 @@ async def test_a_supervisors_drain_log_gives_no_figures_it_does_not_have(
     await drain_links(container, 5.0, workers_done)
     [line] = [r.getMessage() for r in caplog.records if "draining" in r.getMessage()]
     assert line == f"draining container {container.container_id[:12]} in every worker"
+
+
+async def answer_as_asked(stand_in: StandIn, requests: int, asked: list[bool]) -> None:
+    """Answer every AskFigures with ``requests`` counted, with minutes only if asked for
+    (as a worker does); ``asked`` gets what each ask asked."""
+    while True:
+        message: Any = await stand_in.channel.receive()
+        if isinstance(message, AskFigures):
+            asked.append(message.minutes)
+            figures = counted(requests, "rev1", 200, make_container(9001, "rev1"))
+            if not message.minutes:
+                figures = replace(figures, traffic_minutes=())
+            stand_in.channel.send(TellFigures(message.ask, figures, message.minutes))
+
+
+async def test_metrics_gathers_no_minutes_and_status_still_shows_every_workers_last_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("wunderproxy.supervisor.FIGURES_TIMEOUT", 0.3)
+    async with supervising(2) as tree:
+        supervisor, state, (one, two) = tree.supervisor, tree.state, tree.workers
+        asked: list[bool] = []
+        answering = [
+            asyncio.create_task(answer_as_asked(w, n, asked)) for w, n in ((one, 3), (two, 4))
+        ]
+        await supervisor.gather(minutes=True)
+        [minute] = state.traffic.minutes()
+        assert minute.by_revision["rev1"].requests == 7
+        await supervisor.gather(minutes=False)
+        assert asked == [True, True, False, False], "a /metrics gather asks for no minutes"
+        answering[0].cancel()  # worker 1 is now slow: /status shows its minutes of before
+        await supervisor.gather(minutes=True)
+        [minute] = state.traffic.minutes()
+        assert minute.by_revision["rev1"].requests == 7
+        answering[1].cancel()

@@ -83,9 +83,12 @@ class Hello:
 
 @dataclass(frozen=True)
 class AskFigures:
-    """Send your figures now (answered by :class:`TellFigures` with the same ``ask``)."""
+    """Send your figures now (answered by :class:`TellFigures` with the same ``ask``);
+    the per-minute series only with ``minutes`` (``/status`` shows it, ``/metrics`` does
+    not, and with an hour of traffic it is most of the answer: about 240 KB)."""
 
     ask: int
+    minutes: bool = True
 
 
 @dataclass(frozen=True)
@@ -180,10 +183,12 @@ class WorkerFigures:
 
 @dataclass(frozen=True)
 class TellFigures:
-    """The answer to :class:`AskFigures`."""
+    """The answer to :class:`AskFigures`; ``minutes`` says whether ``figures`` hold the
+    per-minute series (asked for) or none."""
 
     ask: int
     figures: WorkerFigures
+    minutes: bool = True
 
 
 class Channel:

@@ -31,7 +31,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -295,8 +295,10 @@ class Supervisor:
             lambda: all(w.exited or container.container_id in w.drained for w in workers)
         )
 
-    async def gather(self) -> None:
-        """Ask every listening worker for its figures and show their sums in the state.
+    async def gather(self, minutes: bool = True) -> None:
+        """Ask every listening worker for its figures and show their sums in the state;
+        the per-minute series only with ``minutes`` (for ``/status``: ``/metrics`` shows
+        none, and they cost the most to send and add up).
 
         A worker that does not answer within FIGURES_TIMEOUT is named (``answered: false``),
         not waited for, and counted with the figures it last told: leaving it out would make
@@ -311,7 +313,7 @@ class Supervisor:
             future: asyncio.Future[None] = loop.create_future()
             worker.asks[ask] = future
             try:
-                worker.channel.send(AskFigures(ask))
+                worker.channel.send(AskFigures(ask, minutes))
             except ChannelClosed:
                 worker.asks.pop(ask, None)
                 continue
@@ -439,7 +441,12 @@ class Supervisor:
                 elif isinstance(message, TellFigures):
                     # Kept here, not where the ask is awaited: a worker that dies before
                     # that is retired with these (see below), its newest.
-                    worker.figures = message.figures
+                    told, worker.figures = worker.figures, message.figures
+                    if not message.minutes and told is not None:
+                        # Not asked for: the series as it sent it last, rather than none.
+                        worker.figures = replace(
+                            message.figures, traffic_minutes=told.traffic_minutes
+                        )
                     future = worker.asks.pop(message.ask, None)
                     if future is not None and not future.done():
                         future.set_result(None)

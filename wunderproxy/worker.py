@@ -116,8 +116,8 @@ class Worker:
                     self._follow(message)
                     self._channel.send(Routed(message.sequence))
                 elif isinstance(message, AskFigures):
-                    figures = collect(self.state)
-                    self._channel.send(TellFigures(message.ask, figures))
+                    figures = collect(self.state, message.minutes)
+                    self._channel.send(TellFigures(message.ask, figures, message.minutes))
                 elif isinstance(message, ReloadCertificates):
                     if self._certificates is not None:
                         self._certificates.reload()
