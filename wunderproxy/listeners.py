@@ -483,7 +483,13 @@ def steering_program(old: int, count: int) -> bytes:
 
 def listening_sockets(address: Any) -> int:
     """How many TCP sockets listen on ``address`` (``(host, port, ...)``), as the kernel
-    lists them in /proc/net/tcp or tcp6 (this network namespace's, every process's).
+    lists them in /proc/net/tcp or tcp6 (this network namespace's, every process's)."""
+    return len(listening_inodes(address))
+
+
+def listening_inodes(address: Any) -> set[int]:
+    """The inodes (``os.fstat(sock.fileno()).st_ino``) of the TCP sockets that listen on
+    ``address``: which of them are whose.
 
     It reads the whole table, a line per socket of the host: fine once at a take-over, but
     a caller that asks again and again does so off the event loop (see supervisor.py)."""
@@ -498,10 +504,12 @@ def listening_sockets(address: Any) -> int:
     try:
         lines = Path(table).read_text().splitlines()[1:]
     except OSError:
-        return 0
-    return sum(
-        1 for line in lines if (fields := line.split())[1] == wanted and fields[3] == _TCP_LISTEN
-    )
+        return set()
+    return {
+        int(fields[9])
+        for line in lines
+        if (fields := line.split())[1] == wanted and fields[3] == _TCP_LISTEN
+    }
 
 
 class PidFile:

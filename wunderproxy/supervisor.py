@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import signal
 import socket
 import sys
@@ -50,7 +51,7 @@ from wunderproxy.channel import (
     WorkerFigures,
 )
 from wunderproxy.config import Address, Config
-from wunderproxy.listeners import bind, describe_socket, listening_sockets, steer_to_newest
+from wunderproxy.listeners import bind, describe_socket, listening_inodes, steer_to_newest
 from wunderproxy.routes import table_of
 from wunderproxy.runtime import LoopChoice
 from wunderproxy.state import Container, ProxyState
@@ -157,6 +158,8 @@ class Supervisor:
         self._shared: dict[str, socket.socket] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._steering: asyncio.Task[None] | None = None
+        # The inodes of every TCP socket made for a worker: which listeners are ours.
+        self._ours: set[int] = set()
         # The counters of dead workers as they last told them, so that totals never go
         # down when a worker dies (Prometheus would take that for a restart).
         self._retired = add_up([])
@@ -335,7 +338,8 @@ class Supervisor:
 
     async def _spread_evenly_once_alone(self) -> None:
         """Once no socket but the workers' listens on our TCP ports (the predecessor of a
-        take-over closed its own), have the workers steer evenly over themselves: the
+        take-over closed its own; told by inode, not by count, which a worker being
+        restarted meanwhile would make too low), have the workers steer evenly over themselves: the
         take-over's program would send more than their share to some (see steer_to_newest)."""
         loop = asyncio.get_running_loop()
         pause = FIRST_LOOK_FOR_PREDECESSOR
@@ -343,7 +347,7 @@ class Supervisor:
 
         def alone() -> bool:
             # /proc/net/tcp lists every socket of the host: read off the loop.
-            return all(listening_sockets(a) <= len(self._slots) for a in addresses)
+            return all(listening_inodes(a) <= self._ours for a in addresses)
 
         while not await loop.run_in_executor(None, alone):
             await asyncio.sleep(pause)
@@ -421,6 +425,7 @@ class Supervisor:
             # Only bound: the worker listens once it can serve (a socket that listened
             # here would queue connections for a worker that may die starting: reset).
             sock = bind(self._addresses.get(kind, address), listening=False)
+            self._ours.add(os.fstat(sock.fileno()).st_ino)
             if kind not in self._addresses:  # the port a 0 resolved to, for the others
                 port = sock.getsockname()[1]
                 self._addresses[kind] = Address(host=address.host, port=port)
