@@ -5,6 +5,7 @@ steering program, and the access log's pieces for a shared pipe."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 import time
@@ -17,7 +18,7 @@ from wunderproxy.accesslog import whole_lines
 from wunderproxy.channel import Channel, ChannelClosed, Routed, RouteTable, WorkerFigures
 from wunderproxy.config import Address, Config, Fleet, Peer
 from wunderproxy.fallback import Fallback
-from wunderproxy.listeners import listening_sockets, steering_program
+from wunderproxy.listeners import listening_inodes, listening_sockets, steering_program
 from wunderproxy.routes import follow, table_of
 from wunderproxy.state import Container, ProxyState
 from wunderproxy.traffic import MINUTES_KEPT, Minute, Traffic
@@ -313,3 +314,21 @@ def test_fallback_figures_add_up_and_a_peer_is_skipped_while_any_worker_skips_it
     assert (described["sent"], described["unplaced"]) == (5, 2)
     assert [p["skipped_for"] > 4 for p in described["peers"]] == [False, True]
     assert supervisor.connection_counts()["upgraded"] == 2
+
+
+def test_listening_inodes_tell_which_listening_sockets_are_whose() -> None:
+    sockets = [socket.socket() for _ in range(2)]
+    try:
+        for sock in sockets:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sockets[0].bind(("127.0.0.1", 0))
+        sockets[1].bind(sockets[0].getsockname())
+        sockets[0].listen()
+        address = sockets[0].getsockname()
+        mine = {os.fstat(s.fileno()).st_ino for s in sockets}
+        assert listening_inodes(address) == {os.fstat(sockets[0].fileno()).st_ino}
+        sockets[1].listen()  # only bound until now: not listed
+        assert listening_inodes(address) == mine
+    finally:
+        for sock in sockets:
+            sock.close()

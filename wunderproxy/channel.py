@@ -83,14 +83,25 @@ class Hello:
 
 @dataclass(frozen=True)
 class AskFigures:
-    """Send your figures now (answered by :class:`TellFigures` with the same ``ask``)."""
+    """Send your figures now (answered by :class:`TellFigures` with the same ``ask``);
+    the per-minute series only with ``minutes`` (``/status`` shows it, ``/metrics`` does
+    not, and with an hour of traffic it is most of the answer: about 240 KB)."""
 
     ask: int
+    minutes: bool = True
 
 
 @dataclass(frozen=True)
 class ReloadCertificates:
     """The supervisor got SIGHUP: read the TLS certificate and key again."""
+
+
+@dataclass(frozen=True)
+class SpreadEvenly:
+    """The predecessor of a take-over no longer listens: steer new connections evenly over
+    the ``count`` workers' TCP listeners (see listeners.spread_evenly)."""
+
+    count: int
 
 
 @dataclass(frozen=True)
@@ -119,9 +130,12 @@ class Routed:
 
 @dataclass(frozen=True)
 class Drained:
-    """The worker has nothing in flight to the container any more (or cut what was)."""
+    """The worker has nothing in flight to the container any more (or cut what was), since
+    the container became draining in the table numbered ``sequence``: a Drained sent before
+    a switch back to the container must not end a later drain of it."""
 
     container_id: str
+    sequence: int
 
 
 @dataclass(frozen=True)
@@ -169,10 +183,12 @@ class WorkerFigures:
 
 @dataclass(frozen=True)
 class TellFigures:
-    """The answer to :class:`AskFigures`."""
+    """The answer to :class:`AskFigures`; ``minutes`` says whether ``figures`` hold the
+    per-minute series (asked for) or none."""
 
     ask: int
     figures: WorkerFigures
+    minutes: bool = True
 
 
 class Channel:

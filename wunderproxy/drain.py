@@ -24,26 +24,39 @@ async def drain_links(
     the other processes that proxy to it (a supervisor's workers) to be done with it too.
     """
     closed = container.close_links(idle_only=True)
-    log.info(
-        "draining container %s: %d requests in flight, %d upgraded, %d idle connections closed",
-        container.container_id[:12],
-        container.in_flight,
-        container.upgraded,
-        closed,
-    )
+    if elsewhere is not None:
+        # Its requests are the workers' (this process's figures of them are as old as the
+        # last /status): each drains its own, and says when it is done.
+        log.info("draining container %s in every worker", container.container_id[:12])
+    else:
+        log.info(
+            "draining container %s: %d requests in flight, %d upgraded, %d idle connections closed",
+            container.container_id[:12],
+            container.in_flight,
+            container.upgraded,
+            closed,
+        )
     try:
         async with asyncio.timeout(seconds):
             await container.wait_idle()
             if elsewhere is not None:
                 await elsewhere(container)
     except TimeoutError:
-        log.warning(
-            "container %s still had %d requests and %d upgraded connections after %g s; "
-            "cutting them",
-            container.container_id[:12],
-            container.in_flight,
-            container.upgraded,
-            seconds,
-        )
+        if elsewhere is not None:
+            log.warning(
+                "container %s still had requests or upgraded connections in a worker after "
+                "%g s; cutting them (each worker logs how many)",
+                container.container_id[:12],
+                seconds,
+            )
+        else:
+            log.warning(
+                "container %s still had %d requests and %d upgraded connections after %g s; "
+                "cutting them",
+                container.container_id[:12],
+                container.in_flight,
+                container.upgraded,
+                seconds,
+            )
     container.stopping = True
     container.close_links(idle_only=False)

@@ -359,9 +359,14 @@ async def listen(
     return GreedyListener(bind(address), factory, limit, tls)
 
 
-def bind(address: Address) -> socket.socket:
+def bind(address: Address, listening: bool = True) -> socket.socket:
     """A listening socket on a TCP address (``SO_REUSEPORT``: shareable with a successor
-    and with sibling workers) or a Unix socket path."""
+    and with sibling workers) or a Unix socket path.
+
+    A TCP one only bound without ``listening``: it joins the port's reuseport group, and the
+    kernel queues connections for it, only once :func:`start_listening` is called on it (by
+    the worker it was made for, once that worker can serve them). A Unix one always listens.
+    """
     if address.path is not None:
         return _unix_socket(address.path)
     family = socket.AF_INET6 if ":" in (address.host or "") else socket.AF_INET
@@ -370,11 +375,18 @@ def bind(address: Address) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((address.host or "0.0.0.0", address.port or 0))
-        sock.listen(BACKLOG)
+        if listening:
+            start_listening(sock)
     except OSError:
         sock.close()
         raise
     return sock
+
+
+def start_listening(sock: socket.socket) -> None:
+    """Listen on a socket :func:`bind` made without ``listening`` (a listening one is left
+    as it is)."""
+    sock.listen(BACKLOG)
 
 
 def _unix_socket(path: str) -> socket.socket:
@@ -431,10 +443,24 @@ def steer_to_newest(sock: socket.socket, count: int) -> None:
 
     Sockets join a reuseport group in the order they start listening, and a closing one is
     replaced by the last: with ``old`` sockets of a predecessor listening, ours are indices
-    ``old`` to ``old + count - 1``. Once the predecessor's sockets are gone, those indices do
-    not exist any more and the kernel falls back to its own spreading over ours.
+    ``old`` to ``old + count - 1``. Once the predecessor's sockets are gone, ours move into
+    the slots below: with ``count`` 1 the index left does not exist and the kernel falls back
+    to our one socket, but with more, some of the indices stay valid and take more than their
+    share (1 to 2: 75/25). So once the predecessor is gone, :func:`spread_evenly`.
     """
-    old = max(0, listening_sockets(sock.getsockname()) - count)
+    _steer(sock, max(0, listening_sockets(sock.getsockname()) - count), count)
+
+
+def spread_evenly(sock: socket.socket, count: int) -> None:
+    """Spread new connections on ``sock``'s port evenly over the ``count`` sockets of its
+    reuseport group, once no predecessor's socket is left before them (the kernel refuses
+    to detach the steering program here: EINVAL, so it is replaced). With fewer sockets
+    for a while (a worker being restarted), an index that does not exist falls back to the
+    kernel's own spreading over those that do."""
+    _steer(sock, 0, count)
+
+
+def _steer(sock: socket.socket, old: int, count: int) -> None:
     program = ctypes.create_string_buffer(steering_program(old, count))
     fprog = struct.pack("@HP", 4, ctypes.addressof(program))  # struct sock_fprog
     try:
@@ -458,6 +484,15 @@ def steering_program(old: int, count: int) -> bytes:
 def listening_sockets(address: Any) -> int:
     """How many TCP sockets listen on ``address`` (``(host, port, ...)``), as the kernel
     lists them in /proc/net/tcp or tcp6 (this network namespace's, every process's)."""
+    return len(listening_inodes(address))
+
+
+def listening_inodes(address: Any) -> set[int]:
+    """The inodes (``os.fstat(sock.fileno()).st_ino``) of the TCP sockets that listen on
+    ``address``: which of them are whose.
+
+    It reads the whole table, a line per socket of the host: fine once at a take-over, but
+    a caller that asks again and again does so off the event loop (see supervisor.py)."""
     host, port = address[0], address[1]
     if ":" in host:
         words = struct.unpack("=4I", socket.inet_pton(socket.AF_INET6, host))
@@ -469,10 +504,12 @@ def listening_sockets(address: Any) -> int:
     try:
         lines = Path(table).read_text().splitlines()[1:]
     except OSError:
-        return 0
-    return sum(
-        1 for line in lines if (fields := line.split())[1] == wanted and fields[3] == _TCP_LISTEN
-    )
+        return set()
+    return {
+        int(fields[9])
+        for line in lines
+        if (fields := line.split())[1] == wanted and fields[3] == _TCP_LISTEN
+    }
 
 
 class PidFile:

@@ -115,10 +115,11 @@ class Manager:
         controller: Controller,
         state: ProxyState,
         token: str | None,
-        gather: Callable[[], Awaitable[None]] | None = None,
+        gather: Callable[[bool], Awaitable[None]] | None = None,
     ) -> None:
         """``gather`` brings the figures into ``state`` before a document shows them
-        (a supervisor asks its workers for theirs); without it, they are there already."""
+        (a supervisor asks its workers for theirs), with the per-minute series if its
+        argument is true; without it, they are there already."""
         self._controller = controller
         self._state = state
         self._gather = gather
@@ -164,11 +165,11 @@ class Manager:
             if request.path == "/" or request.wants_html:
                 return Reply(200, STATUS_PAGE, "text/html; charset=utf-8", vary)
             if self._gather is not None:
-                await self._gather()
+                await self._gather(True)  # with the per-minute series
             return json_reply(200, self._state.snapshot(), vary)
         if request.path == "/metrics":
             if self._gather is not None:
-                await self._gather()
+                await self._gather(False)  # no series: Prometheus keeps its own
             return Reply(200, self._metrics.render(), METRICS_CONTENT_TYPE)
         self._authorize(request)
         config_hash = _body_text(request.body)

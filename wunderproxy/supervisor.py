@@ -6,9 +6,11 @@ file and the signals; it proxies nothing. Each worker is a fresh interpreter (ne
 channel to this one (see channel.py) and listening sockets made here:
 
 - TCP: one socket per worker per address, all with ``SO_REUSEPORT`` on the same port (the
-  kernel spreads new connections over them). Once a worker listens, this process closes its
-  copies, so that a dead worker's accept queue dies with it rather than fill up unseen; its
-  replacement gets fresh sockets.
+  kernel spreads new connections over them). This process only binds them: the worker
+  listens once it is ready to serve, so that no connection is queued for a worker that dies
+  starting (a crash-looping one). Once a worker listens, this process closes its copies, so
+  that a dead worker's accept queue dies with it rather than fill up unseen; its replacement
+  gets fresh sockets.
 - A Unix socket cannot be shared that way: one socket, kept here, serves every worker.
 
 What routes is sent to every worker on each change (:meth:`Supervisor.publish`); a switch
@@ -24,12 +26,13 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import signal
 import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,12 +45,13 @@ from wunderproxy.channel import (
     Ready,
     ReloadCertificates,
     Routed,
+    SpreadEvenly,
     Stop,
     TellFigures,
     WorkerFigures,
 )
 from wunderproxy.config import Address, Config
-from wunderproxy.listeners import bind, describe_socket, steer_to_newest
+from wunderproxy.listeners import bind, describe_socket, listening_inodes, steer_to_newest
 from wunderproxy.routes import table_of
 from wunderproxy.runtime import LoopChoice
 from wunderproxy.state import Container, ProxyState
@@ -74,6 +78,10 @@ STOP_MARGIN = 5.0
 # loop, or stopped with SIGSTOP) would go on routing by the old table after /switch said
 # 200: it is killed, and started again with the new table.
 ROUTED_WITHIN = 10.0
+# Seconds between looks, after a take-over, at whether the predecessor still listens: the
+# first soon (it closes its listeners ACCEPT_LINGER after our SIGTERM), then less often.
+FIRST_LOOK_FOR_PREDECESSOR = 0.25
+LONGEST_LOOK_FOR_PREDECESSOR = 10.0
 
 
 class WorkersDidNotStart(Exception):
@@ -95,7 +103,7 @@ class WorkerProcess:
     routed: int = -1  # the newest routing table it acknowledged
     figures: WorkerFigures | None = None  # as it last told them
     drained: set[str] = field(default_factory=set)  # container ids it is done with
-    asks: dict[int, asyncio.Future[WorkerFigures]] = field(default_factory=dict)
+    asks: dict[int, asyncio.Future[None]] = field(default_factory=dict)  # set when answered
 
     @property
     def pid(self) -> int:
@@ -137,6 +145,10 @@ class Supervisor:
         self._slots = [Slot(index) for index in range(1, config.workers + 1)]
         self._sequence = 0
         self._table = table_of(state, 0)
+        # Each draining container's id, with the sequence of the table it began draining in.
+        self._draining_since = {
+            c.container_id: 0 for c in state.containers if c.state == "draining"
+        }
         self._asks = itertools.count()
         self._changed = asyncio.Event()  # set (and replaced) whenever a worker reports
         self._stopping = False
@@ -145,6 +157,9 @@ class Supervisor:
         self._addresses: dict[str, Address] = {}
         self._shared: dict[str, socket.socket] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._steering: asyncio.Task[None] | None = None
+        # The inodes of every TCP socket made for a worker: which listeners are ours.
+        self._ours: set[int] = set()
         # The counters of dead workers as they last told them, so that totals never go
         # down when a worker dies (Prometheus would take that for a restart).
         self._retired = add_up([])
@@ -173,6 +188,7 @@ class Supervisor:
             assert first is not None
             for sock in first.sockets.values():
                 steer_to_newest(sock, len(self._slots))
+            self._steering = asyncio.create_task(self._spread_evenly_once_alone())
         self._started = True
         for slot in self._slots:
             if slot.worker is not None:
@@ -194,6 +210,8 @@ class Supervisor:
         """Tell every worker to shut down gracefully and wait for them (killing those
         still running ``--shutdown-timeout`` plus a margin later)."""
         self._stopping = True
+        if self._steering is not None:
+            self._steering.cancel()
         workers = []
         for slot in self._slots:
             if slot.restarting is not None:
@@ -227,13 +245,26 @@ class Supervisor:
 
     # -- routes, drains, figures ---------------------------------------------------
 
+    @property
+    def sequence(self) -> int:
+        """The number of the newest routing table."""
+        return self._sequence
+
     def publish(self) -> None:
         """Send every worker the routing table as it is now (ProxyState.routes_changed)."""
         self._sequence += 1
         self._table = table_of(self._state, self._sequence)
         draining = {c.container_id for c in self._state.containers if c.state == "draining"}
+        # A container that starts draining now drains anew: what a worker said of an
+        # earlier drain of it counts no more, and a Drained of that drain still on its way
+        # is told apart by its older sequence (see _listen_to).
+        self._draining_since = {
+            id_: self._draining_since.get(id_, self._sequence) for id_ in draining
+        }
         for worker in self._workers():
-            worker.drained &= draining  # a container switched back to drains anew later
+            worker.drained &= {
+                id_ for id_ in draining if self._draining_since[id_] < self._sequence
+            }
         self._broadcast(self._table)
 
     async def routed(self) -> None:
@@ -267,35 +298,66 @@ class Supervisor:
             lambda: all(w.exited or container.container_id in w.drained for w in workers)
         )
 
-    async def gather(self) -> None:
+    async def gather(self, minutes: bool = True) -> None:
         """Ask every listening worker for its figures and show their sums in the state;
-        a worker that does not answer within FIGURES_TIMEOUT is named, not waited for."""
-        asked: list[tuple[WorkerProcess, asyncio.Future[WorkerFigures]]] = []
+        the per-minute series only with ``minutes`` (for ``/status``: ``/metrics`` shows
+        none, and they cost the most to send and add up).
+
+        A worker that does not answer within FIGURES_TIMEOUT is named (``answered: false``),
+        not waited for, and counted with the figures it last told: leaving it out would make
+        the totals go down, which Prometheus takes for a restart of the counters.
+        """
+        asked: list[tuple[WorkerProcess, int, asyncio.Future[None]]] = []
         loop = asyncio.get_running_loop()
         for worker in self._workers():
             if worker.exited or not worker.ready:
                 continue
             ask = next(self._asks)
-            future: asyncio.Future[WorkerFigures] = loop.create_future()
+            future: asyncio.Future[None] = loop.create_future()
             worker.asks[ask] = future
             try:
-                worker.channel.send(AskFigures(ask))
+                worker.channel.send(AskFigures(ask, minutes))
             except ChannelClosed:
                 worker.asks.pop(ask, None)
                 continue
-            asked.append((worker, future))
+            asked.append((worker, ask, future))
         if asked:
-            await asyncio.wait([f for _, f in asked], timeout=FIGURES_TIMEOUT)
-        answers: dict[int, WorkerFigures] = {}
-        for worker, future in asked:
+            await asyncio.wait([f for _, _, f in asked], timeout=FIGURES_TIMEOUT)
+        answered: set[int] = set()
+        for worker, ask, future in asked:
             if future.done() and not future.cancelled() and future.exception() is None:
-                answers[worker.index] = worker.figures = future.result()
+                answered.add(worker.index)  # its figures were kept as they came
             else:
+                worker.asks.pop(ask, None)  # its late answer, if any, is dropped
                 future.cancel()
-        show(self._state, add_up([*answers.values(), self._retired]))
-        self._state.workers = [
-            self._describe(slot, answers.get(slot.index)) for slot in self._slots
-        ]
+        # Every live worker's figures as last told (just now, for those that answered);
+        # the dead ones' counters are in _retired.
+        told = [w.figures for w in self._workers() if not w.exited and w.figures is not None]
+        show(self._state, add_up([*told, self._retired]))
+        self._state.workers = [self._describe(slot, slot.index in answered) for slot in self._slots]
+
+    async def _spread_evenly_once_alone(self) -> None:
+        """Once no socket but the workers' listens on our TCP ports (the predecessor of a
+        take-over closed its own; told by inode, not by count, which a worker being
+        restarted meanwhile would make too low), have the workers steer evenly over themselves: the
+        take-over's program would send more than their share to some (see steer_to_newest)."""
+        loop = asyncio.get_running_loop()
+        pause = FIRST_LOOK_FOR_PREDECESSOR
+        addresses = [(a.host or "0.0.0.0", a.port) for a in self._addresses.values()]
+
+        def alone() -> bool:
+            # /proc/net/tcp lists every socket of the host: read off the loop.
+            return all(listening_inodes(a) <= self._ours for a in addresses)
+
+        while not await loop.run_in_executor(None, alone):
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, LONGEST_LOOK_FOR_PREDECESSOR)
+        self._broadcast(SpreadEvenly(len(self._slots)))
+        log.info(
+            "no predecessor listens on %s any more: new connections are spread evenly over "
+            "the workers",
+            ", ".join(str(a) for a in self._addresses.values()),
+        )
 
     # -- the workers' lives --------------------------------------------------------
 
@@ -360,7 +422,10 @@ class Supervisor:
                     self._shared[kind] = bind(address)
                 sockets[kind] = self._shared[kind]
                 continue
-            sock = bind(self._addresses.get(kind, address))
+            # Only bound: the worker listens once it can serve (a socket that listened
+            # here would queue connections for a worker that may die starting: reset).
+            sock = bind(self._addresses.get(kind, address), listening=False)
+            self._ours.add(os.fstat(sock.fileno()).st_ino)
             if kind not in self._addresses:  # the port a 0 resolved to, for the others
                 port = sock.getsockname()[1]
                 self._addresses[kind] = Address(host=address.host, port=port)
@@ -375,11 +440,21 @@ class Supervisor:
                 if isinstance(message, Routed):
                     worker.routed = message.sequence
                 elif isinstance(message, Drained):
-                    worker.drained.add(message.container_id)
+                    since = self._draining_since.get(message.container_id)
+                    if since is not None and message.sequence >= since:
+                        worker.drained.add(message.container_id)
                 elif isinstance(message, TellFigures):
+                    # Kept here, not where the ask is awaited: a worker that dies before
+                    # that is retired with these (see below), its newest.
+                    told, worker.figures = worker.figures, message.figures
+                    if not message.minutes and told is not None:
+                        # Not asked for: the series as it sent it last, rather than none.
+                        worker.figures = replace(
+                            message.figures, traffic_minutes=told.traffic_minutes
+                        )
                     future = worker.asks.pop(message.ask, None)
                     if future is not None and not future.done():
-                        future.set_result(message.figures)
+                        future.set_result(None)
                 elif isinstance(message, Ready):
                     worker.ready = True
                     worker.routed = message.sequence
@@ -404,9 +479,13 @@ class Supervisor:
         lived = time.monotonic() - worker.began
         if lived >= STABLE_AFTER:
             slot.pause = FIRST_RESTART_PAUSE
-        how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
+        if code == 0:  # it shut down gracefully: a SIGTERM sent to it alone
+            how, lost = "exited", "; it had finished its requests (a SIGTERM sent to it alone?)"
+        else:
+            how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
+            lost = "; its connections were lost"
         log.error(
-            "worker %d (PID %d) %s after %.1f s; its connections were lost. Starting it "
+            "worker %d (PID %d) %s after %.1f s%s. Starting it "
             "again in %g s%s. If this keeps happening, look above for its own lines "
             "(they say 'worker %d'), and at the host's memory (a killed worker is often "
             "the kernel's OOM killer: dmesg)",
@@ -414,6 +493,7 @@ class Supervisor:
             worker.pid,
             how,
             lived,
+            lost,
             slot.pause,
             f" (it keeps dying young: waiting longer each time, up to {LONGEST_RESTART_PAUSE:g} s)"
             if slot.pause > FIRST_RESTART_PAUSE
@@ -458,10 +538,12 @@ class Supervisor:
         while not condition():
             await self._changed.wait()
 
-    def _describe(self, slot: Slot, figures: WorkerFigures | None) -> dict[str, Any]:
-        """One worker in /status ``workers``."""
+    def _describe(self, slot: Slot, answered: bool) -> dict[str, Any]:
+        """One worker in /status ``workers``: its figures as it last told them (just now
+        if ``answered``)."""
         worker = slot.worker
         alive = worker is not None and not worker.exited
+        figures = worker.figures if worker is not None and alive else None
         described: dict[str, Any] = {
             "index": slot.index,
             "pid": worker.pid if worker is not None and alive else None,
@@ -470,7 +552,7 @@ class Supervisor:
             "state": ("serving" if worker.ready else "starting")
             if worker is not None and alive
             else "restarting",
-            "answered": figures is not None,
+            "answered": answered,
         }
         if figures is not None:
             described["connections"] = {

@@ -18,8 +18,9 @@ from wunderproxy.state import ProxyState, RequestCounters
 from wunderproxy.traffic import MINUTES_KEPT, Figures, Minute, SummedTraffic
 
 
-def collect(state: ProxyState) -> WorkerFigures:
-    """A worker's figures, from its own state."""
+def collect(state: ProxyState, minutes: bool = True) -> WorkerFigures:
+    """A worker's figures, from its own state; the per-minute series only with
+    ``minutes``."""
     requests = state.requests
     fallback = state.fallback
     return WorkerFigures(
@@ -33,7 +34,7 @@ def collect(state: ProxyState) -> WorkerFigures:
         timeouts=dict(state.timeouts),
         buffer_failures=state.spool_trouble.failures,
         traffic_totals=state.traffic.totals(),
-        traffic_minutes=tuple(state.traffic.minutes()),
+        traffic_minutes=tuple(state.traffic.minutes()) if minutes else (),
         containers={
             c.container_id: ContainerFigures(c.in_flight, c.upgraded, len(c.links), c.down)
             for c in state.containers

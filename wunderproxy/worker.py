@@ -32,11 +32,13 @@ from wunderproxy.channel import (
     ReloadCertificates,
     Routed,
     RouteTable,
+    SpreadEvenly,
     Stop,
     TellFigures,
 )
 from wunderproxy.drain import drain_links
 from wunderproxy.fallback import Fallback
+from wunderproxy.listeners import Listener, spread_evenly, start_listening
 from wunderproxy.proxying import Proxying
 from wunderproxy.routes import follow
 from wunderproxy.runtime import LoopChoice, run_event_loop
@@ -67,13 +69,11 @@ class Worker:
             from wunderproxy.certificates import Certificates  # cryptography: only for TLS
 
             self._certificates = Certificates(config.tls)
-        self._access_log = (
-            AccessLog(hello.access_log, _log_format(hello.access_log_format))
-            if hello.access_log
-            else None
-        )
+        self._access_log = _open_access_log(hello)
         self.proxying = Proxying(config, self.state, self._access_log, self._certificates)
         self._drains: dict[Container, asyncio.Task[None]] = {}
+        self._listeners: list[Listener] = []
+        self._sequence = hello.routes.sequence  # the routing table followed now
 
     async def run(self) -> None:
         """Serve until told to stop (or the supervisor is gone), then shut down gracefully."""
@@ -83,7 +83,11 @@ class Worker:
             self._access_log.start()
         self._follow(self._hello.routes)
         sockets = {kind: socket.socket(fileno=fd) for kind, fd in self._hello.sockets.items()}
+        for sock in sockets.values():
+            # The supervisor only bound them: from now on the kernel hands us connections.
+            start_listening(sock)
         listeners, _ = self.proxying.listen(sockets.get("plain"), sockets.get("tls"))
+        self._listeners = listeners
         self._channel.send(Ready(os.getpid(), self._hello.routes.sequence))
         sweeper = asyncio.create_task(self.proxying.enforce_timeouts())
         watcher = asyncio.create_task(self._certificates.watch()) if self._certificates else None
@@ -112,11 +116,17 @@ class Worker:
                     self._follow(message)
                     self._channel.send(Routed(message.sequence))
                 elif isinstance(message, AskFigures):
-                    figures = collect(self.state)
-                    self._channel.send(TellFigures(message.ask, figures))
+                    figures = collect(self.state, message.minutes)
+                    self._channel.send(TellFigures(message.ask, figures, message.minutes))
                 elif isinstance(message, ReloadCertificates):
                     if self._certificates is not None:
                         self._certificates.reload()
+                elif isinstance(message, SpreadEvenly):
+                    # One program serves a whole reuseport group: one socket of each will do.
+                    for listener in self._listeners:
+                        for sock in listener.sockets:
+                            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                                spread_evenly(sock, message.count)
                 elif isinstance(message, Stop):
                     break
         except ChannelClosed:
@@ -124,6 +134,7 @@ class Worker:
         self._stop.set()
 
     def _follow(self, table: RouteTable) -> None:
+        self._sequence = table.sequence  # for the drains it starts
         follow(self.state, table, self._state_changed, self._forgotten)
 
     def _state_changed(self, container: Container) -> None:
@@ -131,7 +142,7 @@ class Worker:
         if drain is not None:
             drain.cancel()  # switched back to it
         if container.state == "draining":
-            task = asyncio.create_task(self._drain(container))
+            task = asyncio.create_task(self._drain(container, self._sequence))
             self._drains[container] = task
 
     def _forgotten(self, container: Container) -> None:
@@ -141,11 +152,27 @@ class Worker:
         container.stopping = True
         container.close_links(idle_only=False)
 
-    async def _drain(self, container: Container) -> None:
+    async def _drain(self, container: Container, sequence: int) -> None:
         await drain_links(container, self._hello.config.drain_timeout)
         self._drains.pop(container, None)
         with contextlib.suppress(ChannelClosed):
-            self._channel.send(Drained(container.container_id))
+            self._channel.send(Drained(container.container_id, sequence))
+
+
+class CannotStart(Exception):
+    """The worker cannot serve as configured; the message says what to fix."""
+
+
+def _open_access_log(hello: Hello) -> AccessLog | None:
+    if not hello.access_log:
+        return None
+    try:
+        return AccessLog(hello.access_log, _log_format(hello.access_log_format))
+    except OSError as exc:
+        raise CannotStart(
+            f"cannot open the access log {hello.access_log} for appending: {exc.strerror}; "
+            "make it a writable file again (the worker is started again until it can)"
+        ) from exc
 
 
 def _log_format(name: str) -> AccessLogFormat:
@@ -178,12 +205,17 @@ def main(argv: list[str]) -> None:
     sock = socket.socket(fileno=int(argv[0]))
     loop: Any = argv[1]
     choice: LoopChoice = loop if loop in ("asyncio", "uvloop") else "auto"
-    run_event_loop(_serve(sock), choice)
+    code = 0
+    try:
+        run_event_loop(_serve(sock), choice)
+    except CannotStart as exc:
+        log.error("%s", exc)
+        code = 1
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     # Like the supervisor: do not wait for threads (the access log writer was closed).
-    os._exit(0)
+    os._exit(code)
 
 
 if __name__ == "__main__":
