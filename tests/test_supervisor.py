@@ -21,6 +21,7 @@ import pytest
 from tests.support.proxied import make_container
 from tests.test_workers import config, counted
 from wunderproxy.channel import AskFigures, Channel, Drained, TellFigures
+from wunderproxy.config import Address
 from wunderproxy.drain import drain_links
 from wunderproxy.state import ProxyState
 from wunderproxy.supervisor import Slot, Supervisor, WorkerProcess
@@ -253,3 +254,22 @@ async def test_metrics_gathers_no_minutes_and_status_still_shows_every_workers_l
         [minute] = state.traffic.minutes()
         assert minute.by_revision["rev1"].requests == 7
         answering[1].cancel()
+
+
+async def test_after_a_take_over_on_a_host_name_the_workers_are_still_spread_evenly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # /proc/net/tcp has numbers: the supervisor must look for where the kernel bound the
+    # sockets, not for the name --proxy gave (which made the look raise, and the workers
+    # stay on the take-over's uneven steering for good).
+    named = replace(config(), proxy=Address.parse("localhost:0", "--proxy"))
+    supervisor = Supervisor(named, ProxyState("myapp", "1"))
+    sockets = supervisor._sockets()
+    try:
+        with caplog.at_level(logging.INFO, logger="wunderproxy"):
+            async with asyncio.timeout(ACTS_WITHIN):
+                await supervisor._spread_evenly_once_alone()
+        assert "new connections are spread evenly over the workers" in caplog.text
+    finally:
+        for sock in sockets.values():
+            sock.close()

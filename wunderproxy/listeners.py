@@ -493,7 +493,7 @@ def listening_inodes(address: Any) -> set[int]:
 
     It reads the whole table, a line per socket of the host: fine once at a take-over, but
     a caller that asks again and again does so off the event loop (see supervisor.py)."""
-    host, port = address[0], address[1]
+    host, port = address[0].partition("%")[0], address[1]  # fe80::1%eth0: the table has no zone
     if ":" in host:
         words = struct.unpack("=4I", socket.inet_pton(socket.AF_INET6, host))
         table, local = "/proc/net/tcp6", "".join(f"{w:08X}" for w in words)

@@ -160,6 +160,9 @@ class Supervisor:
         self._steering: asyncio.Task[None] | None = None
         # The inodes of every TCP socket made for a worker: which listeners are ours.
         self._ours: set[int] = set()
+        # Where each kind of TCP listener is bound, as the kernel writes it (a numeric host,
+        # where --proxy may name one): what /proc/net/tcp is searched for.
+        self._bound_at: dict[str, tuple[str, int]] = {}
         # The counters of dead workers as they last told them, so that totals never go
         # down when a worker dies (Prometheus would take that for a restart).
         self._retired = add_up([])
@@ -343,7 +346,7 @@ class Supervisor:
         take-over's program would send more than their share to some (see steer_to_newest)."""
         loop = asyncio.get_running_loop()
         pause = FIRST_LOOK_FOR_PREDECESSOR
-        addresses = [(a.host or "0.0.0.0", a.port) for a in self._addresses.values()]
+        addresses = list(self._bound_at.values())
 
         def alone() -> bool:
             # /proc/net/tcp lists every socket of the host: read off the loop.
@@ -426,6 +429,7 @@ class Supervisor:
             # here would queue connections for a worker that may die starting: reset).
             sock = bind(self._addresses.get(kind, address), listening=False)
             self._ours.add(os.fstat(sock.fileno()).st_ino)
+            self._bound_at.setdefault(kind, sock.getsockname()[:2])
             if kind not in self._addresses:  # the port a 0 resolved to, for the others
                 port = sock.getsockname()[1]
                 self._addresses[kind] = Address(host=address.host, port=port)
