@@ -42,9 +42,10 @@ def fleet_of(instance: str, *peers: Proxy | int) -> Fallback:
     )
 
 
-def mark_of(instance: str, line: str) -> str:
-    """The mark a sender puts on a request, computed here independently."""
-    signature = hmac.new(SECRET, f"{instance} {line}".encode(), hashlib.sha256).hexdigest()
+def mark_of(instance: str, line: str, secret: bytes = SECRET) -> str:
+    """The mark a sender puts on a request, computed here independently (with ``secret``:
+    a forger's guess at the fleet's)."""
+    signature = hmac.new(secret, f"{instance} {line}".encode(), hashlib.sha256).hexdigest()
     return f"{instance} {signature}"
 
 
@@ -207,7 +208,9 @@ async def test_a_mark_that_does_not_verify_is_removed_and_keeps_the_request_here
 ) -> None:
     """A client's forgery, or a peer's mark under another secret: sending such requests on
     would let two peers with different secrets pass one back and forth for ever."""
-    forged = [("X-Wunderproxy-Fallback", mark_of("web-9", "GET /x HTTP/1.1").replace("a", "b"))]
+    # Signed with a wrong secret: changing a valid signature's a's to b's changes nothing
+    # when it has none.
+    forged = [("X-Wunderproxy-Fallback", mark_of("web-9", "GET /x HTTP/1.1", b"a guess"))]
     client = await here.connect()
     send_request(client.conn, client.writer, "GET", "/x", headers=forged)
     assert (await client.response())[0] == 503, "no container here, and not sent on"
