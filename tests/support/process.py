@@ -18,8 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.docker import free_port
+from wunderproxy.supervisor import READY_TIMEOUT
 
-START_TIMEOUT = 15.0
+# Starting three hosts of two workers each takes 5-10 s on two busy shared cores. Past the
+# supervisor's own wait for its workers: a worker that never starts is then told by
+# wunderproxy's own error in its log (it exits), not by this wait running out.
+START_TIMEOUT = 2 * READY_TIMEOUT
 
 
 @dataclass
