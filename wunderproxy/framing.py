@@ -48,7 +48,7 @@ class UpstreamProtocolError(ProtocolError):
     """The container sent bytes that are not a valid answer (502 if nothing was forwarded)."""
 
 
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs twice as much
+@dataclass(slots=True, init=False)  # a written __init__: mypyc compiles it, not a generated one
 class RequestStarted:
     """A request head was read: route it now, then forward ``data`` (the head's bytes)."""
 
@@ -60,38 +60,66 @@ class RequestStarted:
     # close: the one whose head --keep-upstream rewrites (see keepupstream.py).
     closes: bool = False
 
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        data: bytes,
+        fallback: bytes | None = None,
+        closes: bool = False,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.data = data
+        self.fallback = fallback
+        self.closes = closes
 
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs twice as much
+
+@dataclass(slots=True, init=False)  # a written __init__: mypyc compiles it, not a generated one
 class ResponseStarted:
     """A final (non-1xx) response head arrived from the container."""
 
     status: int
     data: bytes
 
+    def __init__(self, status: int, data: bytes) -> None:
+        self.status = status
+        self.data = data
 
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs twice as much
+
+@dataclass(slots=True, init=False)  # a written __init__: mypyc compiles it, not a generated one
 class Informational:
     """A 1xx answer other than 101, such as ``100 Continue``; the final one is still due."""
 
     status: int
     data: bytes
 
+    def __init__(self, status: int, data: bytes) -> None:
+        self.status = status
+        self.data = data
 
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs twice as much
+
+@dataclass(slots=True, init=False)  # a written __init__: mypyc compiles it, not a generated one
 class Body:
     """Bytes of a message body (chunk framing included)."""
 
     data: bytes
 
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs twice as much
+
+@dataclass(slots=True, init=False)  # a written __init__: mypyc compiles it, not a generated one
 class MessageEnded:
     """The message is complete; ``data`` holds its last bytes (e.g. the final chunk)."""
 
     data: bytes
 
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs twice as much
+
+@dataclass(slots=True, init=False)  # a written __init__: mypyc compiles it, not a generated one
 class ProtocolSwitched:
     """The container accepted an upgrade (101, or 2xx to CONNECT).
 
@@ -101,6 +129,10 @@ class ProtocolSwitched:
 
     status: int
     data: bytes
+
+    def __init__(self, status: int, data: bytes) -> None:
+        self.status = status
+        self.data = data
 
 
 ClientPiece: TypeAlias = RequestStarted | Body | MessageEnded
