@@ -191,6 +191,7 @@ class GreedyListener:
         # toward the limit as much as open ones.
         self._starting = 0
         self._name = describe_socket(sock)
+        self._tcp = sock.family != socket.AF_UNIX  # asked once: each ask costs enum calls
         self._pause = FIRST_PAUSE
         self._retry: asyncio.TimerHandle | None = None
         self._last_error: OSError | None = None
@@ -244,7 +245,7 @@ class GreedyListener:
 
     def _serve(self, conn: socket.socket, peer: Any) -> None:
         conn.setblocking(False)
-        if conn.family != socket.AF_UNIX:
+        if self._tcp:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         built: asyncio.Protocol | None = None
 
