@@ -557,20 +557,18 @@ class Exchange:
 
 
 def with_connection_close(head: bytes) -> bytes:
-    """A response head that says ``Connection: close``, whatever it said before.
+    """A response head (one the reader accepted: every line ends in CRLF) that says
+    ``Connection: close``, whatever it said before.
 
     For an answer that is its connection's last while the container did not say so
     (shutting down; --keep-upstream; a compressed answer delimited by the close): a
     keep-alive client must learn it, or it may send its next request into a connection
     that is being closed. A ``Keep-Alive`` field goes too (RFC 9112 section 9.6: it
-    means nothing on a closing connection). Lines are split at LF and written back with
-    CRLF, so that a head with bare LFs keeps its shape.
+    means nothing on a closing connection). Every other byte stays.
     """
-    lines = [line.removesuffix(b"\r") for line in head.split(b"\n")]
-    while lines and not lines[-1]:
-        lines.pop()
-    kept = [line for line in lines[1:] if not _CONNECTION_FIELD.match(line)]
-    return b"\r\n".join([lines[0], *kept, b"Connection: close", b"", b""])
+    return _CONNECTION_LINE.sub(b"", head[:-2]) + b"Connection: close\r\n\r\n"
 
 
-_CONNECTION_FIELD = re.compile(rb"(?:connection|keep-alive)[ \t]*:", re.IGNORECASE)
+# A Connection or Keep-Alive field line, without its CRLF, in a well-formed head (no
+# whitespace before a colon, no CR in a value): one pass over the head, no split.
+_CONNECTION_LINE = re.compile(rb"\r\n(?:connection|keep-alive):[^\r]*", re.IGNORECASE)
