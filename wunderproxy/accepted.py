@@ -19,10 +19,11 @@ class AcceptedSocket(socket.socket):
     what a short request on a new connection costs the proxy.
     """
 
-    # Plain class attributes shadow socket.socket's properties; each instance sets its own.
-    family = socket.AF_UNSPEC
+    # A slot and a class attribute shadow socket.socket's properties (a slot, not a
+    # __dict__: the event loop keeps this object as long as the connection lasts).
+    __slots__ = ("family",)
     type = socket.SOCK_STREAM
 
     def __init__(self, family: socket.AddressFamily, fd: int) -> None:
         super().__init__(family, socket.SOCK_STREAM, 0, fd)
-        self.family = family
+        self.family = family  # type: ignore[misc]  # the slot, not the property
