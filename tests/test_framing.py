@@ -797,10 +797,17 @@ def test_a_413_answered_before_the_upstream_was_used_keeps_the_client_side_close
 # -- the answer's side ---------------------------------------------------------------------
 
 
-def test_with_connection_close_keeps_the_body_of_a_bare_lf_head_intact() -> None:
-    head = b"HTTP/1.1 200 OK\nConnection: keep-alive\nContent-Length: 2\n\n"
-    rewritten = with_connection_close(head)
-    assert rewritten == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n"
+def test_with_connection_close_drops_keep_alive_and_keeps_every_other_byte() -> None:
+    head = (
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n"
+        b"X-Connection: stays\r\nContent-Length: 2\r\nconnection:foo\r\n\r\n"
+    )
+    assert with_connection_close(head) == (
+        b"HTTP/1.1 200 OK\r\nX-Connection: stays\r\nContent-Length: 2\r\nConnection: close\r\n\r\n"
+    )
+    assert with_connection_close(b"HTTP/1.1 204 No Content\r\n\r\n") == (
+        b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n"
+    )
 
 
 def test_an_answer_with_ambiguous_framing_spends_the_upstream_and_goes_no_further() -> None:

@@ -48,7 +48,7 @@ class UpstreamProtocolError(ProtocolError):
     """The container sent bytes that are not a valid answer (502 if nothing was forwarded)."""
 
 
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs twice as much
+@dataclass(slots=True, init=False)  # a written __init__: mypyc compiles it, not a generated one
 class RequestStarted:
     """A request head was read: route it now, then forward ``data`` (the head's bytes)."""
 
@@ -60,38 +60,66 @@ class RequestStarted:
     # close: the one whose head --keep-upstream rewrites (see keepupstream.py).
     closes: bool = False
 
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        data: bytes,
+        fallback: bytes | None = None,
+        closes: bool = False,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.data = data
+        self.fallback = fallback
+        self.closes = closes
 
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs twice as much
+
+@dataclass(slots=True, init=False)  # a written __init__: mypyc compiles it, not a generated one
 class ResponseStarted:
     """A final (non-1xx) response head arrived from the container."""
 
     status: int
     data: bytes
 
+    def __init__(self, status: int, data: bytes) -> None:
+        self.status = status
+        self.data = data
 
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs twice as much
+
+@dataclass(slots=True, init=False)  # a written __init__: mypyc compiles it, not a generated one
 class Informational:
     """A 1xx answer other than 101, such as ``100 Continue``; the final one is still due."""
 
     status: int
     data: bytes
 
+    def __init__(self, status: int, data: bytes) -> None:
+        self.status = status
+        self.data = data
 
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs twice as much
+
+@dataclass(slots=True, init=False)  # a written __init__: mypyc compiles it, not a generated one
 class Body:
     """Bytes of a message body (chunk framing included)."""
 
     data: bytes
 
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs twice as much
+
+@dataclass(slots=True, init=False)  # a written __init__: mypyc compiles it, not a generated one
 class MessageEnded:
     """The message is complete; ``data`` holds its last bytes (e.g. the final chunk)."""
 
     data: bytes
 
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs twice as much
+
+@dataclass(slots=True, init=False)  # a written __init__: mypyc compiles it, not a generated one
 class ProtocolSwitched:
     """The container accepted an upgrade (101, or 2xx to CONNECT).
 
@@ -101,6 +129,10 @@ class ProtocolSwitched:
 
     status: int
     data: bytes
+
+    def __init__(self, status: int, data: bytes) -> None:
+        self.status = status
+        self.data = data
 
 
 ClientPiece: TypeAlias = RequestStarted | Body | MessageEnded
@@ -525,20 +557,18 @@ class Exchange:
 
 
 def with_connection_close(head: bytes) -> bytes:
-    """A response head that says ``Connection: close``, whatever it said before.
+    """A response head (one the reader accepted: every line ends in CRLF) that says
+    ``Connection: close``, whatever it said before.
 
     For an answer that is its connection's last while the container did not say so
     (shutting down; --keep-upstream; a compressed answer delimited by the close): a
     keep-alive client must learn it, or it may send its next request into a connection
     that is being closed. A ``Keep-Alive`` field goes too (RFC 9112 section 9.6: it
-    means nothing on a closing connection). Lines are split at LF and written back with
-    CRLF, so that a head with bare LFs keeps its shape.
+    means nothing on a closing connection). Every other byte stays.
     """
-    lines = [line.removesuffix(b"\r") for line in head.split(b"\n")]
-    while lines and not lines[-1]:
-        lines.pop()
-    kept = [line for line in lines[1:] if not _CONNECTION_FIELD.match(line)]
-    return b"\r\n".join([lines[0], *kept, b"Connection: close", b"", b""])
+    return _CONNECTION_LINE.sub(b"", head[:-2]) + b"Connection: close\r\n\r\n"
 
 
-_CONNECTION_FIELD = re.compile(rb"(?:connection|keep-alive)[ \t]*:", re.IGNORECASE)
+# A Connection or Keep-Alive field line, without its CRLF, in a well-formed head (no
+# whitespace before a colon, no CR in a value): one pass over the head, no split.
+_CONNECTION_LINE = re.compile(rb"\r\n(?:connection|keep-alive):[^\r]*", re.IGNORECASE)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from wunderproxy.accepted import AcceptedSocket
 from wunderproxy.answers import TOO_MANY_CONNECTIONS, plain_response
 from wunderproxy.config import Address
 
@@ -191,6 +192,8 @@ class GreedyListener:
         # toward the limit as much as open ones.
         self._starting = 0
         self._name = describe_socket(sock)
+        self._family = sock.family
+        self._tcp = self._family != socket.AF_UNIX
         self._pause = FIRST_PAUSE
         self._retry: asyncio.TimerHandle | None = None
         self._last_error: OSError | None = None
@@ -224,7 +227,8 @@ class GreedyListener:
     def _accept_all(self) -> None:
         for _ in range(BACKLOG):
             try:
-                conn, peer = self._sock.accept()
+                fd, peer = self._sock._accept()  # type: ignore[attr-defined]
+                conn = AcceptedSocket(self._family, fd)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -244,7 +248,7 @@ class GreedyListener:
 
     def _serve(self, conn: socket.socket, peer: Any) -> None:
         conn.setblocking(False)
-        if conn.family != socket.AF_UNIX:
+        if self._tcp:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         built: asyncio.Protocol | None = None
 

@@ -54,7 +54,9 @@ class Proxying:
         self._access_log = access_log
         self._certificates = certificates
         self._connections: set[ClientConnection] = set()
-        self._all_closed = asyncio.Event()
+        # Made when a shutdown waits for the last connection: a connection's opening and
+        # closing then touch no event.
+        self._all_closed: asyncio.Event | None = None
         self._stopping = False
         self._redirect: Redirect | None = None  # for the plain listener, with --redirect-http
         self.tls_address = str(config.tls.address) if config.tls is not None else None
@@ -121,9 +123,10 @@ class Proxying:
             listener.close()
         if not self._connections:
             return
+        all_closed = self._all_closed = asyncio.Event()
         try:
             async with asyncio.timeout(seconds):
-                await self._all_closed.wait()
+                await all_closed.wait()
         except TimeoutError:
             log.warning(
                 "%d connections still busy after %g s: closed", len(self._connections), seconds
@@ -184,10 +187,9 @@ class Proxying:
         if self._stopping:
             connection.close_when_idle(IDLE_CLOSE_GRACE)
         self._connections.add(connection)
-        self._all_closed.clear()
         return connection
 
     def _client_closed(self, connection: ClientConnection) -> None:
         self._connections.discard(connection)
-        if not self._connections:
+        if not self._connections and self._all_closed is not None:
             self._all_closed.set()

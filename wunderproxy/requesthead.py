@@ -57,7 +57,7 @@ _AUTHORITY = re.compile(rb"[-a-zA-Z0-9._~!$&'()*+,;=%]+:[0-9]+|\[[0-9a-fA-F:.]+\
 _HTTP_URL = re.compile(rb"http://([^/?#@]+)(?:[/?].*)?", re.IGNORECASE)
 
 
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs twice as much
+@dataclass(slots=True, init=False)  # a written __init__: mypyc compiles it, not a generated one
 class RequestHead:
     """What a request head says about its message."""
 
@@ -69,6 +69,26 @@ class RequestHead:
     connection: bytes | None  # the Connection field(s), for the answer's reader
     upgrade: bool  # an Upgrade field was sent: a 101 answer may switch protocols
     fallback: bytes | None = None  # the X-Wunderproxy-Fallback value; b"" when sent twice
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        http_version: bytes,
+        body_length: int,
+        keep_alive: bool,
+        connection: bytes | None,
+        upgrade: bool,
+        fallback: bytes | None = None,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.http_version = http_version
+        self.body_length = body_length
+        self.keep_alive = keep_alive
+        self.connection = connection
+        self.upgrade = upgrade
+        self.fallback = fallback
 
 
 def read_request_head(head: bytes) -> RequestHead:

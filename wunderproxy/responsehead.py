@@ -45,7 +45,7 @@ _RESPONSE_HEAD = re.compile(_STATUS_LINE + FIELD_LINES)
 _FRAMING_FIELD = fields_pattern("content-length", "transfer-encoding", "connection")
 
 
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs twice as much
+@dataclass(slots=True, init=False)  # a written __init__: mypyc compiles it, not a generated one
 class ResponseHead:
     """What a head says about its message."""
 
@@ -53,6 +53,14 @@ class ResponseHead:
     body_length: int  # bytes, CHUNKED or UNTIL_CLOSE; 0 for a 1xx
     keep_alive: bool
     switched: bool = False  # the connection leaves HTTP after this head
+
+    def __init__(
+        self, status: int, body_length: int, keep_alive: bool, switched: bool = False
+    ) -> None:
+        self.status = status
+        self.body_length = body_length
+        self.keep_alive = keep_alive
+        self.switched = switched
 
 
 def read_response_head(head: bytes, method: bytes, upgrade_asked: bool) -> ResponseHead:

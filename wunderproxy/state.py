@@ -59,10 +59,8 @@ class Container:
     died: bool = False  # Docker said so: nothing is sent to it any more
     links: set[Link] = field(default_factory=set, repr=False)
     spare: list[Link] = field(default_factory=list, repr=False)  # idle, for the next request
-    _idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
-
-    def __post_init__(self) -> None:
-        self._idle.set()
+    # Made only when a drain waits, so that a request's start and end touch no event.
+    _idle_event: asyncio.Event | None = field(default=None, repr=False)
 
     @property
     def hash(self) -> str:
@@ -82,26 +80,30 @@ class Container:
     def request_started(self) -> None:
         """A request was routed here."""
         self.in_flight += 1
-        self._idle.clear()
 
     def request_finished(self) -> None:
         """A request routed here was answered, failed or abandoned."""
         self.in_flight -= 1
-        self._set_idle_if_so()
+        if self._idle_event is not None:
+            self._wake_idle_waiters()
 
     def upgrade_started(self) -> None:
         """A connection here left HTTP (WebSocket): it keeps the container busy."""
         self.upgraded += 1
-        self._idle.clear()
 
     def upgrade_finished(self) -> None:
         """An upgraded connection here ended."""
         self.upgraded -= 1
-        self._set_idle_if_so()
+        if self._idle_event is not None:
+            self._wake_idle_waiters()
 
     async def wait_idle(self) -> None:
         """Wait until no request nor upgraded connection is in flight here."""
-        await self._idle.wait()
+        if self.in_flight == 0 and self.upgraded == 0:
+            return
+        if self._idle_event is None:
+            self._idle_event = asyncio.Event()
+        await self._idle_event.wait()
 
     def close_links(self, *, idle_only: bool) -> int:
         """Close the proxy's connections here (only those between requests, if asked)."""
@@ -110,9 +112,11 @@ class Container:
             link.close()
         return len(chosen)
 
-    def _set_idle_if_so(self) -> None:
-        if self.in_flight == 0 and self.upgraded == 0:
-            self._idle.set()
+    def _wake_idle_waiters(self) -> None:
+        if self.in_flight == 0 and self.upgraded == 0 and self._idle_event is not None:
+            # Those waiting now wake; a later wait_idle() while busy makes a new event.
+            self._idle_event.set()
+            self._idle_event = None
 
     def describe(self) -> dict[str, Any]:
         """The container as ``/status`` shows it."""
