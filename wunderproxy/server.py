@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wunderproxy import __version__, manager
+from wunderproxy import __version__, manager, native
 from wunderproxy.accesslog import AccessLog
 from wunderproxy.config import Address, Config
 from wunderproxy.controller import Controller, Engine, Startup
@@ -135,6 +135,7 @@ class Server:
             ", ".join(where),
             _bound(api, self.config.api),
         )
+        log.info("hot path: %s", native.describe())
         fleet = self.config.fleet
         if fleet.peers:
             log.info(
