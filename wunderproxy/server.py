@@ -128,6 +128,8 @@ class Server:
             proxy, where = [], await supervisor.start(self._take_over)
         api = await listen(self.config.api, streams(self._serve_api))
         listeners = [*proxy, api]
+        # Before the line that says it listens: a reader who sees that one sees this.
+        log.info("hot path: %s", native.describe())
         log.info(
             "wunderproxy %s for app %s: %s, API on %s",
             __version__,
@@ -135,7 +137,6 @@ class Server:
             ", ".join(where),
             _bound(api, self.config.api),
         )
-        log.info("hot path: %s", native.describe())
         fleet = self.config.fleet
         if fleet.peers:
             log.info(
