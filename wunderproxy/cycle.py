@@ -79,8 +79,12 @@ UPSTREAM: Final[Table] = {
 }
 
 
-class StateError(RuntimeError):
-    """The exchange was driven out of order (a bug in the caller, not in the bytes)."""
+class StateError(Exception):
+    """The exchange was driven out of order (a bug in the caller, not in the bytes).
+
+    An Exception, not a RuntimeError: mypyc cannot compile a class derived from most
+    built-in exception types, and nothing catches RuntimeError for this one.
+    """
 
 
 def advance(table: Table, state: str, event: str) -> str:

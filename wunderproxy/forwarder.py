@@ -1162,9 +1162,10 @@ class ClientConnection(asyncio.Protocol):
         encoder.busy = False
         cycle = self._cycle
         transport = self._transport
+        attached = self._upstream  # a local, as in upstream_ended
         if (
             self._encoder is not encoder
-            or self._upstream is not upstream
+            or attached is not upstream
             or cycle is None
             or transport is None
             or self._closed
@@ -1223,7 +1224,10 @@ class ClientConnection(asyncio.Protocol):
 
     def upstream_ended(self, upstream: Upstream, reason: str) -> None:
         """A container's side of a connection ended (EOF or closed); idempotent."""
-        if not upstream.end() or self._upstream is not upstream:
+        # Through a local: a narrowed self._upstream would stay narrowed past the calls
+        # below, which may clear it (see wunderproxy/native.py).
+        attached = self._upstream
+        if not upstream.end() or attached is not upstream:
             return
         if self._exchange.switched:
             self.close()

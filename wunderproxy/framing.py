@@ -382,12 +382,14 @@ class Exchange:
         pending = self._pending
         chunks = self._chunks
         if chunks is not None:
+            # One name per exception type: compiled, a name has one type per function, and
+            # a HeadError would be refused where BodyTooLarge was bound (see native.py).
             try:
                 taken, ending = chunks.read(pending)
-            except BodyTooLarge as exc:
-                self._refuse(str(exc), 413)
-            except HeadError as exc:
-                self._refuse(f"bad chunked body: {exc}", 400)
+            except BodyTooLarge as too_large:
+                self._refuse(str(too_large), 413)
+            except HeadError as broken:
+                self._refuse(f"bad chunked body: {broken}", 400)
             pieces: list[ClientPiece] = [Body(taken)] if taken else []
             if not chunks.done:
                 if self._client_eof:

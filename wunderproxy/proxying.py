@@ -9,7 +9,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any
 
-from wunderproxy import fdlimit
+from wunderproxy import fdlimit, native
 from wunderproxy.accesslog import AccessLog
 from wunderproxy.config import Config
 from wunderproxy.forwarder import ClientConnection, sweep_interval
@@ -101,11 +101,13 @@ class Proxying:
         return listeners, where
 
     def features(self) -> dict[str, Any]:
-        """``/status`` ``features``: the TLS listener's, then the front door's settings."""
+        """``/status`` ``features``: the TLS listener's, the front door's settings, and
+        whether the hot path runs compiled (workers run the same build as this process:
+        the same interpreter and paths)."""
         tls = None
         if self._certificates is not None:
             tls = {"address": self.tls_address, **self._certificates.describe()}
-        return {"tls": tls, **self._config.front.describe()}
+        return {"tls": tls, **self._config.front.describe(), "compiled": native.is_compiled()}
 
     def begin_shutdown(self) -> None:
         """Close every connection between requests from now on (see close_when_idle)."""

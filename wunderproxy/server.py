@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wunderproxy import __version__, manager
+from wunderproxy import __version__, manager, native
 from wunderproxy.accesslog import AccessLog
 from wunderproxy.config import Address, Config
 from wunderproxy.controller import Controller, Engine, Startup
@@ -128,6 +128,8 @@ class Server:
             proxy, where = [], await supervisor.start(self._take_over)
         api = await listen(self.config.api, streams(self._serve_api))
         listeners = [*proxy, api]
+        # Before the line that says it listens: a reader who sees that one sees this.
+        log.info("hot path: %s", native.describe())
         log.info(
             "wunderproxy %s for app %s: %s, API on %s",
             __version__,

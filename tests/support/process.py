@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.build import assert_process_build
 from tests.support.docker import free_port
 from wunderproxy.supervisor import READY_TIMEOUT
 
@@ -110,16 +111,19 @@ class WunderproxyProcess:
         return self.log_path.read_text(errors="replace")
 
     def wait_for_api(self) -> None:
-        """Wait until the manager API answers; fail if the process exits first."""
+        """Wait until the manager API answers; fail if the process exits first, or runs
+        another build than the tests (see tests/support/build.py)."""
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"wunderproxy exited at start:\n{self.log()}")
             try:
-                http_call(self.api_port, "GET", "/status", timeout=1)
-                return
+                status = http_call(self.api_port, "GET", "/status", timeout=1)
             except OSError:
                 time.sleep(0.05)
+                continue
+            assert_process_build(status.json(), self.log())
+            return
         raise AssertionError(f"wunderproxy API not up after {START_TIMEOUT} s:\n{self.log()}")
 
     def wait_until_serving(self, revision: str, timeout: float = 60.0) -> None:

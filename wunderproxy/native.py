@@ -1,0 +1,140 @@
+"""Which build runs: the pure-Python modules, or the hot path compiled with mypyc.
+
+``WUNDERPROXY_COMPILE=1 pip install .`` (or ``-e .``) compiles the modules of
+:data:`COMPILED` into extension modules (see ``setup.py``); without it every module is
+plain Python. This module is the one list of them: ``setup.py`` loads this file by its path
+(so it imports nothing but the standard library, and nothing of the package), and a
+running process reports from it which build it runs (a start-up log line and ``/status``
+``features.compiled``).
+
+The import system prefers an extension module to the ``.py`` beside it, so a ``.py``
+edited after it was compiled would silently not run. The build records the SHA-256 of
+every source it compiled in :data:`SOURCES_FILE`, and :func:`check_build` (run when the
+package is imported) refuses to start from compiled modules whose sources changed since,
+or from a build that compiled only some of the list.
+
+What mypy accepts but compiled code gets wrong (``tests/test_compiled.py`` runs the
+proxy's tests on a compiled copy to catch it):
+
+- mypyc trusts mypy's narrowing. ``if self._x is not y: return`` narrows ``self._x`` for
+  the rest of the function, even past calls that set it to None; a later read of it then
+  raises TypeError. Compare through a local (``x = self._x``) where calls follow.
+- One type per name in a function: two ``except ... as exc`` clauses of different types
+  need two names.
+- Classes of these modules are native: their methods cannot be replaced at run time
+  (monkeypatching), and they cannot derive from most built-in types but ``Exception``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from importlib.machinery import ExtensionFileLoader
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Final
+
+PACKAGE: Final = "wunderproxy"
+
+#: The hot path: what every request runs through (framing, head readers, the forwarder
+#: and its container connections, the counters). Modules named here must compile with
+#: mypyc: no monkeypatching of their classes, no inheriting from most built-in types.
+COMPILED: Final = (
+    "fields",
+    "cycle",
+    "requesthead",
+    "responsehead",
+    "chunked",
+    "framing",
+    "forwarder",
+    "upstream",
+    "state",
+    "traffic",
+    "histogram",
+)
+
+#: mypyc compiles the modules as one group, whose shared library is the top-level module
+#: ``wunderproxy__mypyc`` (beside the package, not in it).
+GROUP: Final = PACKAGE
+
+#: Written into the package by a compiled build: ``{module: SHA-256 of its source}``.
+SOURCES_FILE: Final = "compiled-sources.json"
+
+REBUILD: Final = (
+    "rebuild it (WUNDERPROXY_COMPILE=1 pip install -e .), or go back to the pure-Python "
+    "build (pip install -e . without the variable removes the compiled modules)"
+)
+
+
+class StaleBuild(ImportError):
+    """The compiled modules do not match the sources beside them."""
+
+
+def source_digest(path: Path) -> str:
+    """The SHA-256 of a module's source, as the build records it."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _extension_paths() -> dict[str, Path]:
+    """The modules of :data:`COMPILED` that import as extension modules, and their files."""
+    found: dict[str, Path] = {}
+    for name in COMPILED:
+        spec = find_spec(f"{PACKAGE}.{name}")
+        if spec is not None and isinstance(spec.loader, ExtensionFileLoader):
+            assert spec.origin is not None  # an extension module always has its file
+            found[name] = Path(spec.origin)
+    return found
+
+
+@functools.cache
+def is_compiled() -> bool:
+    """True when this process runs the compiled hot path (:func:`check_build` ensures
+    that it is all of :data:`COMPILED` or none of it)."""
+    return bool(_extension_paths())
+
+
+def describe() -> str:
+    """Which build runs, for the start-up log."""
+    if is_compiled():
+        return f"compiled with mypyc ({len(COMPILED)} modules: {', '.join(COMPILED)})"
+    return "pure Python (WUNDERPROXY_COMPILE=1 at install time compiles it)"
+
+
+def check_build() -> None:
+    """Raise :class:`StaleBuild`, saying what to do, when compiled modules would run
+    other code than their ``.py`` sources, or when only some of :data:`COMPILED` are
+    compiled; do nothing for a pure-Python build."""
+    extensions = _extension_paths()
+    if not extensions:
+        return
+    missing = [name for name in COMPILED if name not in extensions]
+    if missing:
+        raise StaleBuild(
+            f"{PACKAGE}: the compiled build lacks {', '.join(missing)} (the list of "
+            f"compiled modules changed since it was built): {REBUILD}"
+        )
+    package_dir = next(iter(extensions.values())).parent
+    try:
+        recorded = json.loads((package_dir / SOURCES_FILE).read_text())
+    except (OSError, ValueError) as error:
+        raise StaleBuild(
+            f"{PACKAGE}: compiled modules in {package_dir} without a readable record of "
+            f"their sources ({SOURCES_FILE}: {error}), so they may not match the .py "
+            f"files beside them: {REBUILD}"
+        ) from None
+    # A build shipped without its sources cannot be stale.
+    changed = [
+        name
+        for name, extension in extensions.items()
+        if (source := extension.with_name(f"{name}.py")).exists()
+        and recorded.get(name) != source_digest(source)
+    ]
+    if changed:
+        sources = ", ".join(f"{name}.py" for name in changed)
+        it = "it was" if len(changed) == 1 else "they were"
+        raise StaleBuild(
+            f"{PACKAGE}: {sources} in {package_dir} changed after {it} compiled, and "
+            f"Python imports the compiled modules first: they would run the old code; "
+            f"{REBUILD}"
+        )
