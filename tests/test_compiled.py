@@ -49,6 +49,7 @@ CHILD_TESTS = [
     "tests/test_traffic.py",
     "tests/test_histogram.py",
     "tests/test_limits_e2e.py",
+    "tests/test_listeners.py",
 ]
 
 

@@ -38,7 +38,8 @@ from typing import Final
 PACKAGE: Final = "wunderproxy"
 
 #: The hot path: what every request runs through (framing, head readers, the forwarder
-#: and its container connections, the counters). Modules named here must compile with
+#: and its container connections, the counters), and every new connection (the listener,
+#: --keep-upstream's rewrite). Modules named here must compile with
 #: mypyc: no monkeypatching of their classes, no inheriting from most built-in types.
 COMPILED: Final = (
     "fields",
@@ -52,6 +53,8 @@ COMPILED: Final = (
     "state",
     "traffic",
     "histogram",
+    "keepupstream",
+    "listeners",
 )
 
 #: mypyc compiles the modules as one group, whose shared library is the top-level module
