@@ -5,12 +5,13 @@ runs), then a child pytest runs the proxy's tests on it: the framing, the head a
 chunked readers, the forwarder in process (limits, timeouts, kept container connections,
 spares) and ``wunderproxy run`` processes against the real Docker engine. The child fails
 unless the compiled modules were the ones imported, there and in those processes (see
-``tests/support/build.py``). Building takes about a minute, the child run two to three.
+``tests/support/build.py``). Building takes about a minute here, the child run under two.
 
 Left out, to keep this near four minutes on two cores: the longer files (response
 buffering, deploys, switches under load, fuzzing through processes), which run the same
-compiled modules through the same paths as the files below. None of the proxy's tests
-needs a seam to run compiled: what they monkeypatch is outside the compiled list.
+compiled modules through the same paths as the files below (``test_response_buffering``
+passes compiled too). No file needed a seam to run compiled: what they monkeypatch is
+outside the compiled list.
 """
 
 from __future__ import annotations
