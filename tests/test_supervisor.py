@@ -221,6 +221,25 @@ async def test_a_supervisors_drain_log_gives_no_figures_it_does_not_have(
     assert line == f"draining container {container.container_id[:12]} in every worker"
 
 
+async def test_a_supervisors_drain_ends_when_its_workers_are_done_whatever_status_last_saw(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="wunderproxy.manager")
+    container = make_container(9001, "rev1")
+    container.in_flight, container.upgraded = 1, 1  # copied in by a /status mid-request
+    done = []
+
+    async def workers_done(_: object) -> None:
+        done.append(True)
+
+    started = time.monotonic()
+    await drain_links(container, 5.0, workers_done)
+
+    assert done == [True]
+    assert time.monotonic() - started < 1.0, "it waited for figures nothing updates"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 async def answer_as_asked(stand_in: StandIn, requests: int, asked: list[bool]) -> None:
     """Answer every AskFigures with ``requests`` counted, with minutes only if asked for
     (as a worker does); ``asked`` gets what each ask asked."""

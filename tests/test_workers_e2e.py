@@ -27,6 +27,7 @@ from tests.support.load import (
     revision_of,
 )
 from tests.support.process import WunderproxyProcess, http_call, wunderproxy
+from tests.support.waiting import wait_until
 from wunderproxy.store import S3Store
 from wunderproxy.supervisor import ROUTED_WITHIN
 
@@ -556,3 +557,25 @@ def test_connections_during_a_crash_looping_workers_restarts_are_all_served_by_t
             "make it a writable file again"
         ) in log, log
         assert "Traceback" not in log, log
+
+
+def test_a_drain_after_a_status_taken_mid_request_ends_when_the_workers_are_done(
+    s3_bucket: str, app_name: str, app_images: AppImages, tmp_path: Path
+) -> None:
+    # /status copies the workers' requests in flight into the supervisor's figures of the
+    # container; the drain must wait on the workers, not on that copy.
+    with serving_rev1(s3_bucket, app_name, app_images, tmp_path) as (running, hashes):
+        assert running.launch(hashes["rev2"]).status == 200
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(http_call, running.proxy_port, "GET", "/cgi-bin/slow?2", timeout=30)
+            wait_until(
+                lambda: any(c["in_flight"] for c in running.status()["containers"]),
+                "/status showing the slow request in flight",
+            )
+            assert slow.result().status == 200
+        began = time.monotonic()
+        assert running.switch(hashes["rev2"]).status == 200
+        wait_until(lambda: "drained and removed" in running.log(), "the drain's end", within=60)
+        took = time.monotonic() - began
+        assert took < 10, f"nothing was in flight at the switch, yet the drain took {took:.1f} s"
+        assert "still had requests" not in running.log()

@@ -227,6 +227,8 @@ class GreedyListener:
     def _accept_all(self) -> None:
         for _ in range(BACKLOG):
             try:
+                # What socket.accept() does, but for the socket object it makes (see
+                # accepted.py); _accept() is the C method it is built on.
                 fd, peer = self._sock._accept()  # type: ignore[attr-defined]
                 conn = AcceptedSocket(self._family, fd)
             except (BlockingIOError, InterruptedError):
