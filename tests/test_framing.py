@@ -8,7 +8,9 @@ reads were cut.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import inspect
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,12 +41,16 @@ from wunderproxy.framing import (
     ClientPiece,
     ClientProtocolError,
     Exchange,
+    Informational,
     MessageEnded,
     ProtocolSwitched,
     RequestStarted,
+    ResponseStarted,
     UpstreamProtocolError,
     with_connection_close,
 )
+from wunderproxy.requesthead import RequestHead
+from wunderproxy.responsehead import ResponseHead
 
 UPGRADE = ("Connection: Upgrade", "Upgrade: websocket")
 SWITCHING = response("HTTP/1.1 101 Switching Protocols", *UPGRADE)
@@ -853,3 +859,28 @@ def test_a_head_ends_after_the_first_empty_line_crlf_or_bare_lf(
     start = draw.draw(st.integers(0, len(data)))
     found = _FIRST_EMPTY_LINE.search(data, start)
     assert head_end(data, start) == (found.end() if found is not None else -1)
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        RequestStarted,
+        ResponseStarted,
+        Informational,
+        Body,
+        MessageEnded,
+        ProtocolSwitched,
+        RequestHead,
+        ResponseHead,
+    ],
+)
+def test_a_records_written_init_takes_its_fields_with_their_defaults(record: type) -> None:
+    # Written by hand so that the compiled build compiles it: it must not drift from the fields.
+    parameters = list(inspect.signature(record.__init__).parameters.values())[1:]
+    fields = dataclasses.fields(record)
+    assert [p.name for p in parameters] == [f.name for f in fields]
+    for parameter, field in zip(parameters, fields, strict=True):
+        default = field.default
+        assert parameter.default == (
+            inspect.Parameter.empty if default is dataclasses.MISSING else default
+        ), field.name
