@@ -102,13 +102,11 @@ def refusal(message: str) -> type[build_py]:
 def remove_compiled(native: ModuleType) -> None:
     """Remove what a compiled build left in the source tree, saying so."""
     package = ROOT / "wunderproxy"
-    leftovers = [package / native.SOURCES_FILE] + [
-        path
-        for suffix in EXTENSION_SUFFIXES
-        for path in (
-            ROOT / f"{native.GROUP}__mypyc{suffix}",
-            *(package / f"{name}{suffix}" for name in native.COMPILED),
-        )
+    # Every extension module there, on the list or not any more (see native.check_build).
+    leftovers = [
+        package / native.SOURCES_FILE,
+        *native.extension_modules(package).values(),
+        *(ROOT / f"{native.GROUP}__mypyc{suffix}" for suffix in EXTENSION_SUFFIXES),
     ]
     for path in leftovers:
         if path.exists():

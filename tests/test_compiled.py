@@ -155,3 +155,36 @@ def test_the_pure_build_removes_what_the_compiled_one_left(
     )
     imported = run(tree, "-c", check, timeout=60)
     assert imported.stdout.split() == ["False", str(tree / "wunderproxy" / "forwarder.py")]
+
+
+def test_a_module_taken_off_the_list_is_refused_then_removed_by_the_pure_build(
+    compiled_tree: Path, tmp_path: Path
+) -> None:
+    tree = shutil.copytree(compiled_tree, tmp_path / "unlisted", symlinks=True)
+    native_py = tree / "wunderproxy" / "native.py"
+    native_py.write_text(native_py.read_text().replace('    "listeners",\n', "", 1))
+
+    result = run(tree, "-c", "import wunderproxy.listeners", timeout=60)
+
+    assert result.returncode != 0
+    assert "StaleBuild: wunderproxy: compiled modules that are not on the list" in result.stderr
+    assert "(listeners) would run in place of their .py files" in result.stderr
+    cleaned = run(tree, "setup.py", "--name", timeout=120)
+    assert cleaned.returncode == 0, tail(cleaned)
+    assert extension_modules(tree) == []
+    imported = run(tree, "-c", "import wunderproxy.listeners as m; print(m.__file__)", timeout=60)
+    assert imported.stdout.split() == [str(tree / "wunderproxy" / "listeners.py")]
+
+
+def test_a_build_without_its_shared_library_is_refused_saying_what_to_do(
+    compiled_tree: Path, tmp_path: Path
+) -> None:
+    tree = shutil.copytree(compiled_tree, tmp_path / "no-library", symlinks=True)
+    for library in tree.glob(f"{native.GROUP}__mypyc.*.so"):
+        library.unlink()
+
+    result = run(tree, "-c", "import wunderproxy", timeout=60)
+
+    assert result.returncode != 0
+    assert f"shared library {native.GROUP}__mypyc is missing" in result.stderr
+    assert "WUNDERPROXY_COMPILE=1 pip install -e ." in result.stderr

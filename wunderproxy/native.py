@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from importlib.machinery import ExtensionFileLoader
+from importlib.machinery import EXTENSION_SUFFIXES
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Final
@@ -79,15 +79,21 @@ def source_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _extension_paths() -> dict[str, Path]:
-    """The modules of :data:`COMPILED` that import as extension modules, and their files."""
+def extension_modules(package_dir: Path) -> dict[str, Path]:
+    """Every extension module in ``package_dir`` and its file: all of them, not only those
+    of :data:`COMPILED` (one taken off the list since the build would still be imported
+    in place of its ``.py``)."""
     found: dict[str, Path] = {}
-    for name in COMPILED:
-        spec = find_spec(f"{PACKAGE}.{name}")
-        if spec is not None and isinstance(spec.loader, ExtensionFileLoader):
-            assert spec.origin is not None  # an extension module always has its file
-            found[name] = Path(spec.origin)
+    for path in package_dir.iterdir():
+        # The first suffix that fits: EXTENSION_SUFFIXES lists ".cpython-311-...so" first.
+        suffix = next((s for s in EXTENSION_SUFFIXES if path.name.endswith(s)), None)
+        if suffix is not None:
+            found[path.name.removesuffix(suffix)] = path
     return found
+
+
+def _extension_paths() -> dict[str, Path]:
+    return extension_modules(Path(__file__).resolve().parent)
 
 
 @functools.cache
@@ -111,11 +117,22 @@ def check_build() -> None:
     extensions = _extension_paths()
     if not extensions:
         return
+    unlisted = sorted(name for name in extensions if name not in COMPILED)
+    if unlisted:
+        raise StaleBuild(
+            f"{PACKAGE}: compiled modules that are not on the list any more "
+            f"({', '.join(unlisted)}) would run in place of their .py files: {REBUILD}"
+        )
     missing = [name for name in COMPILED if name not in extensions]
     if missing:
         raise StaleBuild(
-            f"{PACKAGE}: the compiled build lacks {', '.join(missing)} (the list of "
-            f"compiled modules changed since it was built): {REBUILD}"
+            f"{PACKAGE}: the compiled build lacks {', '.join(missing)} (the list changed "
+            f"since it was built, or the build is incomplete): {REBUILD}"
+        )
+    if find_spec(f"{GROUP}__mypyc") is None:
+        raise StaleBuild(
+            f"{PACKAGE}: the compiled build's shared library {GROUP}__mypyc is missing "
+            f"(the compiled modules cannot load without it): {REBUILD}"
         )
     package_dir = next(iter(extensions.values())).parent
     try:
