@@ -110,23 +110,13 @@ class SwitchResult:
 
 class Workers(Protocol):
     """The other processes that proxy (see supervisor.py), as a switch and a drain wait on
-    them; with one process, nothing to wait for (:class:`NoWorkers`)."""
+    them; None when this one process proxies."""
 
     async def routed(self) -> None:
         """Wait until every worker routes by the state as it is now."""
 
     async def drained(self, container: Container) -> None:
         """Wait until every worker is done with ``container``."""
-
-
-class NoWorkers:
-    """One process proxies and manages: nothing else to wait for."""
-
-    async def routed(self) -> None:
-        pass
-
-    async def drained(self, container: Container) -> None:
-        pass
 
 
 class Controller:
@@ -142,7 +132,7 @@ class Controller:
         workers: Workers | None = None,
     ):
         self._config = config
-        self._workers: Workers = workers or NoWorkers()
+        self._workers = workers
         self._state = state
         self._store = store
         self._engine = engine
@@ -416,8 +406,9 @@ class Controller:
         if container is None:
             raise NotFound(f"{config_hash} is not launched here; POST /launch it first")
         self._switch_to(container)
-        # Atomic from outside: the answer waits until every worker routes to it.
-        await self._workers.routed()
+        if self._workers is not None:
+            # Atomic from outside: the answer waits until every worker routes to it.
+            await self._workers.routed()
         warning = await self._record(container, deployed_by)
         return SwitchResult(container, changed=True, warning=warning)
 
@@ -486,7 +477,10 @@ class Controller:
         this process and in every worker; only then is it stopped (with Docker's grace
         period) and removed."""
         began = time.monotonic()
-        await drain_links(container, self._config.drain_timeout, self._workers.drained)
+        # With workers, they hold the requests: this process waits on them, not on its own
+        # figures of the container (only what /status last copied in).
+        elsewhere = self._workers.drained if self._workers is not None else None
+        await drain_links(container, self._config.drain_timeout, elsewhere)
         await self._remove_quietly(container.container_id)
         self._state.forget(container)
         self._state.events.add(

@@ -41,8 +41,8 @@ async def drain_links(
             if elsewhere is None:
                 await container.wait_idle()
             else:
-                # Not the container's own figures: this process proxies nothing, so no
-                # request of its own ends, and what /status last copied in never changes.
+                # A supervisor proxies nothing: its figures of the container are only what
+                # /status last copied in, which no request's end updates.
                 await elsewhere(container)
     except TimeoutError:
         if elsewhere is not None:
